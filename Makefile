@@ -1,0 +1,33 @@
+# Everything the project needs is installed here: torch first (the CPU build
+# that lies on this machine's disk; an unpinned torch pulls a multi-GB CUDA build).
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+export FLWR_TELEMETRY_ENABLED=0
+export FLWR_DISABLE_UPDATE_CHECK=1
+export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1
+export HF_HUB_OFFLINE=1
+export TRANSFORMERS_OFFLINE=1
+
+.PHONY: demo test install install-dev clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+install: $(PY)
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -e .
+
+install-dev: $(PY)
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -e ".[dev]"
+
+demo: install
+	$(VENV)/bin/fedlora simulate
+
+test: install-dev
+	$(PY) -m pytest -q -ra
+
+clean:
+	rm -rf runs .pytest_cache
