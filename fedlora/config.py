@@ -1,0 +1,243 @@
+"""The run configuration: one TOML file, validated into typed dataclasses.
+
+The same dotted keys (``train.lr``) work in a TOML file, in ``--set KEY=VALUE``,
+in Flower run config (``flwr run . --run-config``) and in the ConfigRecord the
+coordinator sends to clients. Unknown keys and bad values are a one-line
+``ConfigError`` that names the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, get_args, get_origin, get_type_hints
+
+import tomli_w
+
+
+class ConfigError(ValueError):
+    """A configuration problem, phrased as one line naming the file and key."""
+
+
+@dataclass
+class RunSection:
+    output_dir: str = "runs/demo"
+    seed: int = 0
+
+
+@dataclass
+class ModelSection:
+    path: str = "default"  # "default" = the embedded pretrained MiniLM; else a local HF folder
+    task: str = "classification"  # or "causal-lm"
+    max_length: int = 64
+
+
+@dataclass
+class DataSection:
+    text_column: str = "text"
+    label_column: str = "label"
+    prompt_column: str = "prompt"
+    response_column: str = "response"
+    # Label names in class-id order. Empty: derived (sorted) from the dataset in
+    # simulation; a deployment must list them so every site maps labels alike.
+    labels: list[str] = field(default_factory=list)
+    validation_fraction: float = 0.2
+
+
+@dataclass
+class LoraSection:
+    rank: int = 8
+    alpha: int = 16
+    dropout: float = 0.0
+    target_modules: str | list[str] = "auto"
+
+
+@dataclass
+class TrainSection:
+    # DP-SGD needs large batches: noise per coordinate is sigma * C / B.
+    local_steps: int = 6
+    batch_size: int = 64
+    lr: float = 2e-2
+    optimizer: str = "adamw"  # or "sgd"
+
+
+@dataclass
+class PrivacySection:
+    enabled: bool = True
+    target_epsilon: float = 8.0  # per site, over the planned rounds
+    delta: float = 1e-5
+    max_grad_norm: float = 1.0
+    accountant: str = "prv"  # or "rdp"
+
+
+@dataclass
+class FederationSection:
+    rounds: int = 3
+    min_clients: int = 2
+    round_timeout: float = 600.0  # seconds to wait for replies in one round
+
+
+@dataclass
+class StrategySection:
+    name: str = "fedavg"
+
+
+@dataclass
+class SimulationSection:
+    dataset: str = "default"  # or a local JSONL/CSV file, split across the virtual clients
+    dataset_size: int = 3000  # notes generated for the default dataset
+    clients: int = 5
+    partition: str = "dirichlet"  # or "iid"
+    alpha: float = 0.5
+    cpus_per_client: int = 2
+
+
+@dataclass
+class Config:
+    run: RunSection = field(default_factory=RunSection)
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    lora: LoraSection = field(default_factory=LoraSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    privacy: PrivacySection = field(default_factory=PrivacySection)
+    federation: FederationSection = field(default_factory=FederationSection)
+    strategy: StrategySection = field(default_factory=StrategySection)
+    simulation: SimulationSection = field(default_factory=SimulationSection)
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        return dataclasses.asdict(self)
+
+    def to_flat(self) -> dict[str, Any]:
+        """Dotted keys -> values, e.g. {"train.lr": 0.02, ...}."""
+        return {f"{s}.{k}": v for s, section in self.to_dict().items() for k, v in section.items()}
+
+
+CHOICES: dict[str, tuple[str, ...]] = {
+    "model.task": ("classification", "causal-lm"),
+    "train.optimizer": ("adamw", "sgd"),
+    "privacy.accountant": ("prv", "rdp"),
+    "simulation.partition": ("iid", "dirichlet"),
+}
+
+POSITIVE: tuple[str, ...] = (
+    "model.max_length", "lora.rank", "lora.alpha", "train.local_steps", "train.batch_size",
+    "train.lr", "privacy.target_epsilon", "privacy.delta", "privacy.max_grad_norm",
+    "federation.rounds", "federation.min_clients", "federation.round_timeout",
+    "simulation.dataset_size", "simulation.clients", "simulation.alpha",
+    "simulation.cpus_per_client",
+)
+
+
+def _section_types() -> dict[str, dict[str, Any]]:
+    out = {}
+    for section in fields(Config):
+        cls = get_type_hints(Config)[section.name]
+        out[section.name] = get_type_hints(cls)
+    return out
+
+
+def _coerce(key: str, value: Any, typ: Any, where: str) -> Any:
+    """Check one value against its annotated type; ints are accepted for floats."""
+    options = get_args(typ) if get_origin(typ) in (type(str | int),) else (typ,)
+    for option in options:
+        if option is bool and isinstance(value, bool):
+            return value
+        if option is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if option is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if option is str and isinstance(value, str):
+            return value
+        if get_origin(option) is list and isinstance(value, list) and all(isinstance(v, str) for v in value):
+            return list(value)
+    names = " or ".join(getattr(o, "__name__", str(o)) for o in options)
+    raise ConfigError(f"{where}: key '{key}' must be {names}, got {value!r}")
+
+
+def from_flat(flat: dict[str, Any], where: str = "config") -> Config:
+    """Build and validate a Config from dotted keys; missing keys take defaults."""
+    types = _section_types()
+    nested: dict[str, dict[str, Any]] = {}
+    for key, value in flat.items():
+        section, _, name = key.partition(".")
+        if section not in types or name not in types[section]:
+            raise ConfigError(f"{where}: unknown key '{key}'")
+        nested.setdefault(section, {})[name] = _coerce(key, value, types[section][name], where)
+    config = Config(**{s: getattr(Config(), s).__class__(**nested.get(s, {})) for s in types})
+    validate(config, where)
+    return config
+
+
+def flatten(tree: dict[str, Any], where: str = "config") -> dict[str, Any]:
+    """TOML tables -> dotted keys. Only [section] key = value nesting is allowed."""
+    flat: dict[str, Any] = {}
+    for section, table in tree.items():
+        if not isinstance(table, dict):
+            raise ConfigError(f"{where}: key '{section}' must be a [{section}] table")
+        for name, value in table.items():
+            if isinstance(value, dict):
+                raise ConfigError(f"{where}: unknown key '{section}.{name}'")
+            flat[f"{section}.{name}"] = value
+    return flat
+
+
+def validate(config: Config, where: str = "config") -> None:
+    flat = config.to_flat()
+    for key, allowed in CHOICES.items():
+        if flat[key] not in allowed:
+            raise ConfigError(f"{where}: key '{key}' must be one of {', '.join(allowed)}, got {flat[key]!r}")
+    for key in POSITIVE:
+        if not flat[key] > 0:
+            raise ConfigError(f"{where}: key '{key}' must be > 0, got {flat[key]!r}")
+    if not 0 < config.data.validation_fraction < 1:
+        raise ConfigError(f"{where}: key 'data.validation_fraction' must be between 0 and 1, got {config.data.validation_fraction!r}")
+    if not 0 <= config.lora.dropout < 1:
+        raise ConfigError(f"{where}: key 'lora.dropout' must be in [0, 1), got {config.lora.dropout!r}")
+    if not config.privacy.delta < 1:
+        raise ConfigError(f"{where}: key 'privacy.delta' must be < 1, got {config.privacy.delta!r}")
+    if config.model.task == "causal-lm" and config.simulation.partition == "dirichlet" and config.simulation.dataset != "default":
+        raise ConfigError(f"{where}: key 'simulation.partition' = 'dirichlet' needs labels; use 'iid' for causal-lm")
+    if len(set(config.data.labels)) != len(config.data.labels):
+        raise ConfigError(f"{where}: key 'data.labels' has duplicate names")
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """`KEY=VALUE` with VALUE a TOML value; a bare word that is not one is a string."""
+    key, sep, raw = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set {item!r}: expected KEY=VALUE")
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    return key.strip(), value
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Config:
+    """Defaults <- TOML file <- overrides (dotted keys), validated."""
+    flat: dict[str, Any] = {}
+    where = "config"
+    if path is not None:
+        path = Path(path)
+        where = str(path)
+        if not path.is_file():
+            raise ConfigError(f"{path}: config file does not exist")
+        try:
+            flat = flatten(tomllib.loads(path.read_text()), where)
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path}: invalid TOML: {exc}") from None
+    if overrides:
+        types = _section_types()
+        for key in overrides:
+            section, _, name = key.partition(".")
+            if section not in types or name not in types[section]:
+                raise ConfigError(f"--set: unknown key '{key}'")
+        flat.update(overrides)
+        where = f"{where} with --set" if path else "--set"
+    return from_flat(flat, where)
+
+
+def write_config(config: Config, path: Path) -> None:
+    path.write_text(tomli_w.dumps(config.to_dict()))

@@ -1,0 +1,1 @@
+"""DP-SGD wiring (Opacus), noise calibration and privacy accounting."""

@@ -1,0 +1,50 @@
+"""Epsilon from a mechanism history, and noise calibrated to a planned budget.
+
+State is plain data: a history is a list of ``(noise_multiplier, sample_rate, steps)``
+exactly as Opacus's accountants keep it; the math is Opacus's own accountants.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+from opacus.accountants import PRVAccountant, RDPAccountant
+from opacus.accountants.utils import get_noise_multiplier
+
+History = list[tuple[float, float, int]]
+
+ACCOUNTANTS = {"prv": PRVAccountant, "rdp": RDPAccountant}
+
+
+def epsilon_of(history: History, delta: float, accountant: str = "prv") -> float:
+    """Cumulative epsilon of all mechanisms in `history` at `delta` (0.0 if empty)."""
+    if not history:
+        return 0.0
+    acc = ACCOUNTANTS[accountant]()
+    acc.history = [(float(s), float(q), int(n)) for s, q, n in history]
+    return float(acc.get_epsilon(delta=delta))
+
+
+def sample_rate(batch_size: int, num_examples: int) -> float:
+    """Poisson sampling rate q = B / N (capped at 1)."""
+    return min(1.0, batch_size / max(1, num_examples))
+
+
+def calibrate_noise(target_epsilon: float, delta: float, rate: float, total_steps: int, accountant: str = "prv") -> float:
+    """The noise multiplier that spends exactly `target_epsilon` over `total_steps` steps."""
+    return float(
+        get_noise_multiplier(
+            target_epsilon=target_epsilon,
+            target_delta=delta,
+            sample_rate=rate,
+            steps=total_steps,
+            accountant=accountant,
+            epsilon_tolerance=0.01,
+        )
+    )
+
+
+@lru_cache(maxsize=256)
+def calibrate_noise_cached(target_epsilon: float, delta: float, rate: float, total_steps: int, accountant: str = "prv") -> float:
+    """`calibrate_noise`, memoised per process (the search takes about a second)."""
+    return calibrate_noise(target_epsilon, delta, rate, total_steps, accountant)

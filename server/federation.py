@@ -1,0 +1,178 @@
+"""The coordinator's round loop, driven directly over Flower's Grid.
+
+We drive `push_messages` / `pull_messages` ourselves (not Strategy.start) so that
+each round can show live progress, count failures by reason, checkpoint, and
+(later) resume. One round: send the global adapter -> validate replies ->
+aggregate -> federated evaluation -> metrics row -> checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+from flwr.app import Message, MessageType, RecordDict
+from flwr.serverapp import Grid
+
+from fedlora.adapter_state import Adapter, adapter_of, from_record, record_nbytes, to_record, write_peft_dir
+from fedlora.base_model import build_peft_model, resolve_model_dir
+from fedlora.config import Config, ConfigError
+from fedlora.messages import config_record
+from server.progress import Progress
+from server.run_directory import RunDirectory
+from strategies import ClientUpdate, get_strategy
+from strategies.update_validation import update_problem
+
+log = logging.getLogger("fedlora.server")
+
+
+class FederationError(RuntimeError):
+    """The run cannot go on (for example fewer than min_clients replied)."""
+
+
+@dataclass
+class RoundReplies:
+    ok: list[Message] = field(default_factory=list)
+    failures: Counter = field(default_factory=Counter)  # reason -> count
+    bytes_down: int = 0
+    bytes_up: int = 0
+
+
+def wait_for_nodes(grid: Grid, minimum: int, timeout: float) -> list[int]:
+    deadline = time.monotonic() + timeout
+    while True:
+        nodes = sorted(grid.get_node_ids())
+        if len(nodes) >= minimum:
+            return nodes
+        if time.monotonic() > deadline:
+            raise FederationError(f"only {len(nodes)} of federation.min_clients = {minimum} sites connected within {timeout:.0f}s")
+        time.sleep(1.0)
+
+
+def exchange(
+    grid: Grid, nodes: list[int], message_type: str, content: RecordDict, server_round: int,
+    timeout: float, progress: Progress, phase: str,
+) -> RoundReplies:
+    """Send `content` to every node and collect replies until all answered or `timeout`."""
+    out = RoundReplies()
+    down = record_nbytes(content["arrays"])
+    messages = [Message(content=content, dst_node_id=n, message_type=message_type, group_id=str(server_round)) for n in nodes]
+    pending = set(grid.push_messages(messages))
+    out.bytes_down = down * len(messages)
+    deadline = time.monotonic() + timeout
+    progress.phase(server_round, phase, 0, len(messages))
+    while pending and time.monotonic() < deadline:
+        for reply in grid.pull_messages(pending):
+            pending.discard(reply.metadata.reply_to_message_id)
+            if reply.has_error():
+                out.failures[f"error: {reply.error.reason[:80]}"] += 1
+                log.warning("round %d %s: node %d failed: %s", server_round, phase, reply.metadata.src_node_id, reply.error.reason)
+                continue
+            out.ok.append(reply)
+            if "arrays" in reply.content.array_records:
+                out.bytes_up += record_nbytes(reply.content["arrays"])
+            progress.phase(server_round, phase, len(out.ok) + sum(out.failures.values()), len(messages))
+        if pending:
+            time.sleep(0.2)
+    if pending:
+        out.failures["timeout"] += len(pending)
+        log.warning("round %d %s: %d nodes did not reply within %.0fs", server_round, phase, len(pending), timeout)
+    return out
+
+
+def weighted(replies: list[Message], key: str) -> float | None:
+    pairs = [(m.content["metrics"][key], m.content["metrics"]["num-examples"]) for m in replies if key in m.content["metrics"]]
+    total = sum(n for _, n in pairs)
+    return sum(v * n for v, n in pairs) / total if total else None
+
+
+def evaluate_round(grid: Grid, nodes: list[int], adapter: Adapter, config: Config, server_round: int, progress: Progress) -> tuple[dict[str, Any], RoundReplies]:
+    content = RecordDict({"arrays": to_record(adapter), "config": config_record(config, server_round)})
+    replies = exchange(grid, nodes, MessageType.EVALUATE, content, server_round, config.federation.round_timeout, progress, "evaluate")
+    row: dict[str, Any] = {"eval_loss": weighted(replies.ok, "eval-loss")}
+    if config.model.task == "classification":
+        row["eval_accuracy"] = weighted(replies.ok, "eval-accuracy")
+    else:
+        row["eval_perplexity"] = weighted(replies.ok, "eval-perplexity")
+    return row, replies
+
+
+def run_federation(grid: Grid, config: Config) -> tuple[RunDirectory, list[dict[str, Any]]]:
+    """Run all rounds; returns the run directory and the metrics rows."""
+    if config.model.task == "classification" and not config.data.labels:
+        raise ConfigError("data.labels is empty: list the label names in class-id order")
+    strategy = get_strategy(config.strategy.name)
+    run_dir, config = RunDirectory.create(config)
+    progress = Progress(config.federation.rounds)
+    progress.note(f"run directory: {run_dir.path}")
+
+    # The coordinator's copy of the model: the initial adapter (from the seed,
+    # identical for every client) and the PEFT folder written at the end.
+    model = build_peft_model(config.model, config.lora, num_labels=max(1, len(config.data.labels)), seed=config.run.seed)
+    global_adapter = adapter_of(model)
+
+    nodes = wait_for_nodes(grid, config.federation.min_clients, config.federation.round_timeout)
+    progress.note(f"{len(nodes)} sites connected")
+
+    # Round 0: the initial adapter, evaluated before any training.
+    start = time.monotonic()
+    eval_row, eval_replies = evaluate_round(grid, nodes, global_adapter, config, 0, progress)
+    rows = [{
+        "round": 0, "clients_ok": 0, "clients_failed": 0, "failures": {}, "updates_rejected": 0,
+        "train_loss": None, **eval_row, "epsilon_max": 0.0, "noise_multiplier": None,
+        "bytes_up": eval_replies.bytes_up, "bytes_down": eval_replies.bytes_down,
+        "seconds": time.monotonic() - start,
+    }]
+    run_dir.append_metrics(rows[0])
+    progress.round_done(rows[0])
+    epsilon_max = 0.0
+
+    for server_round in range(1, config.federation.rounds + 1):
+        start = time.monotonic()
+        nodes = sorted(grid.get_node_ids())
+        content = RecordDict({"arrays": to_record(global_adapter), "config": config_record(config, server_round)})
+        replies = exchange(grid, nodes, MessageType.TRAIN, content, server_round, config.federation.round_timeout, progress, "train")
+
+        updates, rejected = [], Counter()
+        for reply in replies.ok:
+            adapter = from_record(reply.content["arrays"])
+            problem = update_problem(adapter, global_adapter)
+            if problem:
+                rejected[problem.split(":")[0]] += 1
+                log.warning("round %d: update from node %d rejected: %s", server_round, reply.metadata.src_node_id, problem)
+                continue
+            updates.append(ClientUpdate(reply.metadata.src_node_id, adapter, int(reply.content["metrics"]["num-examples"])))
+        if len(updates) < config.federation.min_clients:
+            raise FederationError(
+                f"round {server_round}: {len(updates)} usable updates, fewer than federation.min_clients = {config.federation.min_clients}"
+                f" (failures: {dict(replies.failures) or 'none'}, rejected: {dict(rejected) or 'none'})"
+            )
+        global_adapter = strategy.aggregate(global_adapter, updates)
+        epsilon_max = max([epsilon_max] + [float(m.content["metrics"]["epsilon"]) for m in replies.ok])
+
+        eval_row, eval_replies = evaluate_round(grid, nodes, global_adapter, config, server_round, progress)
+        row = {
+            "round": server_round,
+            "clients_ok": len(updates),
+            "clients_failed": sum(replies.failures.values()) + sum(rejected.values()),
+            "failures": {**dict(replies.failures), **{f"rejected: {k}": v for k, v in rejected.items()}},
+            "updates_rejected": sum(rejected.values()),
+            "train_loss": weighted(replies.ok, "train-loss"),
+            **eval_row,
+            "epsilon_max": epsilon_max,
+            "noise_multiplier": weighted(replies.ok, "noise-multiplier") if config.privacy.enabled else None,
+            "bytes_up": replies.bytes_up + eval_replies.bytes_up,
+            "bytes_down": replies.bytes_down + eval_replies.bytes_down,
+            "seconds": time.monotonic() - start,
+        }
+        run_dir.append_metrics(row)
+        run_dir.checkpoint(server_round, global_adapter, strategy.state(), {"metrics": row})
+        progress.round_done(row)
+        rows.append(row)
+
+    write_peft_dir(model, global_adapter, run_dir.path / "adapter", resolve_model_dir(config.model.path))
+    progress.note(f"final adapter: {run_dir.path / 'adapter'}")
+    return run_dir, rows

@@ -1,0 +1,1 @@
+"""The single-machine runner, data partitioners and the built-in default dataset."""

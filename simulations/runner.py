@@ -1,0 +1,77 @@
+"""`fedlora simulate`: a whole federation on this machine with Flower's simulation engine.
+
+Virtual clients share Ray worker processes; each worker holds one base model
+(client/model_cache.py) and swaps adapters in and out.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import replace
+from typing import Any
+
+from fedlora.base_model import resolve_model_dir
+from fedlora.config import Config, ConfigError
+from server.progress import summary_table
+from server.run_directory import RunDirectory
+from simulations.virtual_sites import dataset_labels, dataset_rows
+from strategies import get_strategy
+
+FLOWER_OFFLINE_ENV = {
+    "FLWR_TELEMETRY_ENABLED": "0",
+    "FLWR_DISABLE_UPDATE_CHECK": "1",
+    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "RAY_DEDUP_LOGS": "0",
+}
+
+
+def prepare(config: Config) -> Config:
+    """Check everything that can be checked before Ray starts; fill in derived settings."""
+    try:
+        get_strategy(config.strategy.name)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    resolve_model_dir(config.model.path)
+    rows = dataset_rows(config)
+    if config.simulation.clients > len(rows):
+        raise ConfigError(f"simulation.clients = {config.simulation.clients}: more virtual sites than rows in the dataset ({len(rows)})")
+    if config.federation.min_clients > config.simulation.clients:
+        config = replace(config, federation=replace(config.federation, min_clients=config.simulation.clients))
+    if config.model.task == "classification" and not config.data.labels:
+        config = replace(config, data=replace(config.data, labels=dataset_labels(config)))
+    return config
+
+
+def simulate(config: Config) -> tuple[RunDirectory, list[dict[str, Any]]]:
+    os.environ.update(FLOWER_OFFLINE_ENV)
+    config = prepare(config)
+
+    from flwr.simulation import run_simulation
+
+    from client.client_app import app as client_app
+    from server.server_app import make_server_app
+
+    result: dict[str, Any] = {}
+
+    def on_done(run_dir: RunDirectory, rows: list[dict[str, Any]]) -> None:
+        result["run_dir"], result["rows"] = run_dir, rows
+
+    cpus = os.cpu_count() or 1
+    backend_config = {
+        "client_resources": {"num_cpus": min(config.simulation.cpus_per_client, cpus), "num_gpus": 0.0},
+        "init_args": {"num_cpus": cpus, "include_dashboard": False, "logging_level": logging.ERROR, "log_to_driver": True},
+    }
+    run_simulation(
+        server_app=make_server_app(config, on_done),
+        client_app=client_app,
+        num_supernodes=config.simulation.clients,
+        backend_config=backend_config,
+    )
+    if "rows" not in result:
+        raise RuntimeError("the simulation ended without finishing its rounds (see the log above)")
+    print(summary_table(result["rows"]))
+    print(f"run directory: {result['run_dir'].path}")
+    return result["run_dir"], result["rows"]

@@ -1,0 +1,51 @@
+"""Virtual sites: the simulation dataset and each virtual site's share of it.
+
+`simulation.dataset = "default"` is the synthetic triage-note dataset generated
+from the run seed; otherwise a local JSONL/CSV file. Every worker derives the
+same partition from the seed, so nothing is shipped to the workers.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+from fedlora.config import Config
+from fedlora.text_data import DataError, check_columns, label_names, read_rows
+from simulations.partitioners import dirichlet_partition, iid_partition
+from simulations.triage_notes import generate_notes
+
+
+@lru_cache(maxsize=2)
+def _dataset(dataset: str, size: int, seed: int) -> tuple[dict, ...]:
+    if dataset == "default":
+        return tuple(generate_notes(size, seed))
+    return tuple(read_rows(dataset))
+
+
+def dataset_rows(config: Config) -> list[dict]:
+    rows = list(_dataset(config.simulation.dataset, config.simulation.dataset_size, config.run.seed))
+    check_columns(rows, config, "default" if config.simulation.dataset == "default" else config.simulation.dataset)
+    return rows
+
+
+def dataset_labels(config: Config) -> list[str]:
+    """The label names of the simulation dataset, in class-id (sorted) order."""
+    return label_names(dataset_rows(config), config.data.label_column)
+
+
+@lru_cache(maxsize=4)
+def _partition(dataset: str, size: int, seed: int, scheme: str, alpha: float, count: int, label_column: str) -> list[list[int]]:
+    rows = _dataset(dataset, size, seed)
+    if count > len(rows):
+        raise DataError(f"simulation.clients = {count}: more virtual sites than rows in {dataset} ({len(rows)})")
+    if scheme == "iid":
+        return iid_partition(len(rows), count, seed)
+    return dirichlet_partition([str(r[label_column]) for r in rows], count, alpha, seed)
+
+
+def partition_rows(config: Config, partition_id: int, num_partitions: int) -> list[dict]:
+    """This virtual site's rows."""
+    rows = dataset_rows(config)
+    sim = config.simulation
+    parts = _partition(sim.dataset, sim.dataset_size, config.run.seed, sim.partition, sim.alpha, num_partitions, config.data.label_column)
+    return [rows[i] for i in parts[partition_id]]
