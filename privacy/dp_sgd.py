@@ -31,7 +31,7 @@ def private_optimizer(
     sums, adds N(0, (noise_multiplier * max_grad_norm)^2), and divides by the
     expected (not the realised) Poisson batch size, as Opacus does.
     """
-    gsm = GradSampleModule(model, batch_first=True, loss_reduction="mean", grad_sample_mode="hooks")
+    gsm = GradSampleModule(model, batch_first=True, loss_reduction="mean")  # hooks mode
     try:
         dp_optimizer = DPOptimizer(
             optimizer,

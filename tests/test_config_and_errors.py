@@ -1,0 +1,89 @@
+"""Bad input is a one-line error that names the problem, before anything starts."""
+
+from __future__ import annotations
+
+import pytest
+
+from fedlora.cli import main
+from fedlora.config import Config, ConfigError, load_config, parse_override
+
+
+def run_cli(capsys, *args: str) -> tuple[int, str]:
+    code = main(["simulate", *args])
+    err = capsys.readouterr().err.strip()
+    return code, err
+
+
+def test_unknown_config_key_in_file(tmp_path, capsys):
+    path = tmp_path / "run.toml"
+    path.write_text("[train]\nlocal_stepz = 3\n")
+    code, err = run_cli(capsys, "--config", str(path))
+    assert code == 2 and len(err.splitlines()) == 1
+    assert "train.local_stepz" in err and str(path) in err
+
+
+def test_unknown_key_in_set(capsys):
+    code, err = run_cli(capsys, "--set", "privacy.epsilon=3")
+    assert code == 2 and len(err.splitlines()) == 1 and "privacy.epsilon" in err
+
+
+def test_bad_value_names_the_key(capsys):
+    code, err = run_cli(capsys, "--set", "train.batch_size=big")
+    assert code == 2 and "train.batch_size" in err and "'big'" in err
+    code, err = run_cli(capsys, "--set", "simulation.partition=random")
+    assert code == 2 and "simulation.partition" in err and "dirichlet" in err
+
+
+def test_missing_data_file(tmp_path, capsys):
+    missing = tmp_path / "nowhere.jsonl"
+    code, err = run_cli(capsys, "--set", f"simulation.dataset={missing}")
+    assert code == 2 and len(err.splitlines()) == 1
+    assert str(missing) in err and "does not exist" in err
+
+
+def test_empty_data_file(tmp_path, capsys):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    code, err = run_cli(capsys, "--set", f"simulation.dataset={empty}")
+    assert code == 2 and len(err.splitlines()) == 1 and str(empty) in err and "empty" in err
+
+
+def test_label_column_that_does_not_exist(tmp_path, capsys):
+    data = tmp_path / "notes.csv"
+    data.write_text("text,department\nchest pain,cardiology\nrash,dermatology\n")
+    code, err = run_cli(capsys, "--set", f"simulation.dataset={data}")
+    assert code == 2 and len(err.splitlines()) == 1
+    assert "'label'" in err and str(data) in err and "department" in err
+
+
+def test_tampered_default_model_is_refused(monkeypatch):
+    from fedlora import base_model
+
+    base_model.default_model_dir.cache_clear()
+    monkeypatch.setattr(base_model, "DEFAULT_MODEL_SHA256", "0" * 64)
+    try:
+        with pytest.raises(base_model.ModelError, match="sha256"):
+            base_model.default_model_dir()
+    finally:
+        base_model.default_model_dir.cache_clear()
+
+
+def test_set_values_are_toml_and_bare_words_are_strings():
+    assert parse_override("strategy.name=ffa") == ("strategy.name", "ffa")
+    assert parse_override("simulation.dataset=/data/notes.jsonl") == ("simulation.dataset", "/data/notes.jsonl")
+    assert parse_override("train.lr=1e-3") == ("train.lr", 1e-3)
+    assert parse_override("privacy.enabled=false") == ("privacy.enabled", False)
+    assert parse_override('lora.target_modules=["q_proj","v_proj"]') == ("lora.target_modules", ["q_proj", "v_proj"])
+    config = load_config(None, dict([parse_override("train.lr=1"), parse_override("lora.target_modules=all")]))
+    assert config.train.lr == 1.0 and isinstance(config.train.lr, float)
+
+
+def test_flat_round_trip_and_file_round_trip(tmp_path):
+    from fedlora.config import from_flat, write_config
+
+    config = load_config(None, {"train.lr": 0.5, "data.labels": ["x", "y"]})
+    assert from_flat(config.to_flat()) == config
+    write_config(config, tmp_path / "c.toml")
+    assert load_config(tmp_path / "c.toml") == config
+    with pytest.raises(ConfigError):
+        from_flat({**Config().to_flat(), "nope.x": 1})

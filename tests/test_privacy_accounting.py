@@ -1,0 +1,35 @@
+"""Noise calibration spends exactly the planned budget, composed round by round."""
+
+from __future__ import annotations
+
+import pytest
+
+from privacy.accounting import calibrate_noise, epsilon_of, sample_rate
+
+
+@pytest.mark.parametrize("accountant", ["prv", "rdp"])
+def test_calibrated_noise_reaches_target_epsilon_at_the_last_planned_round(accountant):
+    rounds, local_steps, target, delta = 4, 6, 8.0, 1e-5
+    q = sample_rate(64, 480)
+    sigma = calibrate_noise(target, delta, q, rounds * local_steps, accountant)
+    history = []
+    epsilons = []
+    for _ in range(rounds):
+        history.append((sigma, q, local_steps))  # one entry per round, as a site records it
+        epsilons.append(epsilon_of(history, delta, accountant))
+    assert epsilons == sorted(epsilons) and epsilons[0] < epsilons[-1]
+    assert target - 0.1 <= epsilons[-1] <= target + 1e-6, epsilons
+    assert epsilons[-2] < target - 0.1  # the budget is spent at the last round, not before
+    # Composing per-round entries equals accounting all steps at once.
+    assert epsilons[-1] == pytest.approx(epsilon_of([(sigma, q, rounds * local_steps)], delta, accountant), rel=1e-3)
+
+
+def test_more_noise_less_epsilon_and_empty_history_is_zero():
+    assert epsilon_of([], 1e-5) == 0.0
+    q = 0.1
+    assert epsilon_of([(2.0, q, 20)], 1e-5) < epsilon_of([(1.0, q, 20)], 1e-5)
+
+
+def test_sample_rate_is_batch_over_examples_capped_at_one():
+    assert sample_rate(64, 640) == pytest.approx(0.1)
+    assert sample_rate(64, 10) == 1.0

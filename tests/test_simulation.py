@@ -1,0 +1,73 @@
+"""End to end: `fedlora simulate` on Flower's simulation engine (Ray) writes the
+complete run directory of the contract, and each worker loads the base model once."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+
+from fedlora.config import load_config
+
+pytestmark = pytest.mark.slow
+
+REQUIRED_KEYS = {"round", "clients_ok", "clients_failed", "train_loss", "eval_loss", "eval_accuracy",
+                 "epsilon_max", "bytes_up", "bytes_down", "seconds"}
+
+
+def test_three_clients_two_rounds_write_a_complete_run_directory(tmp_path):
+    out, load_log = tmp_path / "run", tmp_path / "loads.txt"
+    env = {**os.environ, "FEDLORA_MODEL_LOAD_LOG": str(load_log)}
+    cmd = [sys.executable, "-m", "fedlora.cli", "simulate", "--clients", "3", "--rounds", "2", "--output", str(out),
+           "--set", "simulation.dataset_size=300", "--set", "train.local_steps=2", "--set", "train.batch_size=16",
+           "--set", "simulation.cpus_per_client=1"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    # config.toml: the fully resolved configuration, loadable, with the absolute output dir.
+    config = load_config(out / "config.toml")
+    assert config.run.output_dir == str(out.resolve()) and config.simulation.clients == 3
+    labels = json.loads((out / "labels.json").read_text())
+    assert labels == config.data.labels and len(labels) >= 5
+
+    # metrics.jsonl: round 0 (before training) then one row per round.
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [0, 1, 2]
+    for row in rows:
+        assert REQUIRED_KEYS <= set(row), REQUIRED_KEYS - set(row)
+    assert rows[0]["train_loss"] is None and rows[0]["epsilon_max"] == 0.0
+    assert all(r["clients_ok"] == 3 and r["clients_failed"] == 0 for r in rows[1:])
+    assert all(0.0 <= r["eval_accuracy"] <= 1.0 for r in rows)
+    assert rows[1]["bytes_up"] > 0 and rows[1]["bytes_down"] >= rows[1]["bytes_up"]
+    # DP on by default: noise calibrated so the last planned round spends the target epsilon.
+    assert 0 < rows[1]["epsilon_max"] < rows[2]["epsilon_max"] <= config.privacy.target_epsilon + 1e-6
+    assert rows[2]["epsilon_max"] >= config.privacy.target_epsilon - 0.1
+
+    # checkpoints/ for each round.
+    for r in (1, 2):
+        state = json.loads((out / "checkpoints" / f"round-{r:04d}" / "state.json").read_text())
+        assert state["round"] == r
+
+    # adapter/ loads with PeftModel.from_pretrained on the base folder it names, and holds
+    # exactly the last round's global adapter.
+    from peft import PeftModel, get_peft_model_state_dict
+    from safetensors.torch import load_file
+    from transformers import AutoModelForSequenceClassification
+
+    adapter_config = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    base = AutoModelForSequenceClassification.from_pretrained(adapter_config["base_model_name_or_path"], num_labels=len(labels))
+    model = PeftModel.from_pretrained(base, str(out / "adapter"))
+    loaded = get_peft_model_state_dict(model)
+    final = load_file(str(out / "checkpoints" / "round-0002" / "adapter.safetensors"))
+    assert set(loaded) == set(final)
+    assert all(torch.equal(loaded[k].float(), final[k]) for k in final)
+
+    # The base model is loaded at most once per worker process (never per client or round).
+    pids = Counter(load_log.read_text().split())
+    assert pids and max(pids.values()) == 1, pids
