@@ -50,7 +50,8 @@ def from_record(record: ArrayRecord) -> Adapter:
 
 
 def record_nbytes(record: ArrayRecord) -> int:
-    """Payload bytes of the tensors in a record (what crosses the wire, without framing)."""
+    """Serialized bytes of the tensors in a record (fp32 data plus a small .npy header
+    per tensor): what crosses the wire, without gRPC framing."""
     return sum(len(array.data) for array in record.values())
 
 

@@ -141,6 +141,10 @@ def _section_types() -> dict[str, dict[str, Any]]:
 def _coerce(key: str, value: Any, typ: Any, where: str) -> Any:
     """Check one value against its annotated type; ints are accepted for floats."""
     options = get_args(typ) if get_origin(typ) in (type(str | int),) else (typ,)
+    list_allowed = any(get_origin(o) is list for o in options)
+    if list_allowed and isinstance(value, str) and ("," in value or str not in options):
+        # Flower run config has no lists: "a,b,c" stands for ["a", "b", "c"] there.
+        return [v.strip() for v in value.split(",") if v.strip()]
     for option in options:
         if option is bool and isinstance(value, bool):
             return value

@@ -7,12 +7,17 @@ model is privatized again by the next client (hooks cannot be attached twice).
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
 from opacus import GradSampleModule
 from opacus.optimizers import DPOptimizer
+
+# The frozen base's inputs never require grad, so torch warns on every backward
+# that Opacus's full backward hooks see only output gradients, which is all they need.
+warnings.filterwarnings("ignore", message="Full backward hook is firing", category=UserWarning)
 
 
 @contextmanager

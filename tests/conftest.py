@@ -42,11 +42,12 @@ def build_tiny_model(kind: str, folder: Path) -> Path:
             num_key_value_heads=2, max_position_embeddings=128, pad_token_id=0, bos_token_id=101, eos_token_id=102,
         ))
     elif kind == "gpt2":
-        model = GPT2LMHeadModel(GPT2Config(vocab_size=vocab, n_embd=32, n_layer=2, n_head=4, n_positions=128, pad_token_id=0))
+        model = GPT2LMHeadModel(GPT2Config(vocab_size=vocab, n_embd=32, n_layer=2, n_head=4, n_positions=128, pad_token_id=0,
+                                           resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
     elif kind == "bert":
         model = BertForSequenceClassification(BertConfig(
             vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-            max_position_embeddings=128, num_labels=3,
+            max_position_embeddings=128, num_labels=3, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
         ))
     else:
         raise ValueError(kind)

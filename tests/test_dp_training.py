@@ -83,7 +83,7 @@ def test_per_example_gradient_norms_match_a_per_example_loop(tiny_models):
         examples = encode(rows, cached.tokenizer, config, labels, "rows")
         assert len({len(e.input_ids) for e in examples}) > 1, "lengths must differ so padding is exercised"
         params = [p for p in model.parameters() if p.requires_grad]
-        model.eval()  # no dropout, so both computations see the same function
+        model.train()  # Opacus records activations in train mode; the tiny models have no dropout
 
         loop_norms = []
         for e in examples:
