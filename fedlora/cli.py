@@ -49,6 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from fedlora.base_model import ModelError
     from fedlora.text_data import DataError
+    from server.federation import FederationError
 
     try:
         if args.command == "simulate":
@@ -56,6 +57,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError, ModelError) as exc:
         print(f"fedlora: error: {exc}", file=sys.stderr)
         return 2
+    except FederationError as exc:
+        print(f"fedlora: run stopped: {exc}", file=sys.stderr)
+        return 1
     return 1
 
 

@@ -51,16 +51,19 @@ class LoraSection:
     rank: int = 8
     alpha: int = 16
     dropout: float = 0.0
-    target_modules: str | list[str] = "auto"
+    # "qv" (query/value projections) or "auto" (attention + MLP linear layers), per
+    # architecture, or a list of module names. Under DP fewer parameters learn faster:
+    # the noise norm grows with the square root of the trainable parameter count.
+    target_modules: str | list[str] = "qv"
 
 
 @dataclass
 class TrainSection:
     # DP-SGD needs large batches: noise per coordinate is sigma * C / B.
-    local_steps: int = 6
+    local_steps: int = 4
     batch_size: int = 64
-    lr: float = 2e-2
-    optimizer: str = "adamw"  # or "sgd"
+    lr: float = 2.0  # plain SGD on the clipped, noised mean gradient (norm <= max_grad_norm)
+    optimizer: str = "sgd"  # or "adamw"
 
 
 @dataclass
@@ -74,7 +77,7 @@ class PrivacySection:
 
 @dataclass
 class FederationSection:
-    rounds: int = 3
+    rounds: int = 5
     min_clients: int = 2
     round_timeout: float = 600.0  # seconds to wait for replies in one round
 
@@ -87,7 +90,7 @@ class StrategySection:
 @dataclass
 class SimulationSection:
     dataset: str = "default"  # or a local JSONL/CSV file, split across the virtual clients
-    dataset_size: int = 3000  # notes generated for the default dataset
+    dataset_size: int = 6000  # notes generated for the default dataset (more per site = less noise for the same epsilon)
     clients: int = 5
     partition: str = "dirichlet"  # or "iid"
     alpha: float = 0.5

@@ -25,6 +25,7 @@ FLOWER_OFFLINE_ENV = {
     "HF_HUB_OFFLINE": "1",
     "TRANSFORMERS_OFFLINE": "1",
     "RAY_DEDUP_LOGS": "0",
+    "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
 }
 
 
@@ -50,6 +51,8 @@ def simulate(config: Config) -> tuple[RunDirectory, list[dict[str, Any]]]:
     config = prepare(config)
 
     from flwr.simulation import run_simulation
+
+    logging.getLogger("flwr").propagate = False  # one copy of Flower's log lines, not two
 
     from client.client_app import app as client_app
     from server.server_app import make_server_app
