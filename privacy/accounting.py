@@ -9,6 +9,7 @@ from __future__ import annotations
 import warnings
 from functools import lru_cache
 
+import numpy as np
 from opacus.accountants import PRVAccountant, RDPAccountant
 from opacus.accountants.utils import get_noise_multiplier
 
@@ -27,7 +28,8 @@ def epsilon_of(history: History, delta: float, accountant: str = "prv") -> float
         return 0.0
     acc = ACCOUNTANTS[accountant]()
     acc.history = [(float(s), float(q), int(n)) for s, q, n in history]
-    return float(acc.get_epsilon(delta=delta))
+    with np.errstate(divide="ignore"):  # PRV evaluates log(0) at the domain's edge for large q
+        return float(acc.get_epsilon(delta=delta))
 
 
 def sample_rate(batch_size: int, num_examples: int) -> float:
