@@ -87,3 +87,12 @@ def test_flat_round_trip_and_file_round_trip(tmp_path):
     assert load_config(tmp_path / "c.toml") == config
     with pytest.raises(ConfigError):
         from_flat({**Config().to_flat(), "nope.x": 1})
+
+
+def test_replies_can_only_carry_whitelisted_metrics():
+    from fedlora.messages import TRAIN_METRICS, metric_record
+
+    record = metric_record({"num-examples": 3, "train-loss": 0.5, "epsilon": 1.0}, TRAIN_METRICS)
+    assert dict(record) == {"num-examples": 3, "train-loss": 0.5, "epsilon": 1.0}
+    with pytest.raises(ValueError, match="whitelist"):
+        metric_record({"num-examples": 3, "first-note": 1.0}, TRAIN_METRICS)
