@@ -13,13 +13,14 @@ import time
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
-from client.local_training import DPPlan, evaluate_locally, train_locally
+from client.local_training import DPPlan, evaluate_locally, frozen, train_locally
 from client.model_cache import cached_model
 from client.site_data import load_site_data
 from fedlora.adapter_state import adapter_of, from_record, put_adapter, to_record
 from fedlora.config import Config
 from fedlora.messages import EVALUATE_METRICS, TRAIN_METRICS, metric_record, read_config_record
 from privacy.accounting import calibrate_noise_cached, epsilon_of, sample_rate
+from strategies import get_strategy, trained_part
 
 app = ClientApp()
 log = logging.getLogger("fedlora.client")
@@ -69,9 +70,11 @@ def train(msg: Message, context: Context) -> Message:
         )
         plan = DPPlan(noise_multiplier=sigma, sample_rate=rate, steps=config.train.local_steps)
 
-    # Train.
+    # Train (with the factors the strategy keeps frozen, e.g. LoRA A under ffa).
+    frozen_factors = get_strategy(config.strategy).frozen_factors
     seed = config.run.seed * 1_000_003 + server_round * 7919 + context.node_id % 1_000_003
-    result = train_locally(cached.model, site.train, config, plan, cached.tokenizer.pad_token_id, seed)
+    with frozen(cached.model, frozen_factors):
+        result = train_locally(cached.model, site.train, config, plan, cached.tokenizer.pad_token_id, seed)
 
     epsilon = 0.0
     if plan is not None:
@@ -80,7 +83,7 @@ def train(msg: Message, context: Context) -> Message:
         epsilon = epsilon_of(history, config.privacy.delta, config.privacy.accountant)
     log.info("round %d: %s, %d examples, loss %.4f, epsilon %.3f", server_round, site.source, len(site.train), result.loss, epsilon)
 
-    # Reply: adapter tensors and whitelisted scalars only.
+    # Reply: the trained adapter tensors and whitelisted scalars only.
     metrics = metric_record(
         {
             "num-examples": len(site.train),
@@ -92,7 +95,8 @@ def train(msg: Message, context: Context) -> Message:
         },
         TRAIN_METRICS,
     )
-    content = RecordDict({"arrays": to_record(adapter_of(cached.model)), "metrics": metrics})
+    trained = trained_part(adapter_of(cached.model), frozen_factors)
+    content = RecordDict({"arrays": to_record(trained), "metrics": metrics})
     return Message(content=content, reply_to=msg)
 
 

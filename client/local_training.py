@@ -10,6 +10,8 @@ from __future__ import annotations
 import math
 import os
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -56,6 +58,20 @@ def make_optimizer(params: list[torch.nn.Parameter], config: Config) -> torch.op
     if config.train.optimizer == "sgd":
         return torch.optim.SGD(params, lr=config.train.lr)
     return torch.optim.AdamW(params, lr=config.train.lr, weight_decay=0.0)
+
+
+@contextmanager
+def frozen(model: torch.nn.Module, factors: tuple[str, ...]) -> Iterator[None]:
+    """Keep parameters whose name contains one of `factors` (e.g. "lora_A" under
+    FFA-LoRA) fixed while training; the cached model gets them back afterwards."""
+    params = [p for name, p in model.named_parameters() if p.requires_grad and any(f in name for f in factors)]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in params:
+            p.requires_grad_(True)
 
 
 def secret_generator() -> torch.Generator:

@@ -9,6 +9,7 @@ coordinator sends to clients. Unknown keys and bad values are a one-line
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -84,7 +85,19 @@ class FederationSection:
 
 @dataclass
 class StrategySection:
+    # fedavg, fedavgm, fedadam, fedyogi (server optimizers on the pseudo-gradient),
+    # median, trimmed-mean (robust coordinate-wise aggregates); see strategies/.
     name: str = "fedavg"
+    server_lr: float = 1.0  # server optimizers' step size on the pseudo-gradient
+    momentum: float = 0.9  # fedavgm
+    beta1: float = 0.9  # fedadam / fedyogi (Reddi et al. 2021, "Adaptive Federated Optimization")
+    beta2: float = 0.99
+    tau: float = 1e-3  # adaptivity: step = m / (sqrt(v) + tau)
+    trim_fraction: float = 0.2  # trimmed-mean: fraction cut from EACH end per coordinate
+    # Update screening (every strategy). An update is a client's adapter minus the
+    # global adapter; its norm is the L2 norm over all tensors together.
+    max_update_norm: float = 0.0  # absolute bound; 0 = off
+    outlier_factor: float = 10.0  # reject norms above this many times the round's median; 0 = off
 
 
 @dataclass
@@ -129,8 +142,11 @@ POSITIVE: tuple[str, ...] = (
     "train.lr", "privacy.target_epsilon", "privacy.delta", "privacy.max_grad_norm",
     "federation.rounds", "federation.min_clients", "federation.round_timeout",
     "simulation.dataset_size", "simulation.clients", "simulation.alpha",
-    "simulation.cpus_per_client",
+    "simulation.cpus_per_client", "strategy.server_lr", "strategy.tau",
 )
+
+# [0, 1): exponential decay rates.
+UNIT_INTERVAL: tuple[str, ...] = ("strategy.momentum", "strategy.beta1", "strategy.beta2")
 
 
 def _section_types() -> dict[str, dict[str, Any]]:
@@ -202,6 +218,19 @@ def validate(config: Config, where: str = "config") -> None:
         raise ConfigError(f"{where}: key 'data.validation_fraction' must be between 0 and 1, got {config.data.validation_fraction!r}")
     if not 0 <= config.lora.dropout < 1:
         raise ConfigError(f"{where}: key 'lora.dropout' must be in [0, 1), got {config.lora.dropout!r}")
+    for key in UNIT_INTERVAL:
+        if not 0 <= flat[key] < 1:
+            raise ConfigError(f"{where}: key '{key}' must be in [0, 1), got {flat[key]!r}")
+    for name, value in dataclasses.asdict(config.strategy).items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{where}: key 'strategy.{name}' must be finite, got {value!r}")
+    if not 0 <= config.strategy.trim_fraction < 0.5:
+        raise ConfigError(f"{where}: key 'strategy.trim_fraction' must be in [0, 0.5), got {config.strategy.trim_fraction!r}")
+    if not config.strategy.max_update_norm >= 0:
+        raise ConfigError(f"{where}: key 'strategy.max_update_norm' must be >= 0 (0 = off), got {config.strategy.max_update_norm!r}")
+    if not (config.strategy.outlier_factor == 0 or config.strategy.outlier_factor >= 1):
+        # Below 1 the rule would reject about half of the honest updates every round.
+        raise ConfigError(f"{where}: key 'strategy.outlier_factor' must be 0 (off) or >= 1, got {config.strategy.outlier_factor!r}")
     if not config.privacy.delta < 1:
         raise ConfigError(f"{where}: key 'privacy.delta' must be < 1, got {config.privacy.delta!r}")
     if config.model.task == "causal-lm" and config.simulation.partition == "dirichlet" and config.simulation.dataset != "default":

@@ -23,8 +23,8 @@ from fedlora.config import Config, ConfigError
 from fedlora.messages import config_record
 from server.progress import Progress
 from server.run_directory import RunDirectory
-from strategies import ClientUpdate, get_strategy
-from strategies.update_validation import update_problem
+from strategies import ClientUpdate, get_strategy, trained_part
+from strategies.update_validation import reason_category, screen_updates
 
 log = logging.getLogger("fedlora.server")
 
@@ -104,7 +104,10 @@ def run_federation(grid: Grid, config: Config) -> tuple[RunDirectory, list[dict[
     """Run all rounds; returns the run directory and the metrics rows."""
     if config.model.task == "classification" and not config.data.labels:
         raise ConfigError("data.labels is empty: list the label names in class-id order")
-    strategy = get_strategy(config.strategy.name)
+    try:
+        strategy = get_strategy(config.strategy)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     run_dir, config = RunDirectory.create(config)
     progress = Progress(config.federation.rounds)
     progress.note(f"run directory: {run_dir.path}")
@@ -136,15 +139,16 @@ def run_federation(grid: Grid, config: Config) -> tuple[RunDirectory, list[dict[
         content = RecordDict({"arrays": to_record(global_adapter), "config": config_record(config, server_round)})
         replies = exchange(grid, nodes, MessageType.TRAIN, content, server_round, config.federation.round_timeout, progress, "train")
 
-        updates, rejected = [], Counter()
-        for reply in replies.ok:
-            adapter = from_record(reply.content["arrays"])
-            problem = update_problem(adapter, global_adapter)
-            if problem:
-                rejected[problem.split(":")[0]] += 1
-                log.warning("round %d: update from node %d rejected: %s", server_round, reply.metadata.src_node_id, problem)
-                continue
-            updates.append(ClientUpdate(reply.metadata.src_node_id, adapter, int(reply.content["metrics"]["num-examples"])))
+        # Sites send back the tensors they train (all, or all but the frozen factors).
+        expected = trained_part(global_adapter, strategy.frozen_factors)
+        received = [
+            ClientUpdate(reply.metadata.src_node_id, from_record(reply.content["arrays"]), int(reply.content["metrics"]["num-examples"]))
+            for reply in replies.ok
+        ]
+        updates, refused = screen_updates(received, expected, config.strategy)
+        rejected = Counter(reason_category(reason) for _, reason in refused)
+        for node_id, reason in refused:
+            log.warning("round %d: update from node %d rejected: %s", server_round, node_id, reason)
         if len(updates) < config.federation.min_clients:
             raise FederationError(
                 f"round {server_round}: {len(updates)} usable updates, fewer than federation.min_clients = {config.federation.min_clients}"
@@ -167,9 +171,10 @@ def run_federation(grid: Grid, config: Config) -> tuple[RunDirectory, list[dict[
             "bytes_up": replies.bytes_up + eval_replies.bytes_up,
             "bytes_down": replies.bytes_down + eval_replies.bytes_down,
             "seconds": time.monotonic() - start,
+            **strategy.round_metrics(),
         }
         run_dir.append_metrics(row)
-        run_dir.checkpoint(server_round, global_adapter, strategy.state(), {"metrics": row})
+        run_dir.checkpoint(server_round, global_adapter, strategy.state(), {"strategy": strategy.name, "metrics": row})
         progress.round_done(row)
         rows.append(row)
 

@@ -59,14 +59,16 @@ class RunDirectory:
             fh.flush()
             os.fsync(fh.fileno())
 
-    def checkpoint(self, server_round: int, adapter: Adapter, strategy_state: dict[str, Any], extra: dict[str, Any]) -> Path:
-        """checkpoints/round-NNNN/: the global adapter and what resume needs."""
+    def checkpoint(self, server_round: int, adapter: Adapter, strategy_state: Adapter, extra: dict[str, Any]) -> Path:
+        """checkpoints/round-NNNN/: the global adapter, the strategy's state (tensors,
+        e.g. server-optimizer moments) and state.json (round number and metrics)."""
         final = self.checkpoints / f"round-{server_round:04d}"
         tmp = self.checkpoints / f".round-{server_round:04d}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         save_adapter_file(adapter, tmp / "adapter.safetensors")
-        state = {"round": server_round, "strategy": strategy_state, **extra}
+        save_adapter_file(strategy_state, tmp / "strategy_state.safetensors")
+        state = {"round": server_round, **extra}
         (tmp / "state.json").write_text(json.dumps(state, indent=2) + "\n")
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)

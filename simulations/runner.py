@@ -32,7 +32,7 @@ FLOWER_OFFLINE_ENV = {
 def prepare(config: Config) -> Config:
     """Check everything that can be checked before Ray starts; fill in derived settings."""
     try:
-        get_strategy(config.strategy.name)
+        get_strategy(config.strategy)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     resolve_model_dir(config.model.path)
