@@ -18,7 +18,7 @@ from client.model_cache import cached_model
 from client.site_data import load_site_data
 from fedlora.adapter_state import adapter_of, from_record, put_adapter, to_record
 from fedlora.config import Config
-from fedlora.messages import EVALUATE_METRICS, TRAIN_METRICS, metric_record, read_config_record
+from fedlora.messages import EVALUATE_METRICS, QUERY_METRICS, TRAIN_METRICS, metric_record, read_config_record
 from privacy.accounting import calibrate_noise_cached, epsilon_of, sample_rate
 from strategies import get_strategy, trained_part
 
@@ -28,10 +28,25 @@ log = logging.getLogger("fedlora.client")
 HISTORY_KEY = "privacy-history"  # this site's DP mechanisms so far, in context.state
 
 
+def site_rank(config: Config, node_config: dict) -> int:
+    """This site's LoRA rank: node config `lora-rank`, else its entry in
+    `simulation.client_ranks` (virtual sites), else the run's `lora.rank`."""
+    if "lora-rank" in node_config:
+        return int(node_config["lora-rank"])
+    ranks = config.simulation.client_ranks
+    if ranks and "partition-id" in node_config:
+        return ranks[int(node_config["partition-id"]) % len(ranks)]
+    return config.lora.rank
+
+
 def site_config(msg: Message, context: Context) -> tuple[Config, int]:
+    """The run config with the site's own choices: its copy of the base model and its
+    LoRA rank (alpha scaled with it, so alpha/rank and thus B·A's scale match the run's)."""
     config, server_round = read_config_record(msg.content["config"])
     if "model-path" in context.node_config:
         config.model.path = str(context.node_config["model-path"])
+    rank = site_rank(config, context.node_config)
+    config.lora.alpha, config.lora.rank = config.lora.alpha * rank / config.lora.rank, rank
     return config, server_round
 
 
@@ -118,4 +133,12 @@ def evaluate(msg: Message, context: Context) -> Message:
         },
         EVALUATE_METRICS,
     )
+    return Message(content=RecordDict({"metrics": metrics}), reply_to=msg)
+
+
+@app.query()
+def query(msg: Message, context: Context) -> Message:
+    """The site's declaration before training: its LoRA rank."""
+    config, _ = site_config(msg, context)
+    metrics = metric_record({"lora-rank": config.lora.rank}, QUERY_METRICS)
     return Message(content=RecordDict({"metrics": metrics}), reply_to=msg)

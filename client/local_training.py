@@ -90,6 +90,15 @@ def train_locally(
     optimizer = make_optimizer(params, config)
     task, batch_size, n = config.model.task, config.train.batch_size, len(examples)
     losses: list[float] = []
+    anchor = [p.detach().clone() for p in params]  # the global adapter, for FedProx
+    mu = config.train.prox_mu
+
+    def add_proximal_gradient() -> None:
+        """FedProx: the gradient of mu/2 * ||w - w_global||^2. It does not touch the
+        data, so under DP it is added after clipping and noise (free post-processing)."""
+        if mu > 0:
+            for p, p0 in zip(params, anchor):
+                p.grad.add_(p.detach() - p0, alpha=mu)
 
     if plan is None:  # plain LoRA training, for comparison
         order = torch.Generator().manual_seed(seed)
@@ -98,6 +107,7 @@ def train_locally(
             batch = collate([examples[i] for i in idx], pad_id)
             loss = sequence_losses(forward_logits(model, batch), batch["labels"], task).mean()
             loss.backward()
+            add_proximal_gradient()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             losses.append(loss.item())
@@ -108,6 +118,8 @@ def train_locally(
     with private_optimizer(
         model, optimizer, plan.noise_multiplier, config.privacy.max_grad_norm, expected_batch, generator=rng
     ) as (dp_model, dp_optimizer):
+        # Opacus calls step_hook after clipping, noising and scaling, before the step.
+        dp_optimizer.step_hook = lambda _: add_proximal_gradient()
         for _ in range(plan.steps):
             # Poisson sampling: each example joins the batch independently with prob q.
             idx = (torch.rand(n, generator=rng) < plan.sample_rate).nonzero().flatten().tolist()

@@ -12,15 +12,16 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from peft import PeftModel
+from peft import PeftModel, get_peft_model
 
-from fedlora.base_model import build_peft_model, load_tokenizer, resolve_model_dir
+from fedlora.base_model import build_peft_model, lora_config, load_tokenizer, resolve_model_dir
 from fedlora.config import Config
 
 
 @dataclass
 class CachedModel:
-    key: tuple
+    key: tuple  # what the base model depends on
+    lora_key: tuple  # the LoRA structure on it (rank, alpha, ...)
     model: PeftModel
     tokenizer: object
     folder: Path
@@ -31,19 +32,24 @@ loads_in_process = 0
 
 
 def cached_model(config: Config, labels: list[str]) -> CachedModel:
-    """The PEFT model for this run's base model and LoRA shape, loaded at most once.
-
-    The key holds only what changes the model's structure; adapter values are
-    always overwritten by the caller before use.
+    """The PEFT model for this run's base model and LoRA shape; the base is loaded at
+    most once. Sites of another LoRA rank (heterogeneous ranks) get the LoRA layers
+    swapped on the same base, never a reload. Adapter values are always overwritten
+    by the caller before use, so they are not part of the key.
     """
     global _cache, loads_in_process
     folder = resolve_model_dir(config.model.path)
     lora = config.lora
-    key = (str(folder), config.model.task, len(labels), lora.rank, lora.alpha, lora.dropout, str(lora.target_modules), config.run.seed)
+    key = (str(folder), config.model.task, len(labels), config.run.seed)
+    lora_key = (lora.rank, lora.alpha, lora.dropout, str(lora.target_modules))
+    if _cache is not None and _cache.key == key and _cache.lora_key != lora_key:
+        base = _cache.model.unload()  # drop the LoRA layers, keep the loaded base
+        model = get_peft_model(base, lora_config(lora, config.model.task, base.config.model_type))
+        _cache = CachedModel(key, lora_key, model, _cache.tokenizer, folder)
     if _cache is None or _cache.key != key:
         _cache = None  # drop the old model before loading a new one (memory stays flat)
         model = build_peft_model(config.model, lora, num_labels=max(1, len(labels)), seed=config.run.seed)
-        _cache = CachedModel(key, model, load_tokenizer(folder), folder)
+        _cache = CachedModel(key, lora_key, model, load_tokenizer(folder), folder)
         loads_in_process += 1
         log = os.environ.get("FEDLORA_MODEL_LOAD_LOG")
         if log:

@@ -29,7 +29,29 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--output", metavar="DIR", help="run directory (run.output_dir); an existing run is never overwritten")
     sim.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                      help="override one config key, e.g. --set train.lr=0.01 --set strategy.name=fedavg (repeatable)")
+    cmp = commands.add_parser(
+        "compare", help="run the default task with each strategy, with and without DP, IID and non-IID",
+        description="Run `fedlora simulate` once per (strategy, DP on/off, IID/non-IID) and write a Markdown table "
+                    "(final accuracy, bytes up per site per round, seconds per round) to OUTPUT/table.md.")
+    cmp.add_argument("--strategies", default="", metavar="A,B", help="comma-separated strategy names (default: all)")
+    cmp.add_argument("--output", default="runs/compare", metavar="DIR", help="folder for the runs and table.md")
+    cmp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override applied to every run")
     return parser
+
+
+def run_compare(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from simulations.compare_strategies import compare, known_strategies
+
+    for item in args.set:
+        parse_override(item)  # fail now, not in every run
+    try:
+        strategies = known_strategies(args.strategies)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    print(compare(Path(args.output), strategies, args.set))
+    return 0
 
 
 def run_simulate(args: argparse.Namespace) -> int:
@@ -54,6 +76,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "simulate":
             return run_simulate(args)
+        if args.command == "compare":
+            return run_compare(args)
     except (ConfigError, DataError, ModelError) as exc:
         print(f"fedlora: error: {exc}", file=sys.stderr)
         return 2

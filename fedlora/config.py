@@ -50,7 +50,7 @@ class DataSection:
 @dataclass
 class LoraSection:
     rank: int = 8
-    alpha: int = 16
+    alpha: float = 16.0  # LoRA scale is alpha / rank; a site with its own rank k uses alpha * k / rank
     dropout: float = 0.0
     # "qv" (query/value projections) or "auto" (attention + MLP linear layers), per
     # architecture, or a list of module names. Under DP fewer parameters learn faster:
@@ -65,6 +65,7 @@ class TrainSection:
     batch_size: int = 64
     lr: float = 2.0  # plain SGD on the clipped, noised mean gradient (norm <= max_grad_norm)
     optimizer: str = "sgd"  # or "adamw"
+    prox_mu: float = 0.0  # FedProx proximal weight mu (0 = off): pulls local training toward the global adapter
 
 
 @dataclass
@@ -108,6 +109,9 @@ class SimulationSection:
     partition: str = "dirichlet"  # or "iid"
     alpha: float = 0.5
     cpus_per_client: int = 2
+    # LoRA rank of each virtual site, cycled over partition ids (site k: client_ranks[k % len]);
+    # empty = every site uses lora.rank. Different ranks need strategy.name = "exact".
+    client_ranks: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -160,10 +164,13 @@ def _section_types() -> dict[str, dict[str, Any]]:
 def _coerce(key: str, value: Any, typ: Any, where: str) -> Any:
     """Check one value against its annotated type; ints are accepted for floats."""
     options = get_args(typ) if get_origin(typ) in (type(str | int),) else (typ,)
-    list_allowed = any(get_origin(o) is list for o in options)
-    if list_allowed and isinstance(value, str) and ("," in value or str not in options):
+    list_type = next((o for o in options if get_origin(o) is list), None)
+    item_type = get_args(list_type)[0] if list_type else None
+    if list_type and isinstance(value, str) and ("," in value or str not in options):
         # Flower run config has no lists: "a,b,c" stands for ["a", "b", "c"] there.
-        return [v.strip() for v in value.split(",") if v.strip()]
+        value = [v.strip() for v in value.split(",") if v.strip()]
+        if item_type is int and all(v.lstrip("-").isdigit() for v in value):
+            value = [int(v) for v in value]
     for option in options:
         if option is bool and isinstance(value, bool):
             return value
@@ -173,8 +180,9 @@ def _coerce(key: str, value: Any, typ: Any, where: str) -> Any:
             return float(value)
         if option is str and isinstance(value, str):
             return value
-        if get_origin(option) is list and isinstance(value, list) and all(isinstance(v, str) for v in value):
-            return list(value)
+        if option is list_type and isinstance(value, list):
+            if all(isinstance(v, item_type) and not isinstance(v, bool) for v in value):
+                return list(value)
     names = " or ".join(getattr(o, "__name__", str(o)) for o in options)
     raise ConfigError(f"{where}: key '{key}' must be {names}, got {value!r}")
 
@@ -216,6 +224,8 @@ def validate(config: Config, where: str = "config") -> None:
             raise ConfigError(f"{where}: key '{key}' must be > 0, got {flat[key]!r}")
     if not 0 < config.data.validation_fraction < 1:
         raise ConfigError(f"{where}: key 'data.validation_fraction' must be between 0 and 1, got {config.data.validation_fraction!r}")
+    if not config.train.prox_mu >= 0:
+        raise ConfigError(f"{where}: key 'train.prox_mu' must be >= 0, got {config.train.prox_mu!r}")
     if not 0 <= config.lora.dropout < 1:
         raise ConfigError(f"{where}: key 'lora.dropout' must be in [0, 1), got {config.lora.dropout!r}")
     for key in UNIT_INTERVAL:
@@ -235,6 +245,10 @@ def validate(config: Config, where: str = "config") -> None:
         raise ConfigError(f"{where}: key 'privacy.delta' must be < 1, got {config.privacy.delta!r}")
     if config.model.task == "causal-lm" and config.simulation.partition == "dirichlet" and config.simulation.dataset != "default":
         raise ConfigError(f"{where}: key 'simulation.partition' = 'dirichlet' needs labels; use 'iid' for causal-lm")
+    if any(r <= 0 for r in config.simulation.client_ranks):
+        raise ConfigError(f"{where}: key 'simulation.client_ranks' must hold ranks > 0, got {config.simulation.client_ranks!r}")
+    if any(r != config.lora.rank for r in config.simulation.client_ranks) and config.strategy.name != "exact":
+        raise ConfigError(f"{where}: key 'simulation.client_ranks' with ranks other than lora.rank needs strategy.name = 'exact'")
     if len(set(config.data.labels)) != len(config.data.labels):
         raise ConfigError(f"{where}: key 'data.labels' has duplicate names")
 

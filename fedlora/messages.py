@@ -16,6 +16,7 @@ ROUND_KEY = "fedlora.round"
 
 TRAIN_METRICS = ("num-examples", "train-loss", "epsilon", "noise-multiplier", "steps", "seconds")
 EVALUATE_METRICS = ("num-examples", "eval-loss", "eval-accuracy", "eval-perplexity")
+QUERY_METRICS = ("lora-rank",)  # what a site declares before training (its own LoRA rank)
 
 
 def config_record(config: Config, server_round: int) -> ConfigRecord:

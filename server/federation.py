@@ -14,7 +14,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-from flwr.app import Message, MessageType, RecordDict
+from flwr.app import ArrayRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
 from fedlora.adapter_state import Adapter, adapter_of, from_record, record_nbytes, to_record, write_peft_dir
@@ -24,6 +24,7 @@ from fedlora.messages import config_record
 from server.progress import Progress
 from server.run_directory import RunDirectory
 from strategies import ClientUpdate, get_strategy, trained_part
+from strategies.lora_rank import to_rank
 from strategies.update_validation import reason_category, screen_updates
 
 log = logging.getLogger("fedlora.server")
@@ -53,15 +54,14 @@ def wait_for_nodes(grid: Grid, minimum: int, timeout: float) -> list[int]:
 
 
 def exchange(
-    grid: Grid, nodes: list[int], message_type: str, content: RecordDict, server_round: int,
+    grid: Grid, contents: dict[int, RecordDict], message_type: str, server_round: int,
     timeout: float, progress: Progress, phase: str,
 ) -> RoundReplies:
-    """Send `content` to every node and collect replies until all answered or `timeout`."""
+    """Send each node its content and collect replies until all answered or `timeout`."""
     out = RoundReplies()
-    down = record_nbytes(content["arrays"])
-    messages = [Message(content=content, dst_node_id=n, message_type=message_type, group_id=str(server_round)) for n in nodes]
+    messages = [Message(content=c, dst_node_id=n, message_type=message_type, group_id=str(server_round)) for n, c in contents.items()]
     pending = set(grid.push_messages(messages))
-    out.bytes_down = down * len(messages)
+    out.bytes_down = sum(record_nbytes(c["arrays"]) for c in contents.values() if "arrays" in c.array_records)
     deadline = time.monotonic() + timeout
     progress.phase(server_round, phase, 0, len(messages))
     while pending and time.monotonic() < deadline:
@@ -89,9 +89,44 @@ def weighted(replies: list[Message], key: str) -> float | None:
     return sum(v * n for v, n in pairs) / total if total else None
 
 
-def evaluate_round(grid: Grid, nodes: list[int], adapter: Adapter, config: Config, server_round: int, progress: Progress) -> tuple[dict[str, Any], RoundReplies]:
-    content = RecordDict({"arrays": to_record(adapter), "config": config_record(config, server_round)})
-    replies = exchange(grid, nodes, MessageType.EVALUATE, content, server_round, config.federation.round_timeout, progress, "evaluate")
+class SiteRanks:
+    """Each site's LoRA rank (declared by the site in a query, once) and the global
+    adapter re-factorized to it, so every site receives an adapter of its own rank."""
+
+    def __init__(self, config: Config):
+        self.config = config
+        self.ranks: dict[int, int] = {}
+
+    def learn(self, grid: Grid, nodes: list[int], server_round: int, progress: Progress) -> list[int]:
+        """Ask sites not yet known for their rank; returns the nodes whose rank is known."""
+        unknown = [n for n in nodes if n not in self.ranks]
+        if unknown:
+            content = RecordDict({"config": config_record(self.config, server_round)})
+            replies = exchange(grid, {n: content for n in unknown}, MessageType.QUERY, server_round,
+                               self.config.federation.round_timeout, progress, "rank query")
+            for reply in replies.ok:
+                self.ranks[reply.metadata.src_node_id] = int(reply.content["metrics"]["lora-rank"])
+            declared = sorted(set(self.ranks.values()))
+            if declared != [self.config.lora.rank] and self.config.strategy.name != "exact":
+                raise FederationError(f"sites declare LoRA ranks {declared}; heterogeneous ranks need strategy.name = 'exact'")
+        return [n for n in nodes if n in self.ranks]
+
+    def adapters(self, global_adapter: Adapter, nodes: list[int]) -> dict[int, Adapter]:
+        by_rank = {r: to_rank(global_adapter, r, self.config.run.seed) for r in {self.ranks[n] for n in nodes}}
+        return {n: by_rank[self.ranks[n]] for n in nodes}
+
+
+def contents_for(adapters: dict[int, Adapter], config: Config, server_round: int) -> dict[int, RecordDict]:
+    records: dict[int, ArrayRecord] = {}  # one record per distinct adapter object
+    return {
+        n: RecordDict({"arrays": records.setdefault(id(a), to_record(a)), "config": config_record(config, server_round)})
+        for n, a in adapters.items()
+    }
+
+
+def evaluate_round(grid: Grid, adapters: dict[int, Adapter], config: Config, server_round: int, progress: Progress) -> tuple[dict[str, Any], RoundReplies]:
+    replies = exchange(grid, contents_for(adapters, config, server_round), MessageType.EVALUATE, server_round,
+                       config.federation.round_timeout, progress, "evaluate")
     row: dict[str, Any] = {"eval_loss": weighted(replies.ok, "eval-loss")}
     if config.model.task == "classification":
         row["eval_accuracy"] = weighted(replies.ok, "eval-accuracy")
@@ -119,10 +154,12 @@ def run_federation(grid: Grid, config: Config) -> tuple[RunDirectory, list[dict[
 
     nodes = wait_for_nodes(grid, config.federation.min_clients, config.federation.round_timeout)
     progress.note(f"{len(nodes)} sites connected")
+    site_ranks = SiteRanks(config)
 
     # Round 0: the initial adapter, evaluated before any training.
     start = time.monotonic()
-    eval_row, eval_replies = evaluate_round(grid, nodes, global_adapter, config, 0, progress)
+    nodes = site_ranks.learn(grid, nodes, 0, progress)
+    eval_row, eval_replies = evaluate_round(grid, site_ranks.adapters(global_adapter, nodes), config, 0, progress)
     rows = [{
         "round": 0, "clients_ok": 0, "clients_failed": 0, "failures": {}, "updates_rejected": 0,
         "train_loss": None, **eval_row, "epsilon_max": 0.0, "noise_multiplier": None,
@@ -135,12 +172,13 @@ def run_federation(grid: Grid, config: Config) -> tuple[RunDirectory, list[dict[
 
     for server_round in range(1, config.federation.rounds + 1):
         start = time.monotonic()
-        nodes = sorted(grid.get_node_ids())
-        content = RecordDict({"arrays": to_record(global_adapter), "config": config_record(config, server_round)})
-        replies = exchange(grid, nodes, MessageType.TRAIN, content, server_round, config.federation.round_timeout, progress, "train")
+        nodes = site_ranks.learn(grid, sorted(grid.get_node_ids()), server_round, progress)
+        sent = site_ranks.adapters(global_adapter, nodes)
+        replies = exchange(grid, contents_for(sent, config, server_round), MessageType.TRAIN, server_round,
+                           config.federation.round_timeout, progress, "train")
 
         # Sites send back the tensors they train (all, or all but the frozen factors).
-        expected = trained_part(global_adapter, strategy.frozen_factors)
+        expected = {n: trained_part(a, strategy.frozen_factors) for n, a in sent.items()}
         received = [
             ClientUpdate(reply.metadata.src_node_id, from_record(reply.content["arrays"]), int(reply.content["metrics"]["num-examples"]))
             for reply in replies.ok
@@ -157,7 +195,7 @@ def run_federation(grid: Grid, config: Config) -> tuple[RunDirectory, list[dict[
         global_adapter = strategy.aggregate(global_adapter, updates)
         epsilon_max = max([epsilon_max] + [float(m.content["metrics"]["epsilon"]) for m in replies.ok])
 
-        eval_row, eval_replies = evaluate_round(grid, nodes, global_adapter, config, server_round, progress)
+        eval_row, eval_replies = evaluate_round(grid, site_ranks.adapters(global_adapter, nodes), config, server_round, progress)
         row = {
             "round": server_round,
             "clients_ok": len(updates),

@@ -8,6 +8,7 @@ category (``wrong keys``, ``wrong shape``, ``non-finite``, ``num-examples``,
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 
 import torch
 
@@ -46,9 +47,11 @@ def median(values: list[float]) -> float:
 
 
 def screen_updates(
-    updates: list[ClientUpdate], global_adapter: Adapter, section: StrategySection
+    updates: list[ClientUpdate], sent: Mapping[int, Adapter], section: StrategySection
 ) -> tuple[list[ClientUpdate], list[tuple[int, str]]]:
-    """(accepted updates, [(node_id, reason)] for the rejected), in input order. In turn:
+    """(accepted updates, [(node_id, reason)] for the rejected), in input order.
+    `sent[node_id]` is what that site was sent, restricted to the tensors it trains
+    (sites of different LoRA ranks are sent different shapes). In turn:
     `update_problem`; num_examples > 0; the update norm <= `max_update_norm` (if > 0);
     and the norm <= `outlier_factor` x the median norm of the updates that passed the
     earlier checks (if the factor > 0 and that median > 0; with one or two updates
@@ -56,6 +59,7 @@ def screen_updates(
     rejected: dict[int, str] = {}  # index in `updates` -> reason
     norms: dict[int, float] = {}
     for i, update in enumerate(updates):
+        global_adapter = sent[update.node_id]
         problem = update_problem(update.adapter, global_adapter)
         if problem is None and update.num_examples <= 0:
             problem = f"num-examples: {update.num_examples} <= 0"

@@ -99,3 +99,38 @@ def test_per_example_gradient_norms_match_a_per_example_loop(tiny_models):
             sequence_losses(forward_logits(gsm, batch), batch["labels"], task).mean().backward()
             per_example = torch.sqrt(sum((p.grad_sample.double().reshape(len(examples), -1) ** 2).sum(dim=1) for p in params))
         assert torch.allclose(per_example, torch.stack(loop_norms), rtol=1e-4), (kind, per_example, loop_norms)
+
+
+def test_fedprox_term_is_added_after_dp_clipping_and_noise(tiny_models):
+    """Plain SGD, no noise, q = 1 (deterministic). Two steps with lr*mu = 1 must give
+    w2 = w1 - lr*g(w1) - (w1 - w0) = w0 - lr*g(w1), where lr*g(w1) is measured
+    independently by one mu = 0 step from w1. A proximal term fed through Opacus's
+    per-sample hooks would be dropped or clipped and fail this."""
+    from fedlora.adapter_state import put_adapter
+
+    config = causal_config(tiny_models["llama"])
+    config.train.optimizer, config.train.lr = "sgd", 0.5
+    cached = cached_model(config, [])
+    examples = encode(ROWS * 4, cached.tokenizer, config, [], "rows")
+    torch.manual_seed(3)
+    for name, p in cached.model.named_parameters():
+        if p.requires_grad:
+            p.data.normal_(0, 0.1)
+    pad = cached.tokenizer.pad_token_id
+    w0 = adapter_of(cached.model)
+
+    def run(start, steps: int, mu: float):
+        put_adapter(cached.model, start)
+        config.train.prox_mu = mu
+        train_locally(cached.model, examples, config, DPPlan(0.0, 1.0, steps), pad, seed=0)
+        return adapter_of(cached.model)
+
+    try:
+        w1 = run(w0, 1, 0.0)  # at the anchor the proximal gradient is zero
+        step_at_w1 = {k: w1[k] - v for k, v in run(w1, 1, 0.0).items()}  # = lr * g(w1)
+        w2 = run(w0, 2, 1.0 / config.train.lr)
+    finally:
+        config.train.prox_mu = 0.0
+    for k in w0:
+        assert torch.allclose(w2[k], w0[k] - step_at_w1[k], atol=1e-5), k
+    assert any(not torch.allclose(w2[k], w1[k] - step_at_w1[k], atol=1e-5) for k in w0), "mu must matter"

@@ -191,7 +191,7 @@ def screening_round() -> tuple[dict[str, torch.Tensor], list[ClientUpdate]]:
 
 def test_screen_updates_rejects_bad_updates_by_category():
     g, updates = screening_round()
-    accepted, rejected = screen_updates(updates, g, StrategySection(max_update_norm=100.0, outlier_factor=10.0))
+    accepted, rejected = screen_updates(updates, {u.node_id: g for u in updates}, StrategySection(max_update_norm=100.0, outlier_factor=10.0))
     assert [u.node_id for u in accepted] == [0, 1, 2, 3, 4]
     assert {node: reason_category(reason) for node, reason in rejected} == {
         10: "non-finite", 11: "wrong shape", 12: "wrong keys", 13: "norm", 14: "outlier", 15: "num-examples",
@@ -201,10 +201,10 @@ def test_screen_updates_rejects_bad_updates_by_category():
 
 def test_screen_updates_outlier_rule_alone_and_both_off():
     g, updates = screening_round()
-    accepted, rejected = screen_updates(updates, g, StrategySection(max_update_norm=0.0, outlier_factor=10.0))
+    accepted, rejected = screen_updates(updates, {u.node_id: g for u in updates}, StrategySection(max_update_norm=0.0, outlier_factor=10.0))
     assert [u.node_id for u in accepted] == [0, 1, 2, 3, 4]
     assert reason_category(dict(rejected)[13]) == "outlier" and reason_category(dict(rejected)[14]) == "outlier"
-    accepted, rejected = screen_updates(updates, g, StrategySection(max_update_norm=0.0, outlier_factor=0.0))
+    accepted, rejected = screen_updates(updates, {u.node_id: g for u in updates}, StrategySection(max_update_norm=0.0, outlier_factor=0.0))
     assert [u.node_id for u in accepted] == [0, 1, 2, 13, 14, 3, 4]
     assert {reason_category(r) for _, r in rejected} == {"non-finite", "wrong shape", "wrong keys", "num-examples"}
 
