@@ -89,7 +89,9 @@ class StrategySection:
     # fedavg, fedavgm, fedadam, fedyogi (server optimizers on the pseudo-gradient),
     # median, trimmed-mean (robust coordinate-wise aggregates); see strategies/.
     name: str = "fedavg"
-    server_lr: float = 1.0  # server optimizers' step size on the pseudo-gradient
+    # Server optimizers' step size on the pseudo-gradient; 0 = the strategy's own default
+    # (fedavgm 1.0; fedadam/fedyogi 0.01, whose steps are about server_lr per coordinate).
+    server_lr: float = 0.0
     momentum: float = 0.9  # fedavgm
     beta1: float = 0.9  # fedadam / fedyogi (Reddi et al. 2021, "Adaptive Federated Optimization")
     beta2: float = 0.99
@@ -146,7 +148,7 @@ POSITIVE: tuple[str, ...] = (
     "train.lr", "privacy.target_epsilon", "privacy.delta", "privacy.max_grad_norm",
     "federation.rounds", "federation.min_clients", "federation.round_timeout",
     "simulation.dataset_size", "simulation.clients", "simulation.alpha",
-    "simulation.cpus_per_client", "strategy.server_lr", "strategy.tau",
+    "simulation.cpus_per_client", "strategy.tau",
 )
 
 # [0, 1): exponential decay rates.
@@ -226,6 +228,8 @@ def validate(config: Config, where: str = "config") -> None:
         raise ConfigError(f"{where}: key 'data.validation_fraction' must be between 0 and 1, got {config.data.validation_fraction!r}")
     if not config.train.prox_mu >= 0:
         raise ConfigError(f"{where}: key 'train.prox_mu' must be >= 0, got {config.train.prox_mu!r}")
+    if not config.strategy.server_lr >= 0:
+        raise ConfigError(f"{where}: key 'strategy.server_lr' must be >= 0 (0 = the strategy's default), got {config.strategy.server_lr!r}")
     if not 0 <= config.lora.dropout < 1:
         raise ConfigError(f"{where}: key 'lora.dropout' must be in [0, 1), got {config.lora.dropout!r}")
     for key in UNIT_INTERVAL:

@@ -16,6 +16,7 @@ from strategies.server_optimizer import ServerOptimizer
 class FedAdam(ServerOptimizer):
     name = "fedadam"
     buffers = ("m", "v")
+    default_server_lr = 0.01
 
     def initial(self, buffer: str) -> float:
         return self.section.tau**2 if buffer == "v" else 0.0

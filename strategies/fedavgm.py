@@ -15,6 +15,7 @@ from strategies.server_optimizer import ServerOptimizer
 class FedAvgM(ServerOptimizer):
     name = "fedavgm"
     buffers = ("v",)
+    default_server_lr = 1.0
 
     def direction(self, delta: Adapter) -> Adapter:
         v = self.moments["v"]

@@ -28,6 +28,7 @@ from strategies.fedavg import weighted_mean64
 class ServerOptimizer(StrategyDefaults):
     name: str
     buffers: tuple[str, ...]  # moment buffer names, e.g. ("m", "v")
+    default_server_lr: float  # used when strategy.server_lr is 0
 
     def __init__(self, section: StrategySection):
         self.section = section
@@ -52,7 +53,8 @@ class ServerOptimizer(StrategyDefaults):
                     values[key] = torch.full_like(d, self.initial(buffer))
         step = self.direction(delta)
         self.step += 1
-        return {key: (current[key] + self.section.server_lr * step[key]).to(torch.float32) for key in mean}
+        lr = self.section.server_lr or self.default_server_lr
+        return {key: (current[key] + lr * step[key]).to(torch.float32) for key in mean}
 
     def state(self) -> dict[str, torch.Tensor]:
         out = {"step": torch.tensor(self.step, dtype=torch.int64)}

@@ -218,7 +218,7 @@ def test_unknown_strategy_lists_every_known_name():
 @pytest.mark.parametrize("key, value", [
     ("strategy.trim_fraction", 0.5), ("strategy.trim_fraction", -0.1),
     ("strategy.beta1", 1.0), ("strategy.beta2", -0.1), ("strategy.momentum", 1.0),
-    ("strategy.tau", 0.0), ("strategy.server_lr", 0.0), ("strategy.server_lr", float("inf")),
+    ("strategy.tau", 0.0), ("strategy.server_lr", -1.0), ("strategy.server_lr", float("inf")),
     ("strategy.max_update_norm", -1.0), ("strategy.outlier_factor", -1.0), ("strategy.outlier_factor", 0.5),
     ("strategy.beta1", float("nan")),
 ])
@@ -232,3 +232,13 @@ def test_strategy_boundary_values_are_accepted():
     config = load_config(None, {"strategy.name": "trimmed-mean", "strategy.trim_fraction": 0, "strategy.momentum": 0,
                                 "strategy.max_update_norm": 0, "strategy.outlier_factor": 0})
     assert config.strategy.trim_fraction == 0.0 and isinstance(config.strategy.trim_fraction, float)
+
+
+def test_server_lr_zero_means_the_strategys_own_default():
+    g = {"w": torch.zeros(3)}
+    ups = [ClientUpdate(0, {"w": torch.tensor([1.0, -2.0, 0.5])}, 1)]
+    assert torch.allclose(get_strategy(StrategySection(name="fedavgm", momentum=0.0)).aggregate(g, ups)["w"], ups[0].adapter["w"])
+    adam = get_strategy(StrategySection(name="fedadam"))
+    step = adam.aggregate(g, ups)["w"]
+    # First fedadam step: m = (1-b1)d, v = b2*tau^2 + (1-b2)d^2, x = 0.01 * m / (sqrt(v) + tau): |x| < 0.01.
+    assert torch.all(step.abs() < 0.01) and torch.all(step.sign() == ups[0].adapter["w"].sign())
