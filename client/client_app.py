@@ -1,8 +1,9 @@
 """The ClientApp: what a site does with each message from the coordinator.
 
 Settings come from the message (the coordinator's resolved run config) and from
-`context.node_config` (the site's own: `data-path`, `model-path`), which wins
-where the site decides (its data, its copy of the base model).
+`context.node_config` (the site's own: `data-path`, `model-path`, `lora-rank`),
+which wins where the site decides (its data, its copy of the base model, its rank).
+Handlers: `query` (the site's LoRA rank), `train`, `evaluate`.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import logging
 import time
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from client.local_training import DPPlan, evaluate_locally, frozen, train_locally
