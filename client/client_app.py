@@ -20,7 +20,7 @@ from client.site_data import load_site_data
 from fedlora.adapter_state import adapter_of, from_record, put_adapter, to_record
 from fedlora.config import Config
 from fedlora.messages import EVALUATE_METRICS, QUERY_METRICS, TRAIN_METRICS, metric_record, read_config_record
-from privacy.accounting import calibrate_noise_cached, epsilon_of, sample_rate
+from privacy.accounting import calibrate_noise, epsilon_of, sample_rate
 from strategies import get_strategy, trained_part
 
 app = ClientApp()
@@ -80,7 +80,7 @@ def train(msg: Message, context: Context) -> Message:
     plan, history = None, privacy_history(context)
     if config.privacy.enabled:
         rate = sample_rate(config.train.batch_size, len(site.train))
-        sigma = calibrate_noise_cached(
+        sigma = calibrate_noise(
             config.privacy.target_epsilon, config.privacy.delta, rate,
             config.federation.rounds * config.train.local_steps, config.privacy.accountant,
         )

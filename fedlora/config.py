@@ -283,11 +283,6 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{path}: invalid TOML: {exc}") from None
     if overrides:
-        types = _section_types()
-        for key in overrides:
-            section, _, name = key.partition(".")
-            if section not in types or name not in types[section]:
-                raise ConfigError(f"--set: unknown key '{key}'")
         flat.update(overrides)
         where = f"{where} with --set" if path else "--set"
     return from_flat(flat, where)

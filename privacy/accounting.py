@@ -37,6 +37,7 @@ def sample_rate(batch_size: int, num_examples: int) -> float:
     return min(1.0, batch_size / max(1, num_examples))
 
 
+@lru_cache(maxsize=256)  # the search takes about a second; sites repeat it every round
 def calibrate_noise(target_epsilon: float, delta: float, rate: float, total_steps: int, accountant: str = "prv") -> float:
     """The noise multiplier that spends exactly `target_epsilon` over `total_steps` steps."""
     return float(
@@ -50,8 +51,3 @@ def calibrate_noise(target_epsilon: float, delta: float, rate: float, total_step
         )
     )
 
-
-@lru_cache(maxsize=256)
-def calibrate_noise_cached(target_epsilon: float, delta: float, rate: float, total_steps: int, accountant: str = "prv") -> float:
-    """`calibrate_noise`, memoised per process (the search takes about a second)."""
-    return calibrate_noise(target_epsilon, delta, rate, total_steps, accountant)
