@@ -75,6 +75,19 @@ class PrivacySection:
     delta: float = 1e-5
     max_grad_norm: float = 1.0
     accountant: str = "prv"  # or "rdp"
+    # Limit on each virtual site's cumulative epsilon (simulation); 0 = none. A deployed
+    # site sets its own limit with the node config key `max-epsilon`, which wins.
+    site_max_epsilon: float = 0.0
+    # The privacy unit: "example" (one sequence) or "user" (all records of one user or
+    # patient, identified by `user_column`; users are sampled and clipped as a whole).
+    unit: str = "example"
+    user_column: str = "user_id"
+    user_max_records: int = 16  # records of a sampled user used in one step (a random subset)
+    # Central DP at the coordinator: clip each site's update to central_clip_norm and add
+    # Gaussian noise (std central_noise_multiplier * central_clip_norm / sites) to the mean.
+    central: bool = False
+    central_noise_multiplier: float = 1.0
+    central_clip_norm: float = 1.0
 
 
 @dataclass
@@ -140,12 +153,14 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.task": ("classification", "causal-lm"),
     "train.optimizer": ("adamw", "sgd"),
     "privacy.accountant": ("prv", "rdp"),
+    "privacy.unit": ("example", "user"),
     "simulation.partition": ("iid", "dirichlet"),
 }
 
 POSITIVE: tuple[str, ...] = (
     "model.max_length", "lora.rank", "lora.alpha", "train.local_steps", "train.batch_size",
     "train.lr", "privacy.target_epsilon", "privacy.delta", "privacy.max_grad_norm",
+    "privacy.user_max_records", "privacy.central_noise_multiplier", "privacy.central_clip_norm",
     "federation.rounds", "federation.min_clients", "federation.round_timeout",
     "simulation.dataset_size", "simulation.clients", "simulation.alpha",
     "simulation.cpus_per_client", "strategy.tau",
@@ -247,6 +262,11 @@ def validate(config: Config, where: str = "config") -> None:
         raise ConfigError(f"{where}: key 'strategy.outlier_factor' must be 0 (off) or >= 1, got {config.strategy.outlier_factor!r}")
     if not config.privacy.delta < 1:
         raise ConfigError(f"{where}: key 'privacy.delta' must be < 1, got {config.privacy.delta!r}")
+    if not config.privacy.site_max_epsilon >= 0:
+        raise ConfigError(f"{where}: key 'privacy.site_max_epsilon' must be >= 0 (0 = no limit), got {config.privacy.site_max_epsilon!r}")
+    if config.privacy.central and config.strategy.name not in ("fedavg", "ffa"):
+        # The noise is calibrated to the unweighted mean of clipped updates.
+        raise ConfigError(f"{where}: key 'privacy.central' needs strategy.name = 'fedavg' or 'ffa', got {config.strategy.name!r}")
     if config.model.task == "causal-lm" and config.simulation.partition == "dirichlet" and config.simulation.dataset != "default":
         raise ConfigError(f"{where}: key 'simulation.partition' = 'dirichlet' needs labels; use 'iid' for causal-lm")
     if any(r <= 0 for r in config.simulation.client_ranks):
