@@ -1,8 +1,10 @@
 """The ClientApp: what a site does with each message from the coordinator.
 
 Settings come from the message (the coordinator's resolved run config) and from
-`context.node_config` (the site's own: `data-path`, `model-path`, `lora-rank`),
-which wins where the site decides (its data, its copy of the base model, its rank).
+`context.node_config` (the site's own: `data-path`, `model-path`, `state-dir`,
+`max-epsilon`, `lora-rank`), which wins where the site decides: its data, its copy
+of the base model, its privacy ledger and limit, its rank. Under DP a round the
+site's budget cannot afford is declined, recorded in its ledger, and not trained.
 Handlers: `query` (the site's LoRA rank), `train`, `evaluate`.
 """
 
@@ -11,23 +13,24 @@ from __future__ import annotations
 import logging
 import time
 
-from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.app import Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
-from client.local_training import DPPlan, evaluate_locally, frozen, train_locally
+from client.local_training import evaluate_locally, frozen, train_locally
 from client.model_cache import cached_model
 from client.site_data import load_site_data
+from client.site_privacy import calibrated_plan, site_limit, site_state_dir
 from fedlora.adapter_state import adapter_of, from_record, put_adapter, to_record
 from fedlora.config import Config
-from fedlora.messages import EVALUATE_METRICS, QUERY_METRICS, TRAIN_METRICS, metric_record, read_config_record
-from privacy.accounting import calibrate_noise, epsilon_of, sample_rate
+from fedlora.messages import (
+    DECLINED_METRICS, EVALUATE_METRICS, QUERY_METRICS, TRAIN_METRICS, metric_record, read_config_record,
+)
+from privacy.budget_guard import BudgetDecision, check_budget
+from privacy.site_ledger import Declined, Mechanism, open_ledger
 from strategies import get_strategy, trained_part
 
 app = ClientApp()
 log = logging.getLogger("fedlora.client")
-
-HISTORY_KEY = "privacy-history"  # this site's DP mechanisms so far, in context.state
-
 
 def site_rank(config: Config, node_config: dict) -> int:
     """This site's LoRA rank: node config `lora-rank`, else its entry in
@@ -51,19 +54,6 @@ def site_config(msg: Message, context: Context) -> tuple[Config, int]:
     return config, server_round
 
 
-def privacy_history(context: Context) -> list[tuple[float, float, int]]:
-    if HISTORY_KEY not in context.state.config_records:
-        return []
-    rec = context.state.config_records[HISTORY_KEY]
-    return list(zip(rec["noise"], rec["rate"], rec["steps"]))
-
-
-def save_privacy_history(context: Context, history: list[tuple[float, float, int]]) -> None:
-    context.state.config_records[HISTORY_KEY] = ConfigRecord(
-        {"noise": [h[0] for h in history], "rate": [h[1] for h in history], "steps": [h[2] for h in history]}
-    )
-
-
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     start = time.perf_counter()
@@ -76,44 +66,58 @@ def train(msg: Message, context: Context) -> Message:
     # Data: this site's train split.
     site = load_site_data(config, config.data.labels, context.node_config, cached.tokenizer)
 
-    # Privacy: noise calibrated so training in every planned round ends at the target.
-    plan, history = None, privacy_history(context)
-    if config.privacy.enabled:
-        rate = sample_rate(config.train.batch_size, len(site.train))
-        sigma = calibrate_noise(
-            config.privacy.target_epsilon, config.privacy.delta, rate,
-            config.federation.rounds * config.train.local_steps, config.privacy.accountant,
-        )
-        plan = DPPlan(noise_multiplier=sigma, sample_rate=rate, steps=config.train.local_steps)
-
     # Train (with the factors the strategy keeps frozen, e.g. LoRA A under ffa).
     frozen_factors = get_strategy(config.strategy).frozen_factors
     seed = config.run.seed * 1_000_003 + server_round * 7919 + context.node_id % 1_000_003
-    with frozen(cached.model, frozen_factors):
-        result = train_locally(cached.model, site.train, config, plan, cached.tokenizer.pad_token_id, seed)
-
-    epsilon = 0.0
-    if plan is not None:
-        history.append((plan.noise_multiplier, plan.sample_rate, plan.steps))
-        save_privacy_history(context, history)
-        epsilon = epsilon_of(history, config.privacy.delta, config.privacy.accountant)
-    log.info("round %d: %s, %d examples, loss %.4f, epsilon %.3f", server_round, site.source, len(site.train), result.loss, epsilon)
+    if not config.privacy.enabled:
+        with frozen(cached.model, frozen_factors):
+            result = train_locally(cached.model, site.train, config, None, cached.tokenizer.pad_token_id, seed)
+        privacy = {"epsilon": 0.0, "noise-multiplier": 0.0}
+    else:
+        # Privacy: noise calibrated from this site's data; its own ledger and limit decide.
+        plan = calibrated_plan(config, site.train)
+        mechanism = (plan.noise_multiplier, plan.sample_rate, plan.steps)
+        run, delta, accountant = config.run.output_dir, config.privacy.delta, config.privacy.accountant
+        limit = site_limit(config, context.node_config)
+        with open_ledger(site_state_dir(config, context.node_config)) as ledger:
+            decision = check_budget(ledger, [mechanism], delta, accountant, limit)
+            if not decision.allowed:
+                ledger.record(run, accountant, delta, Declined(server_round, decision.epsilon_spent, decision.epsilon_after, limit), limit)
+                log.warning("round %d: declined, epsilon would reach %.3f > the site's limit %.3f (spent %.3f)",
+                            server_round, decision.epsilon_after, limit, decision.epsilon_spent)
+                return declined_reply(msg, decision)
+            with frozen(cached.model, frozen_factors):
+                result = train_locally(cached.model, site.train, config, plan, cached.tokenizer.pad_token_id, seed)
+            # Recorded before the reply exists: nothing leaves the site unaccounted.
+            ledger.record(run, accountant, delta, Mechanism(server_round, *mechanism, unit=plan.unit), limit)
+            epsilon = ledger.epsilon(delta, accountant)
+            remaining = [mechanism] * max(0, config.federation.rounds - server_round)
+            planned = ledger.epsilon(delta, accountant, extra=remaining)
+        privacy = {"epsilon": epsilon, "planned-epsilon": planned, "noise-multiplier": plan.noise_multiplier}
+        log.info("round %d: noise multiplier %.4f (q %.4f per %s, %d steps), epsilon %.3f, expected %.3f after round %d, limit %s",
+                 server_round, plan.noise_multiplier, plan.sample_rate, plan.unit, plan.steps, epsilon, planned,
+                 config.federation.rounds, f"{limit:.3f}" if limit != float("inf") else "none")
+    log.info("round %d: %s, %d examples, loss %.4f", server_round, site.source, len(site.train), result.loss)
 
     # Reply: the trained adapter tensors and whitelisted scalars only.
     metrics = metric_record(
-        {
-            "num-examples": len(site.train),
-            "train-loss": result.loss,
-            "epsilon": epsilon,
-            "noise-multiplier": plan.noise_multiplier if plan else 0.0,
-            "steps": result.steps,
-            "seconds": time.perf_counter() - start,
-        },
+        {"num-examples": len(site.train), "train-loss": result.loss, **privacy, "steps": result.steps,
+         "seconds": time.perf_counter() - start},
         TRAIN_METRICS,
     )
     trained = trained_part(adapter_of(cached.model), frozen_factors)
     content = RecordDict({"arrays": to_record(trained), "metrics": metrics})
     return Message(content=content, reply_to=msg)
+
+
+def declined_reply(msg: Message, decision: BudgetDecision) -> Message:
+    """A refusal, not an error: no tensors, and why (the coordinator counts it as declined)."""
+    metrics = metric_record(
+        {"declined": 1, "epsilon": decision.epsilon_spent, "epsilon-would-be": decision.epsilon_after,
+         "epsilon-limit": decision.limit},
+        DECLINED_METRICS,
+    )
+    return Message(content=RecordDict({"metrics": metrics}), reply_to=msg)
 
 
 @app.evaluate()

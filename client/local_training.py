@@ -3,6 +3,8 @@
 Under DP the privacy unit is one sequence: each example's loss is a per-sequence
 mean (never HF's batch-wide token mean, which couples examples), batches are
 Poisson-sampled with rate q = B/N, and Opacus clips and noises (privacy/dp_sgd.py).
+With `privacy.unit = "user"` the unit is a user: users are sampled with q = B/U and
+each sampled user's records are clipped together (privacy/user_level.py).
 """
 
 from __future__ import annotations
@@ -20,13 +22,43 @@ import torch.nn.functional as F
 from fedlora.config import Config
 from fedlora.text_data import IGNORE_INDEX, Example, collate
 from privacy.dp_sgd import mark_empty_batch, private_optimizer
+from privacy.user_level import merge_rows_by_unit, unit_weights
 
 
 @dataclass
 class DPPlan:
     noise_multiplier: float
-    sample_rate: float
+    sample_rate: float  # per privacy unit (example or user)
     steps: int
+    unit: str = "example"
+
+
+def privacy_units(examples: list[Example]) -> list[list[int]]:
+    """The example indices of each privacy unit: one per example, or one per user."""
+    if not examples or examples[0].unit is None:
+        return [[i] for i in range(len(examples))]
+    by_user: dict[str, list[int]] = {}
+    for i, example in enumerate(examples):
+        by_user.setdefault(example.unit, []).append(i)
+    return list(by_user.values())
+
+
+def poisson_batch(
+    units: list[list[int]], rate: float, max_records: int, rng: torch.Generator
+) -> tuple[list[int], list[int]]:
+    """One Poisson-sampled batch: each unit joins independently with probability `rate`
+    (a user with at most `max_records` of its records, drawn at random). Returns the
+    example indices and, for each, the number of its unit within the batch."""
+    chosen = (torch.rand(len(units), generator=rng) < rate).nonzero().flatten().tolist()
+    rows: list[int] = []
+    unit_of_row: list[int] = []
+    for k, u in enumerate(chosen):
+        records = units[u]
+        if len(records) > max_records:
+            records = [records[j] for j in torch.randperm(len(records), generator=rng)[:max_records].tolist()]
+        rows += records
+        unit_of_row += [k] * len(records)
+    return rows, unit_of_row
 
 
 @dataclass
@@ -114,22 +146,27 @@ def train_locally(
         return TrainResult(sum(losses) / len(losses), config.train.local_steps, time.perf_counter() - start)
 
     rng = secret_generator()
-    expected_batch = max(1, round(plan.sample_rate * n))
+    units = privacy_units(examples)
+    expected_batch = max(1, round(plan.sample_rate * len(units)))
     with private_optimizer(
         model, optimizer, plan.noise_multiplier, config.privacy.max_grad_norm, expected_batch, generator=rng
     ) as (dp_model, dp_optimizer):
         # Opacus calls step_hook after clipping, noising and scaling, before the step.
         dp_optimizer.step_hook = lambda _: add_proximal_gradient()
         for _ in range(plan.steps):
-            # Poisson sampling: each example joins the batch independently with prob q.
-            idx = (torch.rand(n, generator=rng) < plan.sample_rate).nonzero().flatten().tolist()
-            if not idx:
+            rows, unit_of_row = poisson_batch(units, plan.sample_rate, config.privacy.user_max_records, rng)
+            if not rows:
                 mark_empty_batch(dp_optimizer)  # still a noised, accounted step
             else:
-                batch = collate([examples[i] for i in idx], pad_id)
-                loss = sequence_losses(forward_logits(dp_model, batch), batch["labels"], task).mean()
-                loss.backward()
-                losses.append(loss.item())
+                batch = collate([examples[i] for i in rows], pad_id)
+                per_example = sequence_losses(forward_logits(dp_model, batch), batch["labels"], task)
+                unit_index = torch.tensor(unit_of_row)
+                num_units = unit_of_row[-1] + 1
+                # Each unit's rows weigh 1/n_u, so its per-row gradients sum to its mean gradient.
+                (per_example * unit_weights(unit_index, num_units)).mean().backward()
+                if num_units < len(rows):
+                    merge_rows_by_unit(dp_optimizer.params, unit_index, num_units)
+                losses.append(per_example.mean().item())
             dp_optimizer.step()
             dp_optimizer.zero_grad(set_to_none=True)
     mean_loss = sum(losses) / len(losses) if losses else float("nan")

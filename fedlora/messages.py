@@ -14,7 +14,9 @@ from fedlora.config import Config, from_flat
 
 ROUND_KEY = "fedlora.round"
 
-TRAIN_METRICS = ("num-examples", "train-loss", "epsilon", "noise-multiplier", "steps", "seconds")
+TRAIN_METRICS = ("num-examples", "train-loss", "epsilon", "planned-epsilon", "noise-multiplier", "steps", "seconds")
+# A site whose budget guard refused the round replies with these (and no arrays).
+DECLINED_METRICS = ("declined", "epsilon", "epsilon-would-be", "epsilon-limit")
 EVALUATE_METRICS = ("num-examples", "eval-loss", "eval-accuracy", "eval-perplexity")
 QUERY_METRICS = ("lora-rank",)  # what a site declares before training (its own LoRA rank)
 

@@ -55,11 +55,13 @@ def read_rows(path: str | Path) -> list[dict[str, str]]:
 
 def required_columns(config: Config, rows: list[dict]) -> list[str]:
     data = config.data
+    # User-level DP needs to know whose record each row is.
+    user = [config.privacy.user_column] if config.privacy.enabled and config.privacy.unit == "user" else []
     if config.model.task == "classification":
-        return [data.text_column, data.label_column]
+        return [data.text_column, data.label_column, *user]
     if data.text_column in rows[0]:
-        return [data.text_column]
-    return [data.prompt_column, data.response_column]
+        return [data.text_column, *user]
+    return [data.prompt_column, data.response_column, *user]
 
 
 def check_columns(rows: list[dict], config: Config, source: str) -> None:
@@ -86,13 +88,23 @@ def split_train_validation(rows: list, fraction: float, seed: int) -> tuple[list
 
 @dataclass
 class Example:
-    """One tokenized sequence; `labels` is a class id or per-token targets."""
+    """One tokenized sequence; `labels` is a class id or per-token targets; `unit` is
+    the user it belongs to under user-level DP (None: the example is its own unit)."""
 
     input_ids: list[int]
     labels: int | list[int]
+    unit: str | None = None
 
 
 def encode(rows: list[dict], tokenizer, config: Config, labels: list[str], source: str) -> list[Example]:
+    examples = _encode(rows, tokenizer, config, labels, source)
+    if config.privacy.enabled and config.privacy.unit == "user":
+        for example, row in zip(examples, rows):
+            example.unit = str(row[config.privacy.user_column])
+    return examples
+
+
+def _encode(rows: list[dict], tokenizer, config: Config, labels: list[str], source: str) -> list[Example]:
     data, max_len = config.data, config.model.max_length
     if config.model.task == "classification":
         label_id = {name: i for i, name in enumerate(labels)}

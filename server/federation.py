@@ -25,6 +25,8 @@ from server.progress import Progress
 from server.run_directory import RunDirectory
 from strategies import ClientUpdate, get_strategy, trained_part
 from strategies.lora_rank import to_rank
+from privacy.accounting import epsilon_of
+from privacy.central_dp import add_noise, clip_update
 from strategies.update_validation import reason_category, screen_updates
 
 log = logging.getLogger("fedlora.server")
@@ -87,6 +89,22 @@ def weighted(replies: list[Message], key: str) -> float | None:
     pairs = [(m.content["metrics"][key], m.content["metrics"]["num-examples"]) for m in replies if key in m.content["metrics"]]
     total = sum(n for _, n in pairs)
     return sum(v * n for v, n in pairs) / total if total else None
+
+
+def site_privacy(replies: list[Message]) -> list[dict[str, Any]]:
+    """Each site's privacy figures this round, as it reported them."""
+    out = []
+    for m in replies:
+        metrics = m.content["metrics"]
+        out.append({
+            "node": m.metadata.src_node_id,
+            "declined": "declined" in metrics,
+            "epsilon": float(metrics["epsilon"]),
+            "planned_epsilon": float(metrics["planned-epsilon"]) if "planned-epsilon" in metrics else None,
+            "noise_multiplier": float(metrics["noise-multiplier"]) if "noise-multiplier" in metrics else None,
+            "epsilon_limit": float(metrics["epsilon-limit"]) if "epsilon-limit" in metrics else None,
+        })
+    return sorted(out, key=lambda site: site["node"])
 
 
 class SiteRanks:
@@ -161,14 +179,15 @@ def run_federation(grid: Grid, config: Config) -> tuple[RunDirectory, list[dict[
     nodes = site_ranks.learn(grid, nodes, 0, progress)
     eval_row, eval_replies = evaluate_round(grid, site_ranks.adapters(global_adapter, nodes), config, 0, progress)
     rows = [{
-        "round": 0, "clients_ok": 0, "clients_failed": 0, "failures": {}, "updates_rejected": 0,
-        "train_loss": None, **eval_row, "epsilon_max": 0.0, "noise_multiplier": None,
+        "round": 0, "clients_ok": 0, "clients_failed": 0, "clients_declined": 0, "failures": {}, "updates_rejected": 0,
+        "train_loss": None, **eval_row, "epsilon_max": 0.0, "noise_multiplier": None, "site_privacy": [],
         "bytes_up": eval_replies.bytes_up, "bytes_down": eval_replies.bytes_down,
         "seconds": time.monotonic() - start,
     }]
     run_dir.append_metrics(rows[0])
     progress.round_done(rows[0])
     epsilon_max = 0.0
+    central_history: list[tuple[float, float, int]] = []  # central DP: one Gaussian mechanism per round
 
     for server_round in range(1, config.federation.rounds + 1):
         start = time.monotonic()
@@ -177,11 +196,21 @@ def run_federation(grid: Grid, config: Config) -> tuple[RunDirectory, list[dict[
         replies = exchange(grid, contents_for(sent, config, server_round), MessageType.TRAIN, server_round,
                            config.federation.round_timeout, progress, "train")
 
+        # A site whose privacy budget cannot afford the round declines it (no tensors).
+        declined = [m for m in replies.ok if "declined" in m.content["metrics"]]
+        trained_replies = [m for m in replies.ok if "declined" not in m.content["metrics"]]
+        failures = Counter(replies.failures)
+        if declined:
+            failures["declined: privacy budget"] += len(declined)
+            for m in declined:
+                log.info("round %d: node %d declined: its epsilon would reach %.3f > its limit %.3f", server_round,
+                         m.metadata.src_node_id, m.content["metrics"]["epsilon-would-be"], m.content["metrics"]["epsilon-limit"])
+
         # Sites send back the tensors they train (all, or all but the frozen factors).
         expected = {n: trained_part(a, strategy.frozen_factors) for n, a in sent.items()}
         received = [
             ClientUpdate(reply.metadata.src_node_id, from_record(reply.content["arrays"]), int(reply.content["metrics"]["num-examples"]))
-            for reply in replies.ok
+            for reply in trained_replies
         ]
         updates, refused = screen_updates(received, expected, config.strategy)
         rejected = Counter(reason_category(reason) for _, reason in refused)
@@ -190,29 +219,44 @@ def run_federation(grid: Grid, config: Config) -> tuple[RunDirectory, list[dict[
         if len(updates) < config.federation.min_clients:
             raise FederationError(
                 f"round {server_round}: {len(updates)} usable updates, fewer than federation.min_clients = {config.federation.min_clients}"
-                f" (failures: {dict(replies.failures) or 'none'}, rejected: {dict(rejected) or 'none'})"
+                f" (failures: {dict(failures) or 'none'}, rejected: {dict(rejected) or 'none'})"
             )
+        central_row: dict[str, Any] = {}
+        if config.privacy.central:
+            # Every site weighs the same and moves the mean by at most clip_norm / n.
+            clip = config.privacy.central_clip_norm
+            updates = [ClientUpdate(u.node_id, clip_update(u.adapter, expected[u.node_id], clip), 1) for u in updates]
         global_adapter = strategy.aggregate(global_adapter, updates)
+        if config.privacy.central:
+            std = config.privacy.central_noise_multiplier * config.privacy.central_clip_norm / len(updates)
+            global_adapter = add_noise(global_adapter, sorted(updates[0].adapter), std)
+            central_history.append((config.privacy.central_noise_multiplier, len(nodes) / max(len(nodes), len(grid.get_node_ids())), 1))
+            central_row = {"central_noise_std": std,
+                           "central_epsilon": epsilon_of(central_history, config.privacy.delta, config.privacy.accountant)}
         epsilon_max = max([epsilon_max] + [float(m.content["metrics"]["epsilon"]) for m in replies.ok])
 
         eval_row, eval_replies = evaluate_round(grid, site_ranks.adapters(global_adapter, nodes), config, server_round, progress)
         row = {
             "round": server_round,
             "clients_ok": len(updates),
-            "clients_failed": sum(replies.failures.values()) + sum(rejected.values()),
-            "failures": {**dict(replies.failures), **{f"rejected: {k}": v for k, v in rejected.items()}},
+            "clients_failed": sum(failures.values()) + sum(rejected.values()),
+            "clients_declined": len(declined),
+            "failures": {**dict(failures), **{f"rejected: {k}": v for k, v in rejected.items()}},
             "updates_rejected": sum(rejected.values()),
-            "train_loss": weighted(replies.ok, "train-loss"),
+            "train_loss": weighted(trained_replies, "train-loss"),
             **eval_row,
             "epsilon_max": epsilon_max,
-            "noise_multiplier": weighted(replies.ok, "noise-multiplier") if config.privacy.enabled else None,
+            "noise_multiplier": weighted(trained_replies, "noise-multiplier") if config.privacy.enabled else None,
+            "site_privacy": site_privacy(replies.ok) if config.privacy.enabled else [],
+            **central_row,
             "bytes_up": replies.bytes_up + eval_replies.bytes_up,
             "bytes_down": replies.bytes_down + eval_replies.bytes_down,
             "seconds": time.monotonic() - start,
             **strategy.round_metrics(),
         }
         run_dir.append_metrics(row)
-        run_dir.checkpoint(server_round, global_adapter, strategy.state(), {"strategy": strategy.name, "metrics": row})
+        run_dir.checkpoint(server_round, global_adapter, strategy.state(),
+                           {"strategy": strategy.name, "metrics": row, "central_history": central_history})
         progress.round_done(row)
         rows.append(row)
 

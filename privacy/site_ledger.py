@@ -1,0 +1,172 @@
+"""A site's privacy ledger: every DP-SGD mechanism it applied, on its own disk.
+
+One JSON file, `STATE_DIR/privacy-ledger.json`, holds per federation run the
+accountant, delta and the mechanism history `(noise_multiplier, sample_rate,
+steps)` with the round and time of each entry, plus the rounds the site declined.
+Flower starts a fresh ClientApp process for every message, so the ledger, not
+memory, is the site's truth. Writes go to a temporary file that is fsync'd and
+renamed over the ledger: a crash leaves the old ledger or the new one, never half
+of one. A lock file serialises sites' processes between the budget check and the
+entry, so two trainings cannot both spend the last of a budget.
+
+The site's cumulative epsilon composes every mechanism of every run in its ledger
+with Opacus's accountant (privacy/accounting.py).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import math
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+from privacy.accounting import History, epsilon_of
+
+LEDGER_FILE = "privacy-ledger.json"
+LOCK_FILE = ".privacy-ledger.lock"
+FORMAT = 1
+
+
+class LedgerError(RuntimeError):
+    """The ledger cannot be read or written; the site must not train without it."""
+
+
+def utc_now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+@dataclass
+class Mechanism:
+    """One round of local DP-SGD: `steps` Poisson-sampled Gaussian steps."""
+
+    round: int
+    noise_multiplier: float
+    sample_rate: float
+    steps: int
+    unit: str = "example"  # the privacy unit: "example" or "user"
+    time: str = field(default_factory=utc_now)
+
+
+@dataclass
+class Declined:
+    """A round the site refused because it would have exceeded its limit."""
+
+    round: int
+    epsilon_spent: float
+    epsilon_would_be: float
+    limit: float
+    time: str = field(default_factory=utc_now)
+
+
+@dataclass
+class RunLedger:
+    run: str  # the federation run (the coordinator's run directory)
+    accountant: str
+    delta: float
+    mechanisms: list[Mechanism] = field(default_factory=list)
+    declined: list[Declined] = field(default_factory=list)
+
+    @property
+    def history(self) -> History:
+        return [(m.noise_multiplier, m.sample_rate, m.steps) for m in self.mechanisms]
+
+    @property
+    def epsilon(self) -> float:
+        return epsilon_of(self.history, self.delta, self.accountant)
+
+
+@dataclass
+class SiteLedger:
+    path: Path
+    runs: list[RunLedger] = field(default_factory=list)
+    max_epsilon: float = math.inf  # the limit in force at the last write
+
+    @classmethod
+    def load(cls, state_dir: str | Path) -> SiteLedger:
+        path = Path(state_dir) / LEDGER_FILE
+        if not path.exists():
+            return cls(path)
+        try:
+            raw = json.loads(path.read_text())
+            runs = [
+                RunLedger(
+                    r["run"], r["accountant"], float(r["delta"]),
+                    [Mechanism(**m) for m in r["mechanisms"]], [Declined(**d) for d in r.get("declined", [])],
+                )
+                for r in raw["runs"]
+            ]
+            limit = raw.get("max_epsilon")
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            # Never start afresh: an unreadable ledger would silently reset the budget.
+            raise LedgerError(f"privacy ledger {path}: unreadable ({exc}); fix or restore it before training") from None
+        return cls(path, runs, math.inf if limit is None else float(limit))
+
+    def save(self) -> None:
+        """Atomic replace: write a temporary file, fsync it, rename it over the ledger."""
+        data = {
+            "format": FORMAT,
+            "max_epsilon": None if math.isinf(self.max_epsilon) else self.max_epsilon,
+            "runs": [asdict(r) for r in self.runs],
+        }
+        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        try:
+            with tmp.open("w") as fh:
+                json.dump(data, fh, indent=1)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, self.path)
+            dir_fd = os.open(self.path.parent, os.O_RDONLY)
+            try:
+                os.fsync(dir_fd)  # the rename itself survives a power cut
+            finally:
+                os.close(dir_fd)
+        except OSError as exc:
+            raise LedgerError(f"privacy ledger {self.path}: cannot write ({exc})") from None
+
+    def run(self, run: str, accountant: str, delta: float) -> RunLedger:
+        """This run's section, created on first use. A run keeps its accountant and delta."""
+        for r in self.runs:
+            if r.run == run:
+                if (r.accountant, r.delta) != (accountant, delta):
+                    raise LedgerError(
+                        f"privacy ledger {self.path}: run {run} was accounted with {r.accountant} at delta {r.delta}, "
+                        f"now {accountant} at delta {delta}"
+                    )
+                return r
+        self.runs.append(RunLedger(run, accountant, delta))
+        return self.runs[-1]
+
+    def record(self, run: str, accountant: str, delta: float, entry: Mechanism | Declined, limit: float) -> None:
+        """Append one entry to `run` and write the ledger (before anything leaves the site)."""
+        section = self.run(run, accountant, delta)
+        (section.mechanisms if isinstance(entry, Mechanism) else section.declined).append(entry)
+        self.max_epsilon = limit
+        self.save()
+
+    def history(self) -> History:
+        """Every mechanism of every run, in order: they all touched this site's data."""
+        return [h for r in self.runs for h in r.history]
+
+    def epsilon(self, delta: float, accountant: str, extra: History = ()) -> float:
+        """The site's cumulative epsilon at `delta` over all runs (plus `extra`, planned)."""
+        return epsilon_of(self.history() + list(extra), delta, accountant)
+
+
+@contextmanager
+def open_ledger(state_dir: str | Path) -> Iterator[SiteLedger]:
+    """The site's ledger under an exclusive lock, held until the block ends (check,
+    train, record), so concurrent processes of one site cannot overspend its budget."""
+    state_dir = Path(state_dir)
+    try:
+        state_dir.mkdir(parents=True, exist_ok=True)
+        lock = (state_dir / LOCK_FILE).open("a")
+    except OSError as exc:
+        raise LedgerError(f"state dir {state_dir}: not writable ({exc})") from None
+    with lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield SiteLedger.load(state_dir)
