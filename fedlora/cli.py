@@ -36,7 +36,29 @@ def build_parser() -> argparse.ArgumentParser:
     cmp.add_argument("--strategies", default="", metavar="A,B", help="comma-separated strategy names (default: all)")
     cmp.add_argument("--output", default="runs/compare", metavar="DIR", help="folder for the runs and table.md")
     cmp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override applied to every run")
+    priv = commands.add_parser(
+        "privacy", help="show a site's privacy ledger: runs, rounds, epsilon spent, budget left",
+        description="Read the privacy ledger in a site's state dir (node config `state-dir`; a virtual site's is "
+                    "RUN_DIR/sites/<partition-id>) and show every DP-SGD mechanism the site applied, per run, with the "
+                    "epsilon spent (Opacus accountant, composed over rounds and runs) and the budget left.")
+    priv.add_argument("state_dir", metavar="STATE_DIR", help="the site's state directory")
+    priv.add_argument("--json", action="store_true",
+                      help="print one JSON object: per run accountant, delta, epsilon, history [[noise_multiplier, sample_rate, steps], ...]")
     return parser
+
+
+def run_privacy(args: argparse.Namespace) -> int:
+    import json
+
+    from privacy.ledger_report import ledger_summary, ledger_table
+    from privacy.site_ledger import LedgerError
+
+    try:
+        summary = ledger_summary(args.state_dir)
+    except LedgerError as exc:
+        raise ConfigError(str(exc)) from None
+    print(json.dumps(summary, indent=1) if args.json else ledger_table(summary))
+    return 0
 
 
 def run_compare(args: argparse.Namespace) -> int:
@@ -78,6 +100,8 @@ def main(argv: list[str] | None = None) -> int:
             return run_simulate(args)
         if args.command == "compare":
             return run_compare(args)
+        if args.command == "privacy":
+            return run_privacy(args)
     except (ConfigError, DataError, ModelError) as exc:
         print(f"fedlora: error: {exc}", file=sys.stderr)
         return 2

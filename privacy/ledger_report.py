@@ -1,0 +1,64 @@
+"""`fedlora privacy STATE_DIR`: a site's ledger as a table or as one JSON object."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+from privacy.accounting import epsilon_of
+from privacy.site_ledger import LEDGER_FILE, LedgerError, SiteLedger
+
+
+def ledger_summary(state_dir: str | Path) -> dict[str, Any]:
+    """Per run: accountant, delta, epsilon, history [[noise_multiplier, sample_rate, steps], ...],
+    the rounds trained and declined; and the site's total over all runs against its limit."""
+    state_dir = Path(state_dir)
+    if not (state_dir / LEDGER_FILE).is_file():
+        raise LedgerError(f"{state_dir}: no privacy ledger here ({LEDGER_FILE} not found)")
+    ledger = SiteLedger.load(state_dir)
+    runs = []
+    for r in ledger.runs:
+        rounds = []
+        for i, m in enumerate(r.mechanisms):
+            rounds.append({
+                "round": m.round, "time": m.time, "unit": m.unit, "noise_multiplier": m.noise_multiplier,
+                "sample_rate": m.sample_rate, "steps": m.steps,
+                "epsilon_after": epsilon_of(r.history[: i + 1], r.delta, r.accountant),
+            })
+        runs.append({
+            "run": r.run, "accountant": r.accountant, "delta": r.delta, "epsilon": r.epsilon,
+            "history": [list(h) for h in r.history], "rounds": rounds,
+            "declined": [vars(d) for d in r.declined],
+        })
+    # The total composes every run; it is stated at the latest run's delta and accountant.
+    latest = ledger.runs[-1] if ledger.runs else None
+    total = ledger.epsilon(latest.delta, latest.accountant) if latest else 0.0
+    limit = None if math.isinf(ledger.max_epsilon) else ledger.max_epsilon
+    return {
+        "state_dir": str(state_dir.resolve()),
+        "runs": runs,
+        "epsilon_total": total,
+        "delta_total": latest.delta if latest else None,
+        "max_epsilon": limit,
+        "budget_left": None if limit is None else max(0.0, limit - total),
+    }
+
+
+def ledger_table(summary: dict[str, Any]) -> str:
+    limit = summary["max_epsilon"]
+    lines = [
+        f"privacy ledger of {summary['state_dir']}",
+        f"epsilon spent over all runs: {summary['epsilon_total']:.3f}"
+        + (f" (delta {summary['delta_total']:g})" if summary["delta_total"] is not None else "")
+        + (f" | limit {limit:.3f} | budget left {summary['budget_left']:.3f}" if limit is not None else " | no limit set"),
+    ]
+    for run in summary["runs"]:
+        lines += ["", f"run {run['run']}", f"  accountant {run['accountant']}, delta {run['delta']:g}, epsilon {run['epsilon']:.3f}",
+                  "  round  noise_mult  sample_rate  steps  unit     epsilon_after  time"]
+        for r in run["rounds"]:
+            lines.append(f"  {r['round']:>5}  {r['noise_multiplier']:>10.4f}  {r['sample_rate']:>11.5f}  {r['steps']:>5}  "
+                         f"{r['unit']:<7}  {r['epsilon_after']:>13.3f}  {r['time']}")
+        for d in run["declined"]:
+            lines.append(f"  {d['round']:>5}  declined: epsilon would reach {d['epsilon_would_be']:.3f} > limit {d['limit']:.3f}  {d['time']}")
+    return "\n".join(lines)

@@ -1,0 +1,186 @@
+"""The site's privacy ledger and budget guard, through the real ClientApp `train`.
+
+Each call below is what a deployed site does for one message; the restart test runs
+every round in a fresh process, as Flower's deployment engine does.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from fedlora.config import load_config, write_config
+from privacy.accounting import epsilon_of
+from privacy.site_ledger import LEDGER_FILE, LOCK_FILE, LedgerError, Mechanism, SiteLedger
+from tests.site_process import train_once
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def write_site_data(path: Path, rows: int = 240, users: int = 0) -> Path:
+    with path.open("w") as fh:
+        for i in range(rows):
+            row = {"text": f"note {i} about {['cough', 'fracture', 'rash'][i % 3]} and fever", "label": "abc"[i % 3]}
+            if users:
+                row["user_id"] = f"patient-{i % users}"
+            fh.write(json.dumps(row) + "\n")
+    return path
+
+
+@pytest.fixture
+def site(tmp_path, tiny_models):
+    """A run config for a tiny BERT site, its data file and node config."""
+    config = load_config(None, {
+        "model.path": str(tiny_models["bert"]), "data.labels": ["a", "b", "c"], "run.output_dir": str(tmp_path / "run"),
+        "federation.rounds": 4, "train.local_steps": 2, "train.batch_size": 16, "privacy.target_epsilon": 4.0,
+    })
+    path = tmp_path / "config.toml"
+    write_config(config, path)
+    node = {"data-path": str(write_site_data(tmp_path / "notes.jsonl")), "state-dir": str(tmp_path / "state")}
+    return config, path, node
+
+
+def test_ledger_written_across_process_restarts_matches_one_uninterrupted_run(site, tmp_path):
+    config, path, node = site
+    for server_round in (1, 2, 3):  # a fresh Python process per message, like a SuperNode
+        out = subprocess.run([sys.executable, "-m", "tests.site_process", str(path), str(server_round), json.dumps(node)],
+                             cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr[-2000:]
+    restarted = SiteLedger.load(node["state-dir"])
+
+    one_process = {**node, "state-dir": str(tmp_path / "state-one")}
+    for server_round in (1, 2, 3):
+        reply = train_once(config, server_round, one_process)
+    uninterrupted = SiteLedger.load(one_process["state-dir"])
+
+    assert [m.round for m in restarted.runs[0].mechanisms] == [1, 2, 3]
+    assert restarted.history() == uninterrupted.history()  # sigma and q come from the site's data, not the process
+    eps = epsilon_of(uninterrupted.history(), config.privacy.delta, "prv")
+    assert restarted.epsilon(config.privacy.delta, "prv") == pytest.approx(eps, rel=1e-9)
+    assert reply.content["metrics"]["epsilon"] == pytest.approx(eps, rel=1e-9)
+    # Calibrated for 4 rounds: after 3 of them the site is below its target, and expects to end at it.
+    assert eps < config.privacy.target_epsilon
+    assert reply.content["metrics"]["planned-epsilon"] == pytest.approx(config.privacy.target_epsilon, rel=0.02)
+
+
+def test_guard_declines_exactly_at_the_round_that_would_exceed_the_limit(site):
+    config, _, node = site
+    first = train_once(config, 1, node)
+    mechanism = SiteLedger.load(node["state-dir"]).history()[0]
+    # A limit between the epsilon of 2 and of 3 rounds: round 3 must be declined, round 2 not.
+    eps2, eps3 = (epsilon_of([mechanism] * k, config.privacy.delta, "prv") for k in (2, 3))
+    limit = (eps2 + eps3) / 2
+    node = {**node, "max-epsilon": limit}
+    assert "declined" not in first.content["metrics"]
+    assert "declined" not in train_once(config, 2, node).content["metrics"]
+    third = train_once(config, 3, node)
+    assert third.content["metrics"]["declined"] == 1
+    assert "arrays" not in third.content.array_records  # nothing trained, nothing sent
+    assert third.content["metrics"]["epsilon"] == pytest.approx(eps2, rel=1e-9)
+    assert third.content["metrics"]["epsilon-would-be"] == pytest.approx(eps3, rel=1e-9)
+    assert train_once(config, 4, node).content["metrics"]["declined"] == 1  # the budget never comes back
+
+    ledger = SiteLedger.load(node["state-dir"])
+    assert [m.round for m in ledger.runs[0].mechanisms] == [1, 2]
+    assert [d.round for d in ledger.runs[0].declined] == [3, 4]
+    assert ledger.epsilon(config.privacy.delta, "prv") <= limit
+
+
+def test_site_limit_wins_over_the_coordinators(site):
+    config, _, node = site
+    config.privacy.site_max_epsilon = 100.0  # the coordinator would allow anything
+    reply = train_once(config, 1, {**node, "max-epsilon": 0.01})
+    assert reply.content["metrics"]["declined"] == 1
+
+
+def test_ledger_composes_runs(site, tmp_path):
+    config, _, node = site
+    train_once(config, 1, node)
+    config.run.output_dir = str(tmp_path / "another-run")
+    reply = train_once(config, 1, node)
+    ledger = SiteLedger.load(node["state-dir"])
+    assert [r.run for r in ledger.runs] == [str(tmp_path / "run"), str(tmp_path / "another-run")]
+    both = epsilon_of(ledger.history(), config.privacy.delta, "prv")
+    assert both > ledger.runs[1].epsilon
+    assert reply.content["metrics"]["epsilon"] == pytest.approx(both, rel=1e-9)
+
+
+def test_client_killed_mid_round_leaves_no_entry_and_the_retry_counts_once(site, tmp_path):
+    config, _, node = site
+    config.train.local_steps = 2000  # long enough to be killed while training
+    path = tmp_path / "long.toml"
+    write_config(config, path)
+    proc = subprocess.Popen([sys.executable, "-m", "tests.site_process", str(path), "1", json.dumps(node)], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    lock = Path(node["state-dir"]) / LOCK_FILE
+    deadline = time.monotonic() + 120
+    while not lock.exists() and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    time.sleep(2.0)  # inside the guarded section, training
+    assert proc.poll() is None, "the site finished before it could be killed"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    ledger_path = Path(node["state-dir"]) / LEDGER_FILE
+    assert not ledger_path.exists() or SiteLedger.load(node["state-dir"]).history() == []  # nothing left the site
+
+    config.train.local_steps = 2
+    train_once(config, 1, node)  # the coordinator's retry of round 1
+    ledger = SiteLedger.load(node["state-dir"])
+    assert [m.round for m in ledger.runs[0].mechanisms] == [1]
+
+
+def test_a_crash_while_writing_keeps_the_previous_ledger(tmp_path, monkeypatch):
+    ledger = SiteLedger.load(tmp_path)
+    ledger.record("run-a", "prv", 1e-5, Mechanism(1, 1.1, 0.05, 4), limit=math.inf)
+    before = (tmp_path / LEDGER_FILE).read_text()
+
+    def crash(*_):
+        raise OSError("power cut")
+
+    monkeypatch.setattr(os, "replace", crash)
+    with pytest.raises(LedgerError, match="cannot write"):
+        SiteLedger.load(tmp_path).record("run-a", "prv", 1e-5, Mechanism(2, 1.1, 0.05, 4), limit=math.inf)
+    assert (tmp_path / LEDGER_FILE).read_text() == before
+    assert SiteLedger.load(tmp_path).history() == [(1.1, 0.05, 4)]
+
+
+def test_an_unreadable_ledger_stops_training_instead_of_resetting(tmp_path):
+    (tmp_path / LEDGER_FILE).write_text('{"runs": [{"run": ')
+    with pytest.raises(LedgerError, match="unreadable"):
+        SiteLedger.load(tmp_path)
+
+
+def test_privacy_command_json_and_table(site, capsys):
+    from fedlora.cli import main
+
+    config, _, node = site
+    train_once(config, 1, {**node, "max-epsilon": 50.0})
+    train_once(config, 2, {**node, "max-epsilon": 50.0})
+    assert main(["privacy", node["state-dir"], "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    (run,) = out["runs"]
+    assert run["accountant"] == "prv" and run["delta"] == config.privacy.delta
+    assert len(run["history"]) == 2 and all(len(h) == 3 for h in run["history"])
+    assert run["epsilon"] == pytest.approx(epsilon_of([tuple(h) for h in run["history"]], run["delta"], "prv"), rel=1e-9)
+    assert out["max_epsilon"] == 50.0 and out["budget_left"] == pytest.approx(50.0 - run["epsilon"])
+
+    assert main(["privacy", node["state-dir"]]) == 0
+    table = capsys.readouterr().out
+    assert "budget left" in table and config.run.output_dir in table
+
+    assert main(["privacy", str(Path(node["state-dir"]) / "nowhere")]) == 2
+    assert "no privacy ledger here" in capsys.readouterr().err
+
+
+def test_a_deployed_site_without_state_dir_refuses_to_train_under_dp(site):
+    config, _, node = site
+    with pytest.raises(ValueError, match="state-dir"):
+        train_once(config, 1, {"data-path": node["data-path"]})
