@@ -216,29 +216,35 @@ def run_federation(grid: Grid, config: Config) -> tuple[RunDirectory, list[dict[
         rejected = Counter(reason_category(reason) for _, reason in refused)
         for node_id, reason in refused:
             log.warning("round %d: update from node %d rejected: %s", server_round, node_id, reason)
-        if len(updates) < config.federation.min_clients:
+        epsilon_max = max([epsilon_max] + [float(m.content["metrics"]["epsilon"]) for m in replies.ok])
+        # Sites whose own privacy limits are reached end the run; that is not a failure.
+        budgets_exhausted = bool(declined) and len(updates) < config.federation.min_clients <= len(updates) + len(declined)
+        if len(updates) < config.federation.min_clients and not budgets_exhausted:
             raise FederationError(
                 f"round {server_round}: {len(updates)} usable updates, fewer than federation.min_clients = {config.federation.min_clients}"
                 f" (failures: {dict(failures) or 'none'}, rejected: {dict(rejected) or 'none'})"
             )
         central_row: dict[str, Any] = {}
-        if config.privacy.central:
-            # Every site weighs the same and moves the mean by at most clip_norm / n.
-            clip = config.privacy.central_clip_norm
-            updates = [ClientUpdate(u.node_id, clip_update(u.adapter, expected[u.node_id], clip), 1) for u in updates]
-        global_adapter = strategy.aggregate(global_adapter, updates)
-        if config.privacy.central:
-            std = config.privacy.central_noise_multiplier * config.privacy.central_clip_norm / len(updates)
-            global_adapter = add_noise(global_adapter, sorted(updates[0].adapter), std)
-            central_history.append((config.privacy.central_noise_multiplier, len(nodes) / max(len(nodes), len(grid.get_node_ids())), 1))
-            central_row = {"central_noise_std": std,
-                           "central_epsilon": epsilon_of(central_history, config.privacy.delta, config.privacy.accountant)}
-        epsilon_max = max([epsilon_max] + [float(m.content["metrics"]["epsilon"]) for m in replies.ok])
-
-        eval_row, eval_replies = evaluate_round(grid, site_ranks.adapters(global_adapter, nodes), config, server_round, progress)
+        if budgets_exhausted:
+            quality = "eval_accuracy" if config.model.task == "classification" else "eval_perplexity"
+            eval_row, eval_replies = {"eval_loss": None, quality: None}, RoundReplies()
+        else:
+            if config.privacy.central:
+                # Every site weighs the same and moves the mean by at most clip_norm / n.
+                clip = config.privacy.central_clip_norm
+                updates = [ClientUpdate(u.node_id, clip_update(u.adapter, expected[u.node_id], clip), 1) for u in updates]
+            global_adapter = strategy.aggregate(global_adapter, updates)
+            if config.privacy.central:
+                std = config.privacy.central_noise_multiplier * config.privacy.central_clip_norm / len(updates)
+                global_adapter = add_noise(global_adapter, sorted(updates[0].adapter), std)
+                asked = len(nodes) / max(len(nodes), len(grid.get_node_ids()))  # sampling rate of sites
+                central_history.append((config.privacy.central_noise_multiplier, asked, 1))
+                central_row = {"central_noise_std": std,
+                               "central_epsilon": epsilon_of(central_history, config.privacy.delta, config.privacy.accountant)}
+            eval_row, eval_replies = evaluate_round(grid, site_ranks.adapters(global_adapter, nodes), config, server_round, progress)
         row = {
             "round": server_round,
-            "clients_ok": len(updates),
+            "clients_ok": 0 if budgets_exhausted else len(updates),
             "clients_failed": sum(failures.values()) + sum(rejected.values()),
             "clients_declined": len(declined),
             "failures": {**dict(failures), **{f"rejected: {k}": v for k, v in rejected.items()}},
@@ -259,6 +265,10 @@ def run_federation(grid: Grid, config: Config) -> tuple[RunDirectory, list[dict[
                            {"strategy": strategy.name, "metrics": row, "central_history": central_history})
         progress.round_done(row)
         rows.append(row)
+        if budgets_exhausted:
+            progress.note(f"run ended after round {server_round - 1}: {len(declined)} sites declined round {server_round} "
+                          f"(privacy budget) and fewer than federation.min_clients = {config.federation.min_clients} could train")
+            break
 
     write_peft_dir(model, global_adapter, run_dir.path / "adapter", resolve_model_dir(config.model.path))
     progress.note(f"final adapter: {run_dir.path / 'adapter'}")

@@ -11,10 +11,11 @@ def _fmt(value: Any, spec: str = ".4f") -> str:
 
 
 class Progress:
-    def __init__(self, total_rounds: int, stream: TextIO = sys.stderr):
+    def __init__(self, total_rounds: int, stream: TextIO | None = None):
         self.total_rounds = total_rounds
-        self.stream = stream
-        self.live = stream.isatty()
+        # Looked up now, not at import: sys.stderr may have been replaced (or unset) since.
+        self.stream = stream or sys.stderr or sys.__stderr__
+        self.live = self.stream.isatty()
 
     def _line(self, text: str, final: bool) -> None:
         if self.live:

@@ -1,0 +1,52 @@
+"""Our epsilons (Opacus's accountants) against an independent implementation:
+Google's dp-accounting (RDP accountant, and its PLD accountant for PRV)."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+from dp_accounting import dp_event, pld, rdp
+
+from privacy.accounting import calibrate_noise, epsilon_of
+
+OPACUS_RDP_ORDERS = [1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64))
+HISTORIES = [
+    [(1.1, 0.05, 40)],
+    [(0.8, 0.02, 100), (1.1, 0.05, 40), (2.0, 0.2, 10)],  # a ledger: rounds with different sigma and q
+    [(0.6, 0.08, 4)] * 5,  # the demo's shape: 5 rounds of 4 steps
+]
+
+
+def poisson_gaussian(history):
+    return dp_event.ComposedDpEvent([
+        dp_event.SelfComposedDpEvent(dp_event.PoissonSampledDpEvent(q, dp_event.GaussianDpEvent(sigma)), steps)
+        for sigma, q, steps in history
+    ])
+
+
+@pytest.fixture(autouse=True)
+def quiet_dp_accounting():
+    logging.getLogger().setLevel(logging.ERROR)  # it warns when it drops a fractional order
+
+
+@pytest.mark.parametrize("history", HISTORIES)
+def test_rdp_epsilon_matches_dp_accounting(history):
+    reference = rdp.RdpAccountant(orders=OPACUS_RDP_ORDERS)
+    reference.compose(poisson_gaussian(history))
+    assert epsilon_of(history, 1e-5, "rdp") == pytest.approx(reference.get_epsilon(1e-5), rel=1e-3)
+
+
+@pytest.mark.parametrize("history", HISTORIES)
+def test_prv_epsilon_matches_dp_accounting_pld(history):
+    reference = pld.PLDAccountant(value_discretization_interval=1e-4)
+    reference.compose(poisson_gaussian(history))
+    # Both are numerically tight (PRV and PLD); they differ only by discretization.
+    assert epsilon_of(history, 1e-5, "prv") == pytest.approx(reference.get_epsilon(1e-5), rel=2e-2)
+
+
+def test_calibrated_noise_spends_the_target_by_an_independent_count():
+    sigma = calibrate_noise(8.0, 1e-5, 64 / 960, 20, "prv")
+    reference = pld.PLDAccountant(value_discretization_interval=1e-4)
+    reference.compose(poisson_gaussian([(sigma, 64 / 960, 20)]))
+    assert reference.get_epsilon(1e-5) == pytest.approx(8.0, rel=2e-2)
