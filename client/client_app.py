@@ -22,8 +22,11 @@ from client.site_data import load_site_data
 from client.site_privacy import calibrated_plan, site_limit, site_state_dir
 from fedlora.adapter_state import adapter_of, from_record, put_adapter, to_record
 from fedlora.config import Config
+from fedlora.base_fingerprint import model_fingerprint
+from fedlora.base_model import resolve_model_dir
 from fedlora.messages import (
-    DECLINED_METRICS, EVALUATE_METRICS, QUERY_METRICS, TRAIN_METRICS, metric_record, read_config_record,
+    DECLINED_METRICS, EVALUATE_METRICS, QUERY_METRICS, REFUSED_METRICS, TRAIN_METRICS, metric_record,
+    read_config_record, sent_fingerprint,
 )
 from privacy.budget_guard import BudgetDecision, check_budget
 from privacy.site_ledger import Declined, Mechanism, open_ledger
@@ -54,10 +57,29 @@ def site_config(msg: Message, context: Context) -> tuple[Config, int]:
     return config, server_round
 
 
+def base_model_refusal(msg: Message, context: Context, config: Config) -> Message | None:
+    """A refusal if this site's base model is not the coordinator's (None if it is)."""
+    expected = sent_fingerprint(msg.content["config"])
+    if not expected:
+        return None
+    try:
+        cache = site_state_dir(config, context.node_config)  # weight hashes are kept between processes
+    except ValueError:
+        cache = None
+    local = model_fingerprint(resolve_model_dir(config.model.path), cache)
+    if local == expected:
+        return None
+    log.error("refusing: this site's base model %s (fingerprint %s) is not the coordinator's (%s)",
+              config.model.path, local, expected)
+    return Message(content=RecordDict({"metrics": metric_record({"refused-base-model": 1}, REFUSED_METRICS)}), reply_to=msg)
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     start = time.perf_counter()
     config, server_round = site_config(msg, context)
+    if (refusal := base_model_refusal(msg, context, config)) is not None:
+        return refusal
 
     # Model: the cached base model with the global adapter put in.
     cached = cached_model(config, config.data.labels)
@@ -123,6 +145,8 @@ def declined_reply(msg: Message, decision: BudgetDecision) -> Message:
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     config, _ = site_config(msg, context)
+    if (refusal := base_model_refusal(msg, context, config)) is not None:
+        return refusal
     cached = cached_model(config, config.data.labels)
     put_adapter(cached.model, from_record(msg.content["arrays"]))
     site = load_site_data(config, config.data.labels, context.node_config, cached.tokenizer)
@@ -145,5 +169,7 @@ def evaluate(msg: Message, context: Context) -> Message:
 def query(msg: Message, context: Context) -> Message:
     """The site's declaration before training: its LoRA rank."""
     config, _ = site_config(msg, context)
+    if (refusal := base_model_refusal(msg, context, config)) is not None:
+        return refusal
     metrics = metric_record({"lora-rank": config.lora.rank}, QUERY_METRICS)
     return Message(content=RecordDict({"metrics": metrics}), reply_to=msg)

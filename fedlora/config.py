@@ -26,6 +26,9 @@ class ConfigError(ValueError):
 class RunSection:
     output_dir: str = "runs/demo"
     seed: int = 0
+    # A run directory to continue from its last checkpoint (`fedlora run --resume RUN_DIR`);
+    # "" = a new run. Completed rounds are not repeated.
+    resume: str = ""
 
 
 @dataclass
@@ -95,6 +98,7 @@ class FederationSection:
     rounds: int = 5
     min_clients: int = 2
     round_timeout: float = 600.0  # seconds to wait for replies in one round
+    round_retries: int = 2  # more attempts for a round that gathers fewer than min_clients updates
 
 
 @dataclass
@@ -262,6 +266,8 @@ def validate(config: Config, where: str = "config") -> None:
         raise ConfigError(f"{where}: key 'strategy.outlier_factor' must be 0 (off) or >= 1, got {config.strategy.outlier_factor!r}")
     if not config.privacy.delta < 1:
         raise ConfigError(f"{where}: key 'privacy.delta' must be < 1, got {config.privacy.delta!r}")
+    if not config.federation.round_retries >= 0:
+        raise ConfigError(f"{where}: key 'federation.round_retries' must be >= 0, got {config.federation.round_retries!r}")
     if not config.privacy.site_max_epsilon >= 0:
         raise ConfigError(f"{where}: key 'privacy.site_max_epsilon' must be >= 0 (0 = no limit), got {config.privacy.site_max_epsilon!r}")
     if config.privacy.central and config.strategy.name not in ("fedavg", "ffa"):

@@ -1,9 +1,11 @@
 """The coordinator's round loop, driven directly over Flower's Grid.
 
 We drive `push_messages` / `pull_messages` ourselves (not Strategy.start) so that
-each round can show live progress, count failures by reason, checkpoint, and
-(later) resume. One round: send the global adapter -> validate replies ->
-aggregate -> federated evaluation -> metrics row -> checkpoint.
+each round can show live progress, count failures by reason, retry, checkpoint and
+resume. One round: send the global adapter -> validate replies -> aggregate ->
+federated evaluation -> metrics row -> checkpoint. Nothing waits forever: every
+exchange has `federation.round_timeout`, and a round that cannot gather
+`federation.min_clients` updates is tried `federation.round_retries` more times.
 """
 
 from __future__ import annotations
@@ -18,18 +20,22 @@ from flwr.app import ArrayRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
 from fedlora.adapter_state import Adapter, adapter_of, from_record, record_nbytes, to_record, write_peft_dir
+from fedlora.base_fingerprint import model_fingerprint
 from fedlora.base_model import build_peft_model, resolve_model_dir
 from fedlora.config import Config, ConfigError
 from fedlora.messages import config_record
-from server.progress import Progress
-from server.run_directory import RunDirectory
-from strategies import ClientUpdate, get_strategy, trained_part
-from strategies.lora_rank import to_rank
 from privacy.accounting import epsilon_of
 from privacy.central_dp import add_noise, clip_update
+from server.progress import Progress
+from server.run_directory import RunDirectory
+from strategies import ClientUpdate, Strategy, get_strategy, trained_part
+from strategies.lora_rank import to_rank
 from strategies.update_validation import reason_category, screen_updates
 
 log = logging.getLogger("fedlora.server")
+
+REFUSED_BASE_MODEL = "refused: different base model"
+DECLINED_BUDGET = "declined: privacy budget"
 
 
 class FederationError(RuntimeError):
@@ -69,13 +75,17 @@ def exchange(
     while pending and time.monotonic() < deadline:
         for reply in grid.pull_messages(pending):
             pending.discard(reply.metadata.reply_to_message_id)
+            node = reply.metadata.src_node_id
             if reply.has_error():
                 out.failures[f"error: {reply.error.reason[:80]}"] += 1
-                log.warning("round %d %s: node %d failed: %s", server_round, phase, reply.metadata.src_node_id, reply.error.reason)
-                continue
-            out.ok.append(reply)
-            if "arrays" in reply.content.array_records:
-                out.bytes_up += record_nbytes(reply.content["arrays"])
+                log.warning("round %d %s: node %d failed: %s", server_round, phase, node, reply.error.reason)
+            elif "metrics" in reply.content.metric_records and "refused-base-model" in reply.content["metrics"]:
+                out.failures[REFUSED_BASE_MODEL] += 1
+                log.error("round %d %s: node %d refused: it holds a different base model than model.path", server_round, phase, node)
+            else:
+                out.ok.append(reply)
+                if "arrays" in reply.content.array_records:
+                    out.bytes_up += record_nbytes(reply.content["arrays"])
             progress.phase(server_round, phase, len(out.ok) + sum(out.failures.values()), len(messages))
         if pending:
             time.sleep(0.2)
@@ -107,43 +117,59 @@ def site_privacy(replies: list[Message]) -> list[dict[str, Any]]:
     return sorted(out, key=lambda site: site["node"])
 
 
+class Envelope:
+    """What goes down with every message: the run config, the round, and the
+    fingerprint of the coordinator's base model (sites holding another one refuse)."""
+
+    def __init__(self, config: Config, base_fingerprint: str):
+        self.config = config
+        self.base_fingerprint = base_fingerprint
+
+    def content(self, server_round: int, arrays: ArrayRecord | None = None) -> RecordDict:
+        records: dict[str, Any] = {"config": config_record(self.config, server_round, self.base_fingerprint)}
+        if arrays is not None:
+            records["arrays"] = arrays
+        return RecordDict(records)
+
+    def with_adapters(self, adapters: dict[int, Adapter], server_round: int) -> dict[int, RecordDict]:
+        records: dict[int, ArrayRecord] = {}  # one record per distinct adapter object
+        return {n: self.content(server_round, records.setdefault(id(a), to_record(a))) for n, a in adapters.items()}
+
+
 class SiteRanks:
     """Each site's LoRA rank (declared by the site in a query, once) and the global
     adapter re-factorized to it, so every site receives an adapter of its own rank."""
 
-    def __init__(self, config: Config):
-        self.config = config
+    def __init__(self, envelope: Envelope):
+        self.envelope = envelope
+        self.config = envelope.config
         self.ranks: dict[int, int] = {}
 
-    def learn(self, grid: Grid, nodes: list[int], server_round: int, progress: Progress) -> list[int]:
-        """Ask sites not yet known for their rank; returns the nodes whose rank is known."""
+    def learn(self, grid: Grid, nodes: list[int], server_round: int, progress: Progress) -> tuple[list[int], Counter]:
+        """Ask sites not yet known for their rank; returns the nodes whose rank is known
+        and the failures of this query (refusals, errors, timeouts)."""
         unknown = [n for n in nodes if n not in self.ranks]
+        failures: Counter = Counter()
         if unknown:
-            content = RecordDict({"config": config_record(self.config, server_round)})
-            replies = exchange(grid, {n: content for n in unknown}, MessageType.QUERY, server_round,
-                               self.config.federation.round_timeout, progress, "rank query")
+            replies = exchange(grid, {n: self.envelope.content(server_round) for n in unknown}, MessageType.QUERY,
+                               server_round, self.config.federation.round_timeout, progress, "rank query")
+            failures = replies.failures
             for reply in replies.ok:
                 self.ranks[reply.metadata.src_node_id] = int(reply.content["metrics"]["lora-rank"])
             declared = sorted(set(self.ranks.values()))
-            if declared != [self.config.lora.rank] and self.config.strategy.name != "exact":
+            if declared and declared != [self.config.lora.rank] and self.config.strategy.name != "exact":
                 raise FederationError(f"sites declare LoRA ranks {declared}; heterogeneous ranks need strategy.name = 'exact'")
-        return [n for n in nodes if n in self.ranks]
+        return [n for n in nodes if n in self.ranks], failures
 
     def adapters(self, global_adapter: Adapter, nodes: list[int]) -> dict[int, Adapter]:
         by_rank = {r: to_rank(global_adapter, r, self.config.run.seed) for r in {self.ranks[n] for n in nodes}}
         return {n: by_rank[self.ranks[n]] for n in nodes}
 
 
-def contents_for(adapters: dict[int, Adapter], config: Config, server_round: int) -> dict[int, RecordDict]:
-    records: dict[int, ArrayRecord] = {}  # one record per distinct adapter object
-    return {
-        n: RecordDict({"arrays": records.setdefault(id(a), to_record(a)), "config": config_record(config, server_round)})
-        for n, a in adapters.items()
-    }
-
-
-def evaluate_round(grid: Grid, adapters: dict[int, Adapter], config: Config, server_round: int, progress: Progress) -> tuple[dict[str, Any], RoundReplies]:
-    replies = exchange(grid, contents_for(adapters, config, server_round), MessageType.EVALUATE, server_round,
+def evaluate_round(grid: Grid, envelope: Envelope, adapters: dict[int, Adapter], server_round: int,
+                   progress: Progress) -> tuple[dict[str, Any], RoundReplies]:
+    config = envelope.config
+    replies = exchange(grid, envelope.with_adapters(adapters, server_round), MessageType.EVALUATE, server_round,
                        config.federation.round_timeout, progress, "evaluate")
     row: dict[str, Any] = {"eval_loss": weighted(replies.ok, "eval-loss")}
     if config.model.task == "classification":
@@ -153,120 +179,173 @@ def evaluate_round(grid: Grid, adapters: dict[int, Adapter], config: Config, ser
     return row, replies
 
 
+@dataclass
+class TrainOutcome:
+    """One attempt at a round's training phase."""
+
+    replies: RoundReplies
+    sent: dict[int, Adapter]
+    nodes: list[int]
+    updates: list[ClientUpdate]
+    declined: list[Message]
+    trained: list[Message]
+    failures: Counter  # query and train failures, declines included
+    rejected: Counter  # screened-out updates, by category
+
+
+def train_phase(grid: Grid, envelope: Envelope, site_ranks: SiteRanks, strategy: Strategy, global_adapter: Adapter,
+                server_round: int, progress: Progress) -> TrainOutcome:
+    config = envelope.config
+    nodes, failures = site_ranks.learn(grid, sorted(grid.get_node_ids()), server_round, progress)
+    sent = site_ranks.adapters(global_adapter, nodes)
+    replies = exchange(grid, envelope.with_adapters(sent, server_round), MessageType.TRAIN, server_round,
+                       config.federation.round_timeout, progress, "train")
+    failures = failures + replies.failures
+
+    # A site whose privacy budget cannot afford the round declines it (no tensors).
+    declined = [m for m in replies.ok if "declined" in m.content["metrics"]]
+    trained = [m for m in replies.ok if "declined" not in m.content["metrics"]]
+    if declined:
+        failures[DECLINED_BUDGET] += len(declined)
+        for m in declined:
+            log.info("round %d: node %d declined: its epsilon would reach %.3f > its limit %.3f", server_round,
+                     m.metadata.src_node_id, m.content["metrics"]["epsilon-would-be"], m.content["metrics"]["epsilon-limit"])
+
+    # Sites send back the tensors they train (all, or all but the frozen factors).
+    expected = {n: trained_part(a, strategy.frozen_factors) for n, a in sent.items()}
+    received = [
+        ClientUpdate(reply.metadata.src_node_id, from_record(reply.content["arrays"]), int(reply.content["metrics"]["num-examples"]))
+        for reply in trained
+    ]
+    updates, refused = screen_updates(received, expected, config.strategy)
+    for node_id, reason in refused:
+        log.warning("round %d: update from node %d rejected: %s", server_round, node_id, reason)
+    rejected = Counter(reason_category(reason) for _, reason in refused)
+    return TrainOutcome(replies, sent, nodes, updates, declined, trained, failures, rejected)
+
+
+def aggregate(strategy: Strategy, global_adapter: Adapter, outcome: TrainOutcome, config: Config,
+              central_history: list[tuple[float, float, int]], sites_known: int) -> tuple[Adapter, dict[str, Any]]:
+    """The strategy's aggregate; under central DP, of clipped unweighted updates plus noise."""
+    if not config.privacy.central:
+        return strategy.aggregate(global_adapter, outcome.updates), {}
+    privacy = config.privacy
+    expected = {n: trained_part(a, strategy.frozen_factors) for n, a in outcome.sent.items()}
+    # Every site weighs the same and moves the mean by at most clip_norm / n.
+    clipped = [ClientUpdate(u.node_id, clip_update(u.adapter, expected[u.node_id], privacy.central_clip_norm), 1) for u in outcome.updates]
+    std = privacy.central_noise_multiplier * privacy.central_clip_norm / len(clipped)
+    new_adapter = add_noise(strategy.aggregate(global_adapter, clipped), sorted(clipped[0].adapter), std)
+    central_history.append((privacy.central_noise_multiplier, len(outcome.nodes) / max(len(outcome.nodes), sites_known), 1))
+    return new_adapter, {"central_noise_std": std, "central_epsilon": epsilon_of(central_history, privacy.delta, privacy.accountant)}
+
+
 def run_federation(grid: Grid, config: Config) -> tuple[RunDirectory, list[dict[str, Any]]]:
-    """Run all rounds; returns the run directory and the metrics rows."""
+    """Run all rounds (or the rest of them, with run.resume); returns the run directory
+    and the metrics rows."""
     if config.model.task == "classification" and not config.data.labels:
         raise ConfigError("data.labels is empty: list the label names in class-id order")
     try:
         strategy = get_strategy(config.strategy)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
-    run_dir, config = RunDirectory.create(config)
-    progress = Progress(config.federation.rounds)
-    progress.note(f"run directory: {run_dir.path}")
 
     # The coordinator's copy of the model: the initial adapter (from the seed,
     # identical for every client) and the PEFT folder written at the end.
     model = build_peft_model(config.model, config.lora, num_labels=max(1, len(config.data.labels)), seed=config.run.seed)
     global_adapter = adapter_of(model)
+    epsilon_max, central_history, last_round = 0.0, [], 0
 
+    if config.run.resume:
+        run_dir, config, resumed = RunDirectory.resume(config)
+        rows = resumed.rows
+        if resumed.round > 0:
+            global_adapter, last_round = resumed.adapter, resumed.round
+            strategy.load_state(resumed.strategy_state)
+            central_history = [tuple(h) for h in resumed.state.get("central_history", [])]
+            epsilon_max = max([0.0] + [r.get("epsilon_max") or 0.0 for r in rows])
+    else:
+        run_dir, config = RunDirectory.create(config)
+        rows = []
+    progress = Progress(config.federation.rounds)
+    progress.note(f"run directory: {run_dir.path}" + (f" (resumed after round {last_round})" if config.run.resume else ""))
+
+    envelope = Envelope(config, model_fingerprint(resolve_model_dir(config.model.path)))
     nodes = wait_for_nodes(grid, config.federation.min_clients, config.federation.round_timeout)
     progress.note(f"{len(nodes)} sites connected")
-    site_ranks = SiteRanks(config)
+    site_ranks = SiteRanks(envelope)
 
-    # Round 0: the initial adapter, evaluated before any training.
-    start = time.monotonic()
-    nodes = site_ranks.learn(grid, nodes, 0, progress)
-    eval_row, eval_replies = evaluate_round(grid, site_ranks.adapters(global_adapter, nodes), config, 0, progress)
-    rows = [{
-        "round": 0, "clients_ok": 0, "clients_failed": 0, "clients_declined": 0, "failures": {}, "updates_rejected": 0,
-        "train_loss": None, **eval_row, "epsilon_max": 0.0, "noise_multiplier": None, "site_privacy": [],
-        "bytes_up": eval_replies.bytes_up, "bytes_down": eval_replies.bytes_down,
-        "seconds": time.monotonic() - start,
-    }]
-    run_dir.append_metrics(rows[0])
-    progress.round_done(rows[0])
-    epsilon_max = 0.0
-    central_history: list[tuple[float, float, int]] = []  # central DP: one Gaussian mechanism per round
-
-    for server_round in range(1, config.federation.rounds + 1):
+    if not rows:
+        # Round 0: the initial adapter, evaluated before any training.
         start = time.monotonic()
-        nodes = site_ranks.learn(grid, sorted(grid.get_node_ids()), server_round, progress)
-        sent = site_ranks.adapters(global_adapter, nodes)
-        replies = exchange(grid, contents_for(sent, config, server_round), MessageType.TRAIN, server_round,
-                           config.federation.round_timeout, progress, "train")
+        nodes, query_failures = site_ranks.learn(grid, nodes, 0, progress)
+        eval_row, eval_replies = evaluate_round(grid, envelope, site_ranks.adapters(global_adapter, nodes), 0, progress)
+        failures = query_failures + eval_replies.failures
+        rows = [{
+            "round": 0, "clients_ok": 0, "clients_failed": sum(failures.values()), "clients_declined": 0,
+            "failures": dict(failures), "updates_rejected": 0, "train_loss": None, **eval_row, "epsilon_max": 0.0,
+            "noise_multiplier": None, "site_privacy": [], "bytes_up": eval_replies.bytes_up,
+            "bytes_down": eval_replies.bytes_down, "seconds": time.monotonic() - start,
+        }]
+        run_dir.append_metrics(rows[0])
+        progress.round_done(rows[0])
 
-        # A site whose privacy budget cannot afford the round declines it (no tensors).
-        declined = [m for m in replies.ok if "declined" in m.content["metrics"]]
-        trained_replies = [m for m in replies.ok if "declined" not in m.content["metrics"]]
-        failures = Counter(replies.failures)
-        if declined:
-            failures["declined: privacy budget"] += len(declined)
-            for m in declined:
-                log.info("round %d: node %d declined: its epsilon would reach %.3f > its limit %.3f", server_round,
-                         m.metadata.src_node_id, m.content["metrics"]["epsilon-would-be"], m.content["metrics"]["epsilon-limit"])
-
-        # Sites send back the tensors they train (all, or all but the frozen factors).
-        expected = {n: trained_part(a, strategy.frozen_factors) for n, a in sent.items()}
-        received = [
-            ClientUpdate(reply.metadata.src_node_id, from_record(reply.content["arrays"]), int(reply.content["metrics"]["num-examples"]))
-            for reply in trained_replies
-        ]
-        updates, refused = screen_updates(received, expected, config.strategy)
-        rejected = Counter(reason_category(reason) for _, reason in refused)
-        for node_id, reason in refused:
-            log.warning("round %d: update from node %d rejected: %s", server_round, node_id, reason)
-        epsilon_max = max([epsilon_max] + [float(m.content["metrics"]["epsilon"]) for m in replies.ok])
-        # Sites whose own privacy limits are reached end the run; that is not a failure.
-        budgets_exhausted = bool(declined) and len(updates) < config.federation.min_clients <= len(updates) + len(declined)
-        if len(updates) < config.federation.min_clients and not budgets_exhausted:
+    for server_round in range(last_round + 1, config.federation.rounds + 1):
+        start = time.monotonic()
+        failures: Counter = Counter()
+        for attempt in range(1, config.federation.round_retries + 2):
+            outcome = train_phase(grid, envelope, site_ranks, strategy, global_adapter, server_round, progress)
+            failures += outcome.failures + Counter({f"rejected: {k}": v for k, v in outcome.rejected.items()})
+            epsilon_max = max([epsilon_max] + [float(m.content["metrics"]["epsilon"]) for m in outcome.replies.ok])
+            enough = len(outcome.updates) >= config.federation.min_clients
+            # Sites whose own privacy limits are reached end the run; that is not a failure.
+            budgets_exhausted = not enough and len(outcome.updates) + len(outcome.declined) >= config.federation.min_clients
+            if enough or budgets_exhausted:
+                break
+            log.warning("round %d attempt %d: %d usable updates, fewer than federation.min_clients = %d (%s)",
+                        server_round, attempt, len(outcome.updates), config.federation.min_clients, dict(outcome.failures) or "no failures")
+        else:
             raise FederationError(
-                f"round {server_round}: {len(updates)} usable updates, fewer than federation.min_clients = {config.federation.min_clients}"
-                f" (failures: {dict(failures) or 'none'}, rejected: {dict(rejected) or 'none'})"
+                f"round {server_round}: fewer than federation.min_clients = {config.federation.min_clients} usable updates "
+                f"in {config.federation.round_retries + 1} attempts (failures: {dict(failures) or 'none'})"
             )
+
         central_row: dict[str, Any] = {}
         if budgets_exhausted:
             quality = "eval_accuracy" if config.model.task == "classification" else "eval_perplexity"
             eval_row, eval_replies = {"eval_loss": None, quality: None}, RoundReplies()
         else:
-            if config.privacy.central:
-                # Every site weighs the same and moves the mean by at most clip_norm / n.
-                clip = config.privacy.central_clip_norm
-                updates = [ClientUpdate(u.node_id, clip_update(u.adapter, expected[u.node_id], clip), 1) for u in updates]
-            global_adapter = strategy.aggregate(global_adapter, updates)
-            if config.privacy.central:
-                std = config.privacy.central_noise_multiplier * config.privacy.central_clip_norm / len(updates)
-                global_adapter = add_noise(global_adapter, sorted(updates[0].adapter), std)
-                asked = len(nodes) / max(len(nodes), len(grid.get_node_ids()))  # sampling rate of sites
-                central_history.append((config.privacy.central_noise_multiplier, asked, 1))
-                central_row = {"central_noise_std": std,
-                               "central_epsilon": epsilon_of(central_history, config.privacy.delta, config.privacy.accountant)}
-            eval_row, eval_replies = evaluate_round(grid, site_ranks.adapters(global_adapter, nodes), config, server_round, progress)
+            global_adapter, central_row = aggregate(strategy, global_adapter, outcome, config, central_history, len(grid.get_node_ids()))
+            eval_row, eval_replies = evaluate_round(grid, envelope, site_ranks.adapters(global_adapter, outcome.nodes), server_round, progress)
+
         row = {
             "round": server_round,
-            "clients_ok": 0 if budgets_exhausted else len(updates),
-            "clients_failed": sum(failures.values()) + sum(rejected.values()),
-            "clients_declined": len(declined),
-            "failures": {**dict(failures), **{f"rejected: {k}": v for k, v in rejected.items()}},
-            "updates_rejected": sum(rejected.values()),
-            "train_loss": weighted(trained_replies, "train-loss"),
+            "clients_ok": 0 if budgets_exhausted else len(outcome.updates),
+            "clients_failed": sum(failures.values()),
+            "clients_declined": len(outcome.declined),
+            # Evaluation failures are listed too, but a site is counted once (as failed in training).
+            "failures": {**dict(failures), **{f"evaluate: {k}": v for k, v in eval_replies.failures.items()}},
+            "updates_rejected": sum(outcome.rejected.values()),
+            "attempts": attempt,
+            "train_loss": weighted(outcome.trained, "train-loss"),
             **eval_row,
             "epsilon_max": epsilon_max,
-            "noise_multiplier": weighted(trained_replies, "noise-multiplier") if config.privacy.enabled else None,
-            "site_privacy": site_privacy(replies.ok) if config.privacy.enabled else [],
+            "noise_multiplier": weighted(outcome.trained, "noise-multiplier") if config.privacy.enabled else None,
+            "site_privacy": site_privacy(outcome.replies.ok) if config.privacy.enabled else [],
             **central_row,
-            "bytes_up": replies.bytes_up + eval_replies.bytes_up,
-            "bytes_down": replies.bytes_down + eval_replies.bytes_down,
+            "bytes_up": outcome.replies.bytes_up + eval_replies.bytes_up,
+            "bytes_down": outcome.replies.bytes_down + eval_replies.bytes_down,
             "seconds": time.monotonic() - start,
             **strategy.round_metrics(),
         }
+        # The row first, then the checkpoint: a crash between them is resumed from the
+        # previous checkpoint, and the resume drops this row before redoing the round.
         run_dir.append_metrics(row)
         run_dir.checkpoint(server_round, global_adapter, strategy.state(),
                            {"strategy": strategy.name, "metrics": row, "central_history": central_history})
         progress.round_done(row)
         rows.append(row)
         if budgets_exhausted:
-            progress.note(f"run ended after round {server_round - 1}: {len(declined)} sites declined round {server_round} "
+            progress.note(f"run ended after round {server_round - 1}: {len(outcome.declined)} sites declined round {server_round} "
                           f"(privacy budget) and fewer than federation.min_clients = {config.federation.min_clients} could train")
             break
 

@@ -10,12 +10,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from fedlora.adapter_state import Adapter, save_adapter_file
-from fedlora.config import Config, write_config
+from fedlora.adapter_state import Adapter, load_adapter_file, save_adapter_file
+from fedlora.config import Config, ConfigError, load_config, write_config
 
 
 def free_run_dir(requested: str) -> Path:
@@ -27,6 +27,17 @@ def free_run_dir(requested: str) -> Path:
         n += 1
         candidate = path.with_name(f"{path.name}-{n}")
     return candidate
+
+
+@dataclass
+class Resumed:
+    """What a run directory holds for resuming: the last completed round (0 if none)."""
+
+    round: int
+    adapter: Adapter
+    strategy_state: Adapter
+    state: dict[str, Any]
+    rows: list[dict[str, Any]]  # metrics rows up to that round, duplicates never kept
 
 
 class RunDirectory:
@@ -47,6 +58,32 @@ class RunDirectory:
         if config.model.task == "classification":
             run_dir.write_json("labels.json", config.data.labels)
         return run_dir, config
+
+    @classmethod
+    def resume(cls, config: Config) -> tuple["RunDirectory", Config, Resumed]:
+        """Reopen `config.run.resume`: its own config.toml (the run's resolved config) is
+        the run's truth, except `federation.rounds`, which may be raised to go on further."""
+        path = Path(config.run.resume).expanduser().resolve()
+        if not (path / "config.toml").is_file():
+            raise ConfigError(f"run.resume {str(path)!r}: not a run directory (no config.toml)")
+        saved = load_config(path / "config.toml")
+        saved = replace(saved, run=replace(saved.run, output_dir=str(path), resume=str(path)),
+                        federation=replace(saved.federation, rounds=max(saved.federation.rounds, config.federation.rounds)))
+        run_dir = cls(path)
+        done = sorted(p for p in run_dir.checkpoints.glob("round-*") if (p / "state.json").is_file())
+        last = int(done[-1].name.removeprefix("round-")) if done else 0
+        rows = [json.loads(line) for line in run_dir.metrics_path.read_text().splitlines() if line.strip()] if run_dir.metrics_path.exists() else []
+        rows = [r for r in rows if r["round"] <= last]
+        # Rewrite metrics.jsonl without rows past the checkpoint: the resumed rounds write them anew.
+        tmp = path / "metrics.jsonl.tmp"
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        os.replace(tmp, run_dir.metrics_path)
+        if last == 0:
+            return run_dir, saved, Resumed(0, {}, {}, {}, rows)
+        folder = done[-1]
+        state = json.loads((folder / "state.json").read_text())
+        return run_dir, saved, Resumed(last, load_adapter_file(folder / "adapter.safetensors"),
+                                       load_adapter_file(folder / "strategy_state.safetensors"), state, rows)
 
     def write_json(self, name: str, value: Any) -> None:
         tmp = self.path / f"{name}.tmp"

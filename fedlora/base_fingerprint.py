@@ -1,0 +1,70 @@
+"""A fingerprint of a base model: its architecture config plus a hash of its weights.
+
+The coordinator sends its fingerprint with every message; a site holding a different
+base model (another checkpoint, another revision, a corrupted copy) refuses instead of
+training an adapter that means nothing on the coordinator's model. Hashing a 2 GB
+checkpoint takes seconds, and a deployed site starts a process per message, so a
+weight file's hash is cached on disk keyed by its size and modification time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+# Config keys that describe where or how a folder was saved, not the model.
+VOLATILE_KEYS = {"_name_or_path", "transformers_version", "torch_dtype", "dtype", "id2label", "label2id", "_commit_hash"}
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+CACHE_FILE = "weight-hashes.json"
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 22), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _cached_sha256(path: Path, cache_dir: Path | None) -> str:
+    stat = path.stat()
+    key = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
+    cache_path = cache_dir / CACHE_FILE if cache_dir else None
+    cache: dict[str, str] = {}
+    if cache_path and cache_path.is_file():
+        try:
+            cache = json.loads(cache_path.read_text())
+        except ValueError:
+            cache = {}  # a cache, not a record: recompute
+    if key not in cache:
+        cache[key] = _file_sha256(path)
+        if cache_path:
+            cache_dir.mkdir(parents=True, exist_ok=True)
+            tmp = cache_path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(cache, indent=1))
+            tmp.replace(cache_path)
+    return cache[key]
+
+
+_MEMO: dict[tuple, str] = {}  # (folder, files' names/sizes/mtimes) -> fingerprint, per process
+
+
+def _fingerprint(folder: Path, cache_dir: Path | None) -> str:
+    config = json.loads((folder / "config.json").read_text())
+    architecture = {k: v for k, v in sorted(config.items()) if k not in VOLATILE_KEYS}
+    digest = hashlib.sha256(json.dumps(architecture, sort_keys=True).encode())
+    weights = sorted(p for p in folder.iterdir() if p.suffix in WEIGHT_SUFFIXES and p.is_file())
+    for path in weights:
+        digest.update(path.name.encode() + b"\0" + _cached_sha256(path, cache_dir).encode())
+    return "sha256:" + digest.hexdigest()
+
+
+def model_fingerprint(folder: Path, cache_dir: Path | None = None) -> str:
+    """sha256 over the architecture config (minus save-time keys) and every weight
+    file's sha256; `cache_dir` keeps the weight hashes between processes."""
+    folder = folder.resolve()
+    stamp = (folder, tuple((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(folder.iterdir()) if p.is_file()))
+    if stamp not in _MEMO:
+        _MEMO[stamp] = _fingerprint(folder, cache_dir)
+    return _MEMO[stamp]
