@@ -149,7 +149,8 @@ def train_locally(
     units = privacy_units(examples)
     expected_batch = max(1, round(plan.sample_rate * len(units)))
     with private_optimizer(
-        model, optimizer, plan.noise_multiplier, config.privacy.max_grad_norm, expected_batch, generator=rng
+        model, optimizer, plan.noise_multiplier, config.privacy.max_grad_norm, expected_batch, generator=rng,
+        impl=config.privacy.dp_impl,
     ) as (dp_model, dp_optimizer):
         # Opacus calls step_hook after clipping, noising and scaling, before the step.
         dp_optimizer.step_hook = lambda _: add_proximal_gradient()

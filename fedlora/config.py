@@ -91,6 +91,10 @@ class PrivacySection:
     central: bool = False
     central_noise_multiplier: float = 1.0
     central_clip_norm: float = 1.0
+    # How per-example gradients are computed (same clipping, noise and accounting either
+    # way): "fast" = hooks on LoRA/nn.Linear layers (privacy/lora_grad_sample.py),
+    # "opacus" = Opacus's GradSampleModule, "auto" = fast when it covers every trainable parameter.
+    dp_impl: str = "auto"
 
 
 @dataclass
@@ -158,6 +162,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "train.optimizer": ("adamw", "sgd"),
     "privacy.accountant": ("prv", "rdp"),
     "privacy.unit": ("example", "user"),
+    "privacy.dp_impl": ("auto", "fast", "opacus"),
     "simulation.partition": ("iid", "dirichlet"),
 }
 
