@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from fedlora.config import ConfigError, load_config, parse_override
+from fedlora.deployment_cli import DEPLOYMENT_COMMANDS, add_deployment_commands
 
 SIMULATE_HELP = """\
 Run a whole federation on this machine: virtual sites (Flower's simulation
@@ -36,6 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     cmp.add_argument("--strategies", default="", metavar="A,B", help="comma-separated strategy names (default: all)")
     cmp.add_argument("--output", default="runs/compare", metavar="DIR", help="folder for the runs and table.md")
     cmp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override applied to every run")
+    add_deployment_commands(commands)
     priv = commands.add_parser(
         "privacy", help="show a site's privacy ledger: runs, rounds, epsilon spent, budget left",
         description="Read the privacy ledger in a site's state dir (node config `state-dir`; a virtual site's is "
@@ -129,8 +131,10 @@ def run_simulate(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from client.site_agent import SiteError
     from fedlora.base_model import ModelError
     from fedlora.text_data import DataError
+    from server.coordinator_service import CoordinatorError
     from server.federation import FederationError
 
     try:
@@ -142,7 +146,9 @@ def main(argv: list[str] | None = None) -> int:
             return run_privacy(args)
         if args.command == "bench":
             return run_bench(args)
-    except (ConfigError, DataError, ModelError) as exc:
+        if args.command in DEPLOYMENT_COMMANDS:
+            return DEPLOYMENT_COMMANDS[args.command](args)
+    except (ConfigError, DataError, ModelError, SiteError, CoordinatorError, FileExistsError) as exc:
         print(f"fedlora: error: {exc}", file=sys.stderr)
         return 2
     except FederationError as exc:

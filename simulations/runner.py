@@ -13,20 +13,12 @@ from typing import Any
 
 from fedlora.base_model import resolve_model_dir
 from fedlora.config import Config, ConfigError
+from fedlora.flower_env import FLOWER_OFFLINE_ENV
 from server.progress import summary_table
 from server.run_directory import RunDirectory
 from simulations.virtual_sites import dataset_labels, dataset_rows
 from strategies import get_strategy
 
-FLOWER_OFFLINE_ENV = {
-    "FLWR_TELEMETRY_ENABLED": "0",
-    "FLWR_DISABLE_UPDATE_CHECK": "1",
-    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-    "HF_HUB_OFFLINE": "1",
-    "TRANSFORMERS_OFFLINE": "1",
-    "RAY_DEDUP_LOGS": "0",
-    "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
-}
 
 
 def prepare(config: Config) -> Config:

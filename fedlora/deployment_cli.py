@@ -1,0 +1,193 @@
+"""The deployment commands of `fedlora`: the coordinator service, the site agent,
+submitting and resuming runs, the operator's certificate/key/registration helpers,
+and exporting a run's adapter. Each implementation is imported only when run."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from pathlib import Path
+
+from fedlora.config import parse_override
+
+DEPLOYMENT_GUIDE = "See docs/deployment.md for a three-site TLS federation with node authentication."
+
+
+def _connection_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--coordinator-dir", type=Path, metavar="DIR", help="the coordinator's state dir (on this machine)")
+    p.add_argument("--superlink", metavar="HOST:PORT", help="the coordinator's address (from another machine)")
+    p.add_argument("--root-cert", type=Path, metavar="FILE", help="the CA certificate (ca.pem) with --superlink")
+    p.add_argument("--insecure", action="store_true", help="no TLS (a local trial only)")
+
+
+def add_deployment_commands(commands: argparse._SubParsersAction) -> None:
+    c = commands.add_parser(
+        "coordinator", help="start the coordinator service (a Flower SuperLink with TLS and node authentication)",
+        description="Start a Flower SuperLink with TLS, node authentication (only registered sites may join) and a "
+                    "persistent database under --state-dir. Runs are submitted to it with `fedlora run`. " + DEPLOYMENT_GUIDE)
+    c.add_argument("--state-dir", type=Path, required=True, metavar="DIR", help="database, log and operator connection live here")
+    c.add_argument("--certs", type=Path, metavar="DIR", help="folder with ca.pem, server.pem, server.key (`fedlora certs`)")
+    c.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 to serve other machines; default 127.0.0.1)")
+    c.add_argument("--port", type=int, default=9093, help="port for sites and operator commands (default 9093)")
+    c.add_argument("--insecure", action="store_true", help="no TLS and no node authentication: a local trial only")
+
+    s = commands.add_parser(
+        "client", help="start the client agent of one site (a Flower SuperNode)",
+        description="Check this site's settings (data readable, model folder loads, state dir writable, key and "
+                    "certificate parse), then connect to the coordinator as a Flower SuperNode. Training happens "
+                    "here; only adapter tensors and a few scalar metrics leave the site. " + DEPLOYMENT_GUIDE)
+    s.add_argument("--coordinator", required=True, metavar="HOST:PORT", help="the coordinator's address")
+    s.add_argument("--root-cert", type=Path, metavar="FILE", help="the CA certificate that signed the coordinator's (ca.pem)")
+    s.add_argument("--key", type=Path, metavar="FILE", help="this site's private key (`fedlora site-key`), registered at the coordinator")
+    s.add_argument("--data-path", type=Path, required=True, metavar="FILE", help="this site's data: a .jsonl or .csv file")
+    s.add_argument("--model-path", default="default", metavar="DIR",
+                   help="this site's local copy of the base model ('default' = the embedded model)")
+    s.add_argument("--state-dir", type=Path, required=True, metavar="DIR", help="this site's privacy ledger and local state")
+    s.add_argument("--max-epsilon", type=float, metavar="EPS", help="this site's privacy limit over all runs (wins over the coordinator)")
+    s.add_argument("--lora-rank", type=int, metavar="R", help="this site's LoRA rank (needs strategy.name = 'exact' if it differs)")
+    s.add_argument("--port", type=int, default=9094, help="this SuperNode's local API port (one per SuperNode on a machine)")
+    s.add_argument("--insecure", action="store_true", help="no TLS (a local trial only)")
+
+    r = commands.add_parser(
+        "run", help="submit a federation run to the coordinator, or resume one",
+        description="Validate the run configuration and submit it to the coordinator (`flwr run` with every key as "
+                    "run config), then stream its log. The run directory goes to the absolute run.output_dir on the "
+                    "coordinator's machine. With --resume RUN_DIR, continue that run after its last completed round.")
+    r.add_argument("--config", metavar="FILE", help="TOML run configuration")
+    r.add_argument("--resume", metavar="RUN_DIR", help="continue this run directory from its last checkpoint")
+    r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one config key (repeatable)")
+    r.add_argument("--detach", action="store_true", help="submit and return without streaming the log")
+    _connection_args(r)
+
+    k = commands.add_parser("certs", help="create a CA and the coordinator's TLS certificate (test or pilot deployments)",
+                            description="Write ca.pem, ca.key, server.pem, server.key into --out. Give every name or "
+                                        "IP address sites will dial with --host. Sites get ca.pem only.")
+    k.add_argument("--out", type=Path, required=True, metavar="DIR")
+    k.add_argument("--host", action="append", default=[], metavar="NAME_OR_IP",
+                   help="a name in the server certificate (repeatable; default: localhost and 127.0.0.1)")
+    k.add_argument("--days", type=int, default=365, help="validity in days (default 365)")
+
+    sk = commands.add_parser("site-key", help="create a site's node-authentication key pair",
+                             description="Write NAME (private: stays at the site) and NAME.pub (give it to the "
+                                         "coordinator's operator for `fedlora register-site`) into --out.")
+    sk.add_argument("--out", type=Path, required=True, metavar="DIR")
+    sk.add_argument("--name", required=True, help="the site's name, e.g. hospital-a")
+
+    rs = commands.add_parser("register-site", help="allow a site's public key to join the coordinator",
+                             description="Register a site's public key (NAME.pub) with the coordinator; prints the node id.")
+    rs.add_argument("public_key", type=Path, metavar="KEY.pub")
+    rs.add_argument("--name", help="a name for the site")
+    _connection_args(rs)
+
+    us = commands.add_parser("unregister-site", help="remove a site from the coordinator",
+                             description="Unregister a site by node id (see `fedlora sites`); it can no longer connect.")
+    us.add_argument("node_id", type=int, metavar="NODE_ID")
+    _connection_args(us)
+
+    ls = commands.add_parser("sites", help="list the sites registered at the coordinator")
+    _connection_args(ls)
+
+    e = commands.add_parser(
+        "export", help="write a run's final adapter, or the base model with it merged, loadable by transformers",
+        description="Without --merge: the PEFT adapter (load with PeftModel.from_pretrained(base, DIR)) plus tokenizer "
+                    "and labels.json. With --merge: a plain transformers model with the adapter merged in "
+                    "(AutoModelForSequenceClassification / AutoModelForCausalLM.from_pretrained(DIR)).")
+    e.add_argument("run_dir", type=Path, metavar="RUN_DIR")
+    e.add_argument("--out", type=Path, required=True, metavar="DIR", help="where to write (must not exist or be empty)")
+    e.add_argument("--merge", action="store_true", help="merge the adapter into the base model")
+    e.add_argument("--model-path", metavar="DIR", help="the base model on this machine, if not the run's model.path")
+
+
+def _home(args: argparse.Namespace) -> Path:
+    from server.coordinator_service import connection_home
+
+    return connection_home(args.coordinator_dir and args.coordinator_dir.resolve(), args.superlink, args.root_cert, args.insecure)
+
+
+def run_coordinator_cmd(args: argparse.Namespace) -> int:
+    from server.coordinator_service import CoordinatorSettings, run_coordinator
+
+    run_coordinator(CoordinatorSettings(args.state_dir.resolve(), args.certs and args.certs.resolve(), args.host, args.port, args.insecure))
+    return 0  # not reached: the process became the SuperLink
+
+
+def run_client_cmd(args: argparse.Namespace) -> int:
+    from client.site_agent import SiteSettings, run_site
+
+    model = args.model_path if args.model_path == "default" else str(Path(args.model_path).expanduser().resolve())
+    run_site(SiteSettings(
+        superlink=args.coordinator, data_path=args.data_path.expanduser().resolve(), state_dir=args.state_dir.expanduser().resolve(),
+        model_path=model, max_epsilon=args.max_epsilon, lora_rank=args.lora_rank,
+        root_cert=args.root_cert and args.root_cert.resolve(), key=args.key and args.key.resolve(),
+        insecure=args.insecure, runtime_port=args.port,
+    ))
+    return 0  # not reached: the process became the SuperNode
+
+
+def run_run_cmd(args: argparse.Namespace) -> int:
+    from fedlora.config import ConfigError
+    from server.run_submission import resolved_config, submit
+
+    if args.config and args.resume:
+        raise ConfigError("give either --config FILE (a new run) or --resume RUN_DIR, not both")
+    config = resolved_config(args.config, dict(parse_override(item) for item in args.set), args.resume)
+    code = submit(config, _home(args), stream=not args.detach)
+    adapter = Path(config.run.output_dir) / "adapter" / "adapter_model.safetensors"
+    if not args.detach and code == 0 and adapter.is_file():
+        print(f"[fedlora] run finished: {config.run.output_dir}")
+    return code
+
+
+def run_certs_cmd(args: argparse.Namespace) -> int:
+    from server.certificates import create_certificates
+
+    paths = create_certificates(args.out.resolve(), args.host or ["localhost", "127.0.0.1"], args.days)
+    print("\n".join(f"{name}: {path}" for name, path in paths.items()))
+    print("Give sites ca.pem only; keep ca.key offline.")
+    return 0
+
+
+def run_site_key_cmd(args: argparse.Namespace) -> int:
+    from client.site_keys import create_site_key
+
+    private, public = create_site_key(args.out.resolve(), args.name)
+    print(f"private key (stays at the site): {private}\npublic key (for `fedlora register-site`): {public}")
+    return 0
+
+
+def run_register_cmd(args: argparse.Namespace) -> int:
+    from server.coordinator_service import register_site
+
+    print(f"registered {args.public_key}: node id {register_site(_home(args), args.public_key, args.name)}")
+    return 0
+
+
+def run_unregister_cmd(args: argparse.Namespace) -> int:
+    from server.coordinator_service import unregister_site
+
+    unregister_site(_home(args), args.node_id)
+    print(f"unregistered node {args.node_id}")
+    return 0
+
+
+def run_sites_cmd(args: argparse.Namespace) -> int:
+    from server.coordinator_service import list_sites
+
+    for node in list_sites(_home(args)):
+        print(f"{node['node-id']:>22}  {node['status']:<12}  online since {node['online-at']}")
+    return 0
+
+
+def run_export_cmd(args: argparse.Namespace) -> int:
+    from server.model_export import export_run
+
+    out = export_run(args.run_dir, args.out.expanduser().resolve(), args.merge, args.model_path)
+    print(f"{'merged model' if args.merge else 'adapter'} written to {out}")
+    return 0
+
+
+DEPLOYMENT_COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "coordinator": run_coordinator_cmd, "client": run_client_cmd, "run": run_run_cmd, "certs": run_certs_cmd,
+    "site-key": run_site_key_cmd, "register-site": run_register_cmd, "unregister-site": run_unregister_cmd,
+    "sites": run_sites_cmd, "export": run_export_cmd,
+}

@@ -1,0 +1,37 @@
+"""The environment fedlora starts Flower processes in: offline, no telemetry, no update
+check, no runtime dependency installation (air-gapped sites), and this Python's own
+Flower executables."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+FLOWER_OFFLINE_ENV = {
+    "FLWR_TELEMETRY_ENABLED": "0",
+    "FLWR_DISABLE_UPDATE_CHECK": "1",
+    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "RAY_DEDUP_LOGS": "0",
+    "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
+}
+
+
+def flower_executable(name: str) -> str:
+    """`flwr`, `flower-superlink`, `flower-supernode` of the environment fedlora runs in."""
+    path = Path(sys.executable).parent / name
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: Flower's {name} is not installed next to this Python (pip install -e .)")
+    return str(path)
+
+
+def flower_env(flwr_home: Path | None = None) -> dict[str, str]:
+    """This process's environment plus the offline settings; Flower processes find each
+    other's executables on PATH, so this Python's bin folder goes first."""
+    env = {**os.environ, **FLOWER_OFFLINE_ENV}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    if flwr_home is not None:
+        env["FLWR_HOME"] = str(flwr_home)
+    return env

@@ -1,0 +1,52 @@
+"""`fedlora export RUN_DIR --out DIR [--merge]`: the run's final adapter, ready to use.
+
+Without --merge: the PEFT adapter folder (adapter_config.json,
+adapter_model.safetensors) pointing at the base model, plus the tokenizer and, for
+classification, labels.json; load it with `PeftModel.from_pretrained(base, DIR)`.
+With --merge: the base model with the adapter merged in, saved as a plain
+transformers model (label names in its config); load it with
+`AutoModelForSequenceClassification.from_pretrained(DIR)` or `AutoModelForCausalLM`.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from fedlora.base_model import load_base_model, load_tokenizer, resolve_model_dir
+from fedlora.config import ConfigError, load_config
+
+
+def export_run(run_dir: Path, out: Path, merge: bool, model_path: str | None = None) -> Path:
+    """Write the export into `out` (which must not exist or be empty); returns `out`."""
+    from peft import PeftModel
+
+    run_dir = run_dir.expanduser().resolve()
+    adapter_dir = run_dir / "adapter"
+    if not (run_dir / "config.toml").is_file():
+        raise ConfigError(f"{run_dir}: not a run directory (no config.toml)")
+    if not (adapter_dir / "adapter_model.safetensors").is_file():
+        raise ConfigError(f"{run_dir}: no final adapter yet (adapter/adapter_model.safetensors); has the run finished?")
+    if out.exists() and any(out.iterdir()):
+        raise ConfigError(f"--out {out}: exists and is not empty (an export never overwrites)")
+    config = load_config(run_dir / "config.toml", {"model.path": model_path} if model_path else None)
+    labels = config.data.labels if config.model.task == "classification" else []
+    folder = resolve_model_dir(config.model.path)
+    tokenizer = load_tokenizer(folder)
+    out.mkdir(parents=True, exist_ok=True)
+
+    if not merge:
+        for name in ("adapter_config.json", "adapter_model.safetensors"):
+            shutil.copy2(adapter_dir / name, out / name)
+    else:
+        base = load_base_model(config.model, max(1, len(labels)), config.run.seed)
+        merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
+        if labels:
+            merged.config.id2label = dict(enumerate(labels))
+            merged.config.label2id = {name: i for i, name in enumerate(labels)}
+        merged.save_pretrained(str(out))
+    tokenizer.save_pretrained(str(out))
+    if labels:
+        (out / "labels.json").write_text(json.dumps(labels, indent=2) + "\n")
+    return out
