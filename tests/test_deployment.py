@@ -1,0 +1,236 @@
+"""A real deployment on 127.0.0.1: `fedlora coordinator` (a SuperLink with TLS, node
+authentication and a database) and sites as real SuperNode processes, driven
+through fedlora's own commands, on a tiny test model.
+
+1. Three registered sites (one started directly with `flower-supernode`) run 2 rounds
+   and write a complete run directory, while a site with an unregistered key is
+   refused and a site holding a different base model refuses; a site killed in
+   round 2 is counted as failed and the round completes with the others.
+2. The coordinator killed after round 1 and restarted; `fedlora run --resume`
+   finishes round 2 without repeating round 1.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from fedlora.config import load_config, write_config
+from fedlora.flower_env import flower_env, flower_executable
+from tests.test_site_ledger import write_site_data
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parent.parent
+FEDLORA = [sys.executable, "-m", "fedlora.cli"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start(command: list[str], log: Path, cwd: Path = ROOT) -> subprocess.Popen:
+    """A process in its own session, so that it and its children can be killed together."""
+    return subprocess.Popen(command, stdout=log.open("w"), stderr=subprocess.STDOUT, cwd=cwd, env=flower_env(),
+                            start_new_session=True)
+
+
+def kill(proc: subprocess.Popen, sig: int = signal.SIGKILL) -> None:
+    try:
+        os.killpg(proc.pid, sig)
+    except ProcessLookupError:
+        pass
+    proc.wait(timeout=30)
+
+
+def wait_for(predicate, timeout: float, what: str, interval: float = 0.5):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+def fedlora(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([*FEDLORA, *args], cwd=ROOT, env=flower_env(), capture_output=True, text=True, timeout=timeout)
+
+
+def metrics_rows(run_dir: Path) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+class Deployment:
+    """Certificates, site keys, data, a coordinator, and the site processes."""
+
+    def __init__(self, root: Path, model: Path):
+        self.root, self.model = root, model
+        self.port = free_port()
+        self.state = root / "coordinator"
+        self.processes: list[subprocess.Popen] = []
+        out = fedlora("certs", "--out", str(root / "certs"))
+        assert out.returncode == 0, out.stderr
+        self.coordinator = self.start_coordinator()
+
+    def start_coordinator(self) -> subprocess.Popen:
+        log = self.root / f"coordinator-{len(self.processes)}.log"
+        proc = start([*FEDLORA, "coordinator", "--state-dir", str(self.state), "--certs", str(self.root / "certs"),
+                      "--port", str(self.port)], log)
+        self.processes.append(proc)
+        wait_for(lambda: "Uvicorn running" in log.read_text(), 60, "the SuperLink to listen")
+        return proc
+
+    def site_key(self, name: str, register: bool = True) -> Path:
+        out = fedlora("site-key", "--out", str(self.root / "keys"), "--name", name)
+        assert out.returncode == 0, out.stderr
+        if register:
+            out = fedlora("register-site", str(self.root / "keys" / f"{name}.pub"), "--coordinator-dir", str(self.state))
+            assert out.returncode == 0 and "node id" in out.stdout, out.stdout + out.stderr
+        return self.root / "keys" / name
+
+    def site(self, name: str, register: bool = True, model: Path | None = None, direct: bool = False) -> subprocess.Popen:
+        """A site: `fedlora client` (or `flower-supernode --node-config ...` if direct)."""
+        key = self.site_key(name, register)
+        data = write_site_data(self.root / f"{name}.jsonl", rows=120)
+        state, model = self.root / "sites" / name, model or self.model
+        if direct:
+            state.mkdir(parents=True)
+            node_config = f'data-path="{data}" model-path="{model}" state-dir="{state}"'
+            command = [flower_executable("flower-supernode"), "--superlink", f"127.0.0.1:{self.port}", "--root-certificates",
+                       str(self.root / "certs" / "ca.pem"), "--auth-supernode-private-key", str(key),
+                       "--node-config", node_config, "--port", str(free_port())]
+        else:
+            command = [*FEDLORA, "client", "--coordinator", f"127.0.0.1:{self.port}", "--root-cert",
+                       str(self.root / "certs" / "ca.pem"), "--key", str(key), "--data-path", str(data),
+                       "--model-path", str(model), "--state-dir", str(state), "--port", str(free_port())]
+        proc = start(command, self.root / f"site-{name}.log")
+        self.processes.append(proc)
+        return proc
+
+    def config(self, name: str, **overrides) -> Path:
+        config = load_config(None, {
+            "model.path": str(self.model), "data.labels": ["a", "b", "c"], "run.output_dir": str(self.root / "runs" / name),
+            "federation.rounds": 2, "federation.min_clients": 2, "federation.round_timeout": 60.0,
+            "train.local_steps": 2, "train.batch_size": 16, "privacy.target_epsilon": 4.0, **overrides,
+        })
+        path = self.root / f"{name}.toml"
+        write_config(config, path)
+        return path
+
+    def close(self) -> None:
+        for proc in self.processes:
+            if proc.poll() is None:
+                kill(proc, signal.SIGTERM)
+
+
+@pytest.fixture
+def deployment(tmp_path, tiny_models):
+    d = Deployment(tmp_path, tiny_models["bert"])
+    yield d
+    d.close()
+
+
+def other_base_model(tiny_bert: Path, folder: Path) -> Path:
+    """The same architecture with other weights: a site holding the wrong checkpoint."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    model = AutoModelForSequenceClassification.from_pretrained(str(tiny_bert))
+    with torch.no_grad():
+        model.bert.embeddings.word_embeddings.weight.add_(0.01)
+    model.save_pretrained(str(folder))
+    AutoTokenizer.from_pretrained(str(tiny_bert)).save_pretrained(str(folder))
+    return folder
+
+
+def test_three_tls_sites_with_node_auth_refusals_and_a_site_killed_mid_run(deployment, tmp_path):
+    d = deployment
+    sites = [d.site("site-0"), d.site("site-1"), d.site("site-2", direct=True)]
+    rogue = d.site("rogue", register=False)
+    d.site("other-model", model=other_base_model(d.model, tmp_path / "other-model"))
+    run_dir = d.root / "runs" / "three"
+    submit = start([*FEDLORA, "run", "--config", str(d.config("three")), "--coordinator-dir", str(d.state)], d.root / "run.log")
+    d.processes.append(submit)
+
+    # The unregistered key never joins: its SuperNode is refused and exits.
+    assert wait_for(lambda: rogue.poll() is not None, 120, "the unregistered site to be refused") != 0
+    assert "Failed to activate SuperNode" in (d.root / "site-rogue.log").read_text()
+
+    # Kill one site's whole node (SuperNode and its ClientApp) as round 2 begins.
+    wait_for(lambda: len(metrics_rows(run_dir)) >= 2, 400, "round 1 to complete")
+    kill(sites[1])
+    assert submit.wait(timeout=600) == 0, (d.root / "run.log").read_text()[-3000:]
+
+    rows = metrics_rows(run_dir)
+    assert [r["round"] for r in rows] == [0, 1, 2]
+    assert rows[1]["clients_ok"] == 3 and rows[1]["failures"] == {"refused: different base model": 1}
+    assert rows[2]["clients_ok"] == 2
+    assert rows[2]["clients_failed"] == 2  # the killed site and the refusing one
+    assert rows[2]["failures"].get("refused: different base model") == 1
+    assert sum(v for k, v in rows[2]["failures"].items() if k == "timeout" or k.startswith("error")) == 1
+
+    # A complete run directory, with an adapter PEFT loads.
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification
+
+    assert {p.name for p in run_dir.iterdir()} >= {"config.toml", "metrics.jsonl", "labels.json", "adapter", "checkpoints"}
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["round-0001", "round-0002"]
+    base = AutoModelForSequenceClassification.from_pretrained(str(d.model), num_labels=3)
+    peft_model = PeftModel.from_pretrained(base, str(run_dir / "adapter")).eval()
+
+    # Each site's ledger holds what it trained; the refusing site trained nothing.
+    for name, rounds in (("site-0", [1, 2]), ("site-2", [1, 2])):
+        ledger = json.loads((d.root / "sites" / name / "privacy-ledger.json").read_text())
+        assert [m["round"] for m in ledger["runs"][0]["mechanisms"]] == rounds
+    assert not (d.root / "sites" / "other-model" / "privacy-ledger.json").exists()
+    assert "is not the coordinator's" in (d.root / "site-other-model.log").read_text()
+
+    # Export: the merged model loads with plain transformers and computes what base + adapter do.
+    out = fedlora("export", str(run_dir), "--out", str(tmp_path / "merged"), "--merge")
+    assert out.returncode == 0, out.stderr
+    merged = AutoModelForSequenceClassification.from_pretrained(str(tmp_path / "merged")).eval()
+    ids = torch.tensor([[101, 2000, 2001, 102]])
+    with torch.no_grad():
+        assert torch.allclose(merged(input_ids=ids).logits, peft_model(input_ids=ids).logits, atol=1e-5)
+    assert merged.config.id2label == {0: "a", 1: "b", 2: "c"}
+
+
+def test_coordinator_killed_after_round_1_resumes_without_repeating_it(deployment):
+    d = deployment
+    d.site("site-0")
+    d.site("site-1")
+    run_dir = d.root / "runs" / "resumed"
+    submit = start([*FEDLORA, "run", "--config", str(d.config("resumed")), "--coordinator-dir", str(d.state)], d.root / "run.log")
+    d.processes.append(submit)
+    wait_for(lambda: (run_dir / "checkpoints" / "round-0001" / "state.json").is_file(), 400, "round 1's checkpoint")
+    round_1 = metrics_rows(run_dir)[1]
+    kill(d.coordinator)  # the SuperLink and the ServerApp it runs
+    kill(submit)
+    assert not (run_dir / "adapter").exists()
+
+    d.coordinator = d.start_coordinator()  # same database: the sites stay registered and reconnect
+    out = fedlora("run", "--resume", str(run_dir), "--coordinator-dir", str(d.state), timeout=600)
+    assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
+
+    rows = metrics_rows(run_dir)
+    assert [r["round"] for r in rows] == [0, 1, 2]  # no duplicate rows
+    assert rows[1] == round_1  # round 1 was not redone
+    assert rows[2]["clients_ok"] == 2
+    assert (run_dir / "adapter" / "adapter_model.safetensors").is_file()
+    for name in ("site-0", "site-1"):
+        ledger = json.loads((d.root / "sites" / name / "privacy-ledger.json").read_text())
+        rounds = [m["round"] for m in ledger["runs"][0]["mechanisms"]]
+        # Round 1 trained once; round 2 at least once (twice if a site answered the killed coordinator:
+        # that release left the site, so its ledger rightly keeps it).
+        assert rounds.count(1) == 1 and rounds.count(2) in (1, 2)
