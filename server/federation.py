@@ -77,7 +77,7 @@ def exchange(
             pending.discard(reply.metadata.reply_to_message_id)
             node = reply.metadata.src_node_id
             if reply.has_error():
-                out.failures[f"error: {reply.error.reason[:80]}"] += 1
+                out.failures[error_category(reply.error.reason)] += 1
                 log.warning("round %d %s: node %d failed: %s", server_round, phase, node, reply.error.reason)
             elif "metrics" in reply.content.metric_records and "refused-base-model" in reply.content["metrics"]:
                 out.failures[REFUSED_BASE_MODEL] += 1
@@ -93,6 +93,13 @@ def exchange(
         out.failures["timeout"] += len(pending)
         log.warning("round %d %s: %d nodes did not reply within %.0fs", server_round, phase, len(pending), timeout)
     return out
+
+
+def error_category(reason: str) -> str:
+    """A short, stable key for a failure reason in metrics.jsonl (the log has it whole)."""
+    if "Node Unavailable" in reason:
+        return "node unavailable"  # the site stopped sending heartbeats (killed, network down)
+    return f"error: {reason.splitlines()[0][:80]}" if reason else "error"
 
 
 def weighted(replies: list[Message], key: str) -> float | None:
