@@ -87,6 +87,13 @@ def add_deployment_commands(commands: argparse._SubParsersAction) -> None:
     ls = commands.add_parser("sites", help="list the sites registered at the coordinator")
     _connection_args(ls)
 
+    sd = commands.add_parser("sample-data", help="write synthetic triage-note files, one per site, to try a deployment",
+                             description="One JSONL file per site (text, label, patient_id) from the built-in synthetic "
+                                         "triage-note generator; the labels are the 6 departments of the default task.")
+    sd.add_argument("--out", type=Path, required=True, metavar="DIR")
+    sd.add_argument("--sites", type=int, default=3, metavar="N", help="number of site files (default 3)")
+    sd.add_argument("--notes", type=int, default=1200, metavar="N", help="notes per site (default 1200)")
+
     e = commands.add_parser(
         "export", help="write a run's final adapter, or the base model with it merged, loadable by transformers",
         description="Without --merge: the PEFT adapter (load with PeftModel.from_pretrained(base, DIR)) plus tokenizer "
@@ -178,6 +185,15 @@ def run_sites_cmd(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_sample_data_cmd(args: argparse.Namespace) -> int:
+    from simulations.sample_sites import LABELS, write_site_files
+
+    for path in write_site_files(args.out.resolve(), args.sites, args.notes):
+        print(path)
+    print(f"labels (data.labels): {LABELS}")
+    return 0
+
+
 def run_export_cmd(args: argparse.Namespace) -> int:
     from server.model_export import export_run
 
@@ -189,5 +205,5 @@ def run_export_cmd(args: argparse.Namespace) -> int:
 DEPLOYMENT_COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "coordinator": run_coordinator_cmd, "client": run_client_cmd, "run": run_run_cmd, "certs": run_certs_cmd,
     "site-key": run_site_key_cmd, "register-site": run_register_cmd, "unregister-site": run_unregister_cmd,
-    "sites": run_sites_cmd, "export": run_export_cmd,
+    "sites": run_sites_cmd, "sample-data": run_sample_data_cmd, "export": run_export_cmd,
 }

@@ -17,8 +17,11 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import tempfile
+import time
+import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -109,7 +112,24 @@ def connection_home(coordinator_dir: Path | None, superlink: str | None, root_ce
     return home
 
 
+def wait_until_listening(flwr_home: Path, timeout: float = 30.0) -> None:
+    """A coordinator started a moment ago takes a few seconds to listen: wait for it
+    (bounded), so that `fedlora coordinator ... &` followed by a command just works."""
+    address = tomllib.loads((flwr_home / "config.toml").read_text())["superlink"][CONNECTION]["address"]
+    host, _, port = address.rpartition(":")
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            socket.create_connection((host.strip("[]"), int(port)), timeout=2).close()
+            return
+        except OSError as exc:
+            if time.monotonic() > deadline:
+                raise CoordinatorError(f"coordinator {address}: not reachable within {timeout:.0f}s ({exc.strerror or exc})") from None
+            time.sleep(0.5)
+
+
 def flwr_cli(args: list[str], flwr_home: Path, timeout: float = 120) -> subprocess.CompletedProcess:
+    wait_until_listening(flwr_home)
     return subprocess.run([flower_executable("flwr"), *args], env=flower_env(flwr_home), capture_output=True, text=True, timeout=timeout)
 
 

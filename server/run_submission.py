@@ -20,7 +20,7 @@ import tomli_w
 import fedlora
 from fedlora.config import Config, ConfigError, load_config
 from fedlora.flower_env import flower_env, flower_executable
-from server.coordinator_service import CONNECTION
+from server.coordinator_service import CONNECTION, wait_until_listening
 from server.run_directory import free_run_dir
 
 
@@ -61,6 +61,7 @@ def submit(config: Config, flwr_home: Path, stream: bool = True) -> int:
     command = [flower_executable("flwr"), "run", str(app_dir()), CONNECTION, "--run-config", run_config_file]
     if stream:
         command.append("--stream")
+    wait_until_listening(flwr_home)
     print(f"[fedlora] submitting run: {config.run.output_dir}", flush=True)
     try:
         return subprocess.run(command, env=flower_env(flwr_home), cwd=app_dir()).returncode
