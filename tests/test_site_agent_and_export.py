@@ -1,0 +1,128 @@
+"""The site agent's checks before it connects, the operator helpers' files, and export."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from client.site_agent import SiteError, SiteSettings, supernode_command, validate_site
+from client.site_keys import create_site_key
+from fedlora.cli import main
+from server.certificates import create_certificates
+from tests.test_site_ledger import write_site_data
+
+
+@pytest.fixture
+def site(tmp_path, tiny_models) -> SiteSettings:
+    certs = create_certificates(tmp_path / "certs", ["localhost", "127.0.0.1"])
+    key, _ = create_site_key(tmp_path / "keys", "site-a")
+    return SiteSettings(superlink="127.0.0.1:9093", data_path=write_site_data(tmp_path / "notes.jsonl"),
+                        state_dir=tmp_path / "state", model_path=str(tiny_models["bert"]), max_epsilon=5.0,
+                        root_cert=certs["ca.pem"], key=key)
+
+
+def test_a_valid_site_passes_and_its_supernode_gets_tls_auth_and_node_config(site):
+    validate_site(site)
+    command = supernode_command(site)
+    assert command[command.index("--root-certificates") + 1] == str(site.root_cert)
+    assert command[command.index("--auth-supernode-private-key") + 1] == str(site.key)
+    node_config = command[command.index("--node-config") + 1]
+    assert f'data-path="{site.data_path}"' in node_config and f'state-dir="{site.state_dir}"' in node_config
+    assert "max-epsilon=5.0" in node_config and "--insecure" not in command
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"data_path": Path("/nonexistent/notes.jsonl")}, "--data-path: data file /nonexistent/notes.jsonl: does not exist"),
+    ({"model_path": "/nonexistent/model"}, "--model-path: model.path '/nonexistent/model': not a local Hugging Face model folder"),
+    ({"root_cert": None}, "--root-cert is required"),
+    ({"max_epsilon": -1.0}, "--max-epsilon must be > 0"),
+])
+def test_bad_site_settings_are_one_line_errors(site, change, message):
+    for name, value in change.items():
+        setattr(site, name, value)
+    with pytest.raises(SiteError, match=message.replace("(", r"\(").replace(")", r"\)").replace(".", r"\.")):
+        validate_site(site)
+
+
+def test_bad_key_data_format_and_state_dir(site, tmp_path):
+    (tmp_path / "not-a-key").write_text("hello")
+    site.key = tmp_path / "not-a-key"
+    with pytest.raises(SiteError, match="not an OpenSSH private key"):
+        validate_site(site)
+    site.key = None
+    (tmp_path / "notes.txt").write_text("a,b\n")
+    site.data_path = tmp_path / "notes.txt"
+    with pytest.raises(SiteError, match="unknown format"):
+        validate_site(site)
+    site.data_path = write_site_data(tmp_path / "ok.jsonl")
+    if os.geteuid() != 0:  # root writes anywhere
+        site.state_dir = Path("/proc/fedlora-state")
+        with pytest.raises(SiteError, match="--state-dir"):
+            validate_site(site)
+    site.state_dir = tmp_path / "state"
+    site.state_dir.mkdir(exist_ok=True)
+    (site.state_dir / "privacy-ledger.json").write_text("{broken")
+    with pytest.raises(SiteError, match="unreadable"):
+        validate_site(site)
+
+
+def test_client_command_exits_2_with_one_line_before_connecting(site, capsys):
+    code = main(["client", "--coordinator", "127.0.0.1:1", "--root-cert", str(site.root_cert), "--data-path", "/nope.jsonl",
+                 "--state-dir", str(site.state_dir)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "--data-path" in err
+
+
+def test_certificates_and_keys_are_what_tls_and_flower_expect(tmp_path):
+    from cryptography import x509
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.hazmat.primitives.serialization import load_ssh_private_key, load_ssh_public_key
+
+    certs = create_certificates(tmp_path / "certs", ["coordinator.example.org", "10.0.0.5"])
+    ca = x509.load_pem_x509_certificate(certs["ca.pem"].read_bytes())
+    server = x509.load_pem_x509_certificate(certs["server.pem"].read_bytes())
+    server.verify_directly_issued_by(ca)
+    names = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert names.get_values_for_type(x509.DNSName) == ["coordinator.example.org"]
+    assert [str(ip) for ip in names.get_values_for_type(x509.IPAddress)] == ["10.0.0.5"]
+    assert oct(certs["server.key"].stat().st_mode)[-3:] == "600"
+    with pytest.raises(FileExistsError):
+        create_certificates(tmp_path / "certs", ["localhost"])
+
+    private, public = create_site_key(tmp_path / "keys", "hospital-a")
+    key = load_ssh_private_key(private.read_bytes(), None)
+    assert isinstance(key, ec.EllipticCurvePrivateKey) and key.curve.name == "secp384r1"
+    assert load_ssh_public_key(public.read_bytes()).public_numbers() == key.public_key().public_numbers()
+
+
+def test_export_adapter_and_merged_model(tmp_path, tiny_models):
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification
+
+    from fedlora.adapter_state import adapter_of, write_peft_dir
+    from fedlora.base_model import build_peft_model
+    from fedlora.config import load_config, write_config
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    config = load_config(None, {"model.path": str(tiny_models["bert"]), "data.labels": ["a", "b", "c"], "run.output_dir": str(run_dir)})
+    write_config(config, run_dir / "config.toml")
+    model = build_peft_model(config.model, config.lora, num_labels=3, seed=0)
+    adapter = {k: v + 0.05 * torch.randn_like(v) for k, v in adapter_of(model).items()}  # a trained-looking adapter
+    write_peft_dir(model, adapter, run_dir / "adapter", tiny_models["bert"])
+
+    assert main(["export", str(run_dir), "--out", str(tmp_path / "adapter-out")]) == 0
+    assert json.loads((tmp_path / "adapter-out" / "labels.json").read_text()) == ["a", "b", "c"]
+    base = AutoModelForSequenceClassification.from_pretrained(str(tiny_models["bert"]), num_labels=3)
+    with_adapter = PeftModel.from_pretrained(base, str(tmp_path / "adapter-out")).eval()
+
+    assert main(["export", str(run_dir), "--out", str(tmp_path / "merged"), "--merge"]) == 0
+    merged = AutoModelForSequenceClassification.from_pretrained(str(tmp_path / "merged")).eval()
+    ids = torch.tensor([[101, 2000, 2001, 2002, 102]])
+    with torch.no_grad():
+        assert torch.allclose(merged(input_ids=ids).logits, with_adapter(input_ids=ids).logits, atol=1e-5)
+    assert main(["export", str(run_dir), "--out", str(tmp_path / "merged")]) == 2  # never overwrites
