@@ -112,7 +112,7 @@ def train(msg: Message, context: Context) -> Message:
                 result = train_locally(cached.model, site.train, config, plan, cached.tokenizer.pad_token_id, seed)
             # Recorded before the reply exists: nothing leaves the site unaccounted.
             ledger.record(run, accountant, delta, Mechanism(server_round, *mechanism, unit=plan.unit), limit)
-            epsilon = ledger.epsilon(delta, accountant)
+            epsilon = decision.epsilon_after  # the ledger now holds exactly what the guard counted
             remaining = [mechanism] * max(0, config.federation.rounds - server_round)
             planned = ledger.epsilon(delta, accountant, extra=remaining)
         privacy = {"epsilon": epsilon, "planned-epsilon": planned, "noise-multiplier": plan.noise_multiplier}

@@ -22,12 +22,23 @@ History = list[tuple[float, float, int]]
 ACCOUNTANTS = {"prv": PRVAccountant, "rdp": RDPAccountant}
 
 
+def compressed(history: History) -> History:
+    """Entries with the same (noise_multiplier, sample_rate) merged, steps summed: the
+    same composition (it is commutative), but PRV's cost grows with the entry count
+    (about 0.1 s each), and a ledger repeats one mechanism round after round."""
+    steps: dict[tuple[float, float], int] = {}
+    for s, q, n in history:
+        key = (float(s), float(q))
+        steps[key] = steps.get(key, 0) + int(n)
+    return [(s, q, n) for (s, q), n in steps.items()]
+
+
 def epsilon_of(history: History, delta: float, accountant: str = "prv") -> float:
     """Cumulative epsilon of all mechanisms in `history` at `delta` (0.0 if empty)."""
     if not history:
         return 0.0
     acc = ACCOUNTANTS[accountant]()
-    acc.history = [(float(s), float(q), int(n)) for s, q, n in history]
+    acc.history = compressed(history)
     with np.errstate(divide="ignore"):  # PRV evaluates log(0) at the domain's edge for large q
         return float(acc.get_epsilon(delta=delta))
 

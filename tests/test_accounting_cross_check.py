@@ -50,3 +50,18 @@ def test_calibrated_noise_spends_the_target_by_an_independent_count():
     reference = pld.PLDAccountant(value_discretization_interval=1e-4)
     reference.compose(poisson_gaussian([(sigma, 64 / 960, 20)]))
     assert reference.get_epsilon(1e-5) == pytest.approx(8.0, rel=2e-2)
+
+
+@pytest.mark.parametrize("accountant", ["prv", "rdp"])
+def test_merging_repeated_mechanisms_does_not_change_epsilon(accountant):
+    """epsilon_of merges entries with equal (sigma, q); Opacus on the raw history agrees."""
+    import numpy as np
+
+    from privacy.accounting import ACCOUNTANTS
+
+    history = [(0.6, 0.08, 4), (1.1, 0.05, 3), (0.6, 0.08, 4), (0.6, 0.08, 4), (1.1, 0.05, 3)]
+    raw = ACCOUNTANTS[accountant]()
+    raw.history = list(history)
+    with np.errstate(divide="ignore"):
+        expected = raw.get_epsilon(delta=1e-5)
+    assert epsilon_of(history, 1e-5, accountant) == pytest.approx(expected, rel=5e-3)
