@@ -38,6 +38,8 @@ def cached_model(config: Config, labels: list[str]) -> CachedModel:
     by the caller before use, so they are not part of the key.
     """
     global _cache, loads_in_process
+    if config.simulation.reload_base_model:
+        _cache = None  # the benchmark's baseline: every call loads the base model again
     folder = resolve_model_dir(config.model.path)
     lora = config.lora
     key = (str(folder), config.model.task, len(labels), config.run.seed)

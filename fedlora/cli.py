@@ -71,11 +71,39 @@ def build_parser() -> argparse.ArgumentParser:
     dp.add_argument("--steps", type=int, default=10, metavar="N", help="timed rounds, one step of each variant per round (default: 10)")
     dp.add_argument("--warmup", type=int, default=1, metavar="N", help="untimed rounds first (default: 1)")
     dp.add_argument("--json", action="store_true", help="print one JSON object (plain_ms, dp_ms, ratio, plain_peak_mb, dp_peak_mb, device, ...)")
+    sim_bench = benches.add_parser(
+        "simulation", help="client updates per second, peak memory and base-model loads for N virtual clients",
+        description="Run `fedlora simulate` (DP on) with N virtual clients on a tiny BERT built from a config, once "
+                    "with fedlora's one-base-model-per-worker cache and once reloading the base model on every client "
+                    "call (the FlowerTune baseline), and report client updates per second, the peak resident memory of "
+                    "the whole simulation (driver, Ray and its workers) and the number of base-model loads.")
+    sim_bench.add_argument("--clients", type=int, required=True, metavar="N", help="virtual clients")
+    sim_bench.add_argument("--rounds", type=int, default=2, metavar="R", help="rounds (default: 2)")
+    sim_bench.add_argument("--per-round", type=int, default=10, metavar="K",
+                           help="clients sampled per round, federation.clients_per_round (default: 10; 0 = all)")
+    sim_bench.add_argument("--model", default="tiny", choices=("tiny", "default"),
+                           help="tiny: a 2-layer BERT built from a config; default: the embedded MiniLM (default: tiny)")
+    sim_bench.add_argument("--modes", default="cached,reload", metavar="A,B", help="cached, reload or both (default: both)")
+    sim_bench.add_argument("--json", action="store_true", help="print a JSON list, one object per mode")
     return parser
 
 
 def run_bench(args: argparse.Namespace) -> int:
     import json
+
+    if args.bench == "simulation":
+        from simulations.bench_simulation import SimulationBenchOptions, bench_simulation
+        from simulations.bench_simulation import format_table as simulation_table
+
+        modes = tuple(m.strip() for m in args.modes.split(",") if m.strip())
+        if not modes or set(modes) - {"cached", "reload"}:
+            raise ConfigError(f"--modes: expected cached, reload or both, got {args.modes!r}")
+        if args.clients < 2 or args.rounds < 1 or args.per_round < 0:
+            raise ConfigError("--clients must be >= 2, --rounds >= 1 and --per-round >= 0")
+        results = bench_simulation(SimulationBenchOptions(args.clients, args.rounds, args.per_round, modes=modes, model=args.model),
+                                   progress=lambda line: print(line, file=sys.stderr, flush=True))
+        print(json.dumps(results, indent=1) if args.json else simulation_table(results))
+        return 0
 
     from simulations.bench_dp import BenchOptions, bench_dp, format_table
 

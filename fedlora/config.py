@@ -103,6 +103,8 @@ class FederationSection:
     min_clients: int = 2
     round_timeout: float = 600.0  # seconds to wait for replies in one round
     round_retries: int = 2  # more attempts for a round that gathers fewer than min_clients updates
+    # Sites asked to train (and evaluate) each round, sampled from the run seed; 0 = every connected site.
+    clients_per_round: int = 0
 
 
 @dataclass
@@ -135,6 +137,9 @@ class SimulationSection:
     # LoRA rank of each virtual site, cycled over partition ids (site k: client_ranks[k % len]);
     # empty = every site uses lora.rank. Different ranks need strategy.name = "exact".
     client_ranks: list[int] = field(default_factory=list)
+    # Reload the base model on every client call instead of once per worker: the baseline
+    # (what FlowerTune does) that `fedlora bench simulation` compares against. Never faster.
+    reload_base_model: bool = False
 
 
 @dataclass
@@ -271,6 +276,11 @@ def validate(config: Config, where: str = "config") -> None:
         raise ConfigError(f"{where}: key 'strategy.outlier_factor' must be 0 (off) or >= 1, got {config.strategy.outlier_factor!r}")
     if not config.privacy.delta < 1:
         raise ConfigError(f"{where}: key 'privacy.delta' must be < 1, got {config.privacy.delta!r}")
+    if not config.federation.clients_per_round >= 0:
+        raise ConfigError(f"{where}: key 'federation.clients_per_round' must be >= 0 (0 = all), got {config.federation.clients_per_round!r}")
+    if 0 < config.federation.clients_per_round < config.federation.min_clients:
+        raise ConfigError(f"{where}: key 'federation.clients_per_round' ({config.federation.clients_per_round}) is below "
+                          f"federation.min_clients ({config.federation.min_clients}): no round could complete")
     if not config.federation.round_retries >= 0:
         raise ConfigError(f"{where}: key 'federation.round_retries' must be >= 0, got {config.federation.round_retries!r}")
     if not config.privacy.site_max_epsilon >= 0:

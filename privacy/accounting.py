@@ -37,8 +37,13 @@ def epsilon_of(history: History, delta: float, accountant: str = "prv") -> float
     """Cumulative epsilon of all mechanisms in `history` at `delta` (0.0 if empty)."""
     if not history:
         return 0.0
+    return _epsilon(tuple(sorted(compressed(history))), float(delta), accountant)
+
+
+@lru_cache(maxsize=4096)  # sites with the same data size repeat the same histories, round after round
+def _epsilon(history: tuple[tuple[float, float, int], ...], delta: float, accountant: str) -> float:
     acc = ACCOUNTANTS[accountant]()
-    acc.history = compressed(history)
+    acc.history = list(history)
     with np.errstate(divide="ignore"):  # PRV evaluates log(0) at the domain's edge for large q
         return float(acc.get_epsilon(delta=delta))
 

@@ -13,13 +13,14 @@ from privacy.site_ledger import SiteLedger
 @dataclass
 class BudgetDecision:
     allowed: bool
-    epsilon_spent: float  # before this round, over every run in the ledger
-    epsilon_after: float  # if this round's planned steps were taken
+    epsilon_after: float  # if this round's planned steps were taken, over every run in the ledger
     limit: float
+    epsilon_spent: float | None = None  # before this round; computed only for a refusal
 
 
 def check_budget(ledger: SiteLedger, planned: History, delta: float, accountant: str, limit: float) -> BudgetDecision:
     """Would `planned` mechanisms keep the site's cumulative epsilon <= `limit`?"""
-    spent = ledger.epsilon(delta, accountant)
     after = ledger.epsilon(delta, accountant, extra=planned)
-    return BudgetDecision(allowed=math.isinf(limit) or after <= limit, epsilon_spent=spent, epsilon_after=after, limit=limit)
+    if math.isinf(limit) or after <= limit:
+        return BudgetDecision(True, after, limit)
+    return BudgetDecision(False, after, limit, epsilon_spent=ledger.epsilon(delta, accountant))

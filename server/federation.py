@@ -11,6 +11,7 @@ exchange has `federation.round_timeout`, and a round that cannot gather
 from __future__ import annotations
 
 import logging
+import random
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -186,6 +187,17 @@ def evaluate_round(grid: Grid, envelope: Envelope, adapters: dict[int, Adapter],
     return row, replies
 
 
+def sample_sites(nodes: list[int], config: Config, server_round: int, attempt: int = 1) -> list[int]:
+    """The sites asked this round: `federation.clients_per_round` of the connected ones.
+    Drawn from the run seed (reproducible), except under central DP, whose accounting
+    assumes that nobody can predict the sample (privacy amplification by sampling)."""
+    k = config.federation.clients_per_round
+    if k == 0 or k >= len(nodes):
+        return nodes
+    rng = random.SystemRandom() if config.privacy.central else random.Random(f"{config.run.seed}/{server_round}/{attempt}")
+    return sorted(rng.sample(nodes, k))
+
+
 @dataclass
 class TrainOutcome:
     """One attempt at a round's training phase."""
@@ -201,9 +213,10 @@ class TrainOutcome:
 
 
 def train_phase(grid: Grid, envelope: Envelope, site_ranks: SiteRanks, strategy: Strategy, global_adapter: Adapter,
-                server_round: int, progress: Progress) -> TrainOutcome:
+                server_round: int, attempt: int, progress: Progress) -> TrainOutcome:
     config = envelope.config
-    nodes, failures = site_ranks.learn(grid, sorted(grid.get_node_ids()), server_round, progress)
+    asked = sample_sites(sorted(grid.get_node_ids()), config, server_round, attempt)
+    nodes, failures = site_ranks.learn(grid, asked, server_round, progress)
     sent = site_ranks.adapters(global_adapter, nodes)
     replies = exchange(grid, envelope.with_adapters(sent, server_round), MessageType.TRAIN, server_round,
                        config.federation.round_timeout, progress, "train")
@@ -284,7 +297,7 @@ def run_federation(grid: Grid, config: Config) -> tuple[RunDirectory, list[dict[
     if not rows:
         # Round 0: the initial adapter, evaluated before any training.
         start = time.monotonic()
-        nodes, query_failures = site_ranks.learn(grid, nodes, 0, progress)
+        nodes, query_failures = site_ranks.learn(grid, sample_sites(nodes, config, 0), 0, progress)
         eval_row, eval_replies = evaluate_round(grid, envelope, site_ranks.adapters(global_adapter, nodes), 0, progress)
         failures = query_failures + eval_replies.failures
         rows = [{
@@ -300,7 +313,7 @@ def run_federation(grid: Grid, config: Config) -> tuple[RunDirectory, list[dict[
         start = time.monotonic()
         failures: Counter = Counter()
         for attempt in range(1, config.federation.round_retries + 2):
-            outcome = train_phase(grid, envelope, site_ranks, strategy, global_adapter, server_round, progress)
+            outcome = train_phase(grid, envelope, site_ranks, strategy, global_adapter, server_round, attempt, progress)
             failures += outcome.failures + Counter({f"rejected: {k}": v for k, v in outcome.rejected.items()})
             epsilon_max = max([epsilon_max] + [float(m.content["metrics"]["epsilon"]) for m in outcome.replies.ok])
             enough = len(outcome.updates) >= config.federation.min_clients
