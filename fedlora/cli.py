@@ -85,12 +85,28 @@ def build_parser() -> argparse.ArgumentParser:
                            help="tiny: a 2-layer BERT built from a config; default: the embedded MiniLM (default: tiny)")
     sim_bench.add_argument("--modes", default="cached,reload", metavar="A,B", help="cached, reload or both (default: both)")
     sim_bench.add_argument("--json", action="store_true", help="print a JSON list, one object per mode")
+    deploy_bench = benches.add_parser(
+        "deployment", help="a deployed site's per-round overhead: process start, model load, adapter load vs training",
+        description="Flower runs every ClientApp message in a fresh process. Start fresh processes that do what a "
+                    "site's train call does on the default model and task, and time process start + imports, the "
+                    "base-model load, the adapter load, data loading and the local DP-SGD training (medians).")
+    deploy_bench.add_argument("--repeats", type=int, default=3, metavar="N", help="fresh processes (default: 3)")
+    deploy_bench.add_argument("--json", action="store_true", help="print one JSON object")
     return parser
 
 
 def run_bench(args: argparse.Namespace) -> int:
     import json
 
+    if args.bench == "deployment":
+        from simulations.bench_deployment import bench_deployment
+        from simulations.bench_deployment import format_table as deployment_table
+
+        if args.repeats < 1:
+            raise ConfigError("--repeats must be >= 1")
+        result = bench_deployment(args.repeats, progress=lambda line: print(line, file=sys.stderr, flush=True))
+        print(json.dumps(result, indent=1) if args.json else deployment_table(result))
+        return 0
     if args.bench == "simulation":
         from simulations.bench_simulation import SimulationBenchOptions, bench_simulation
         from simulations.bench_simulation import format_table as simulation_table
