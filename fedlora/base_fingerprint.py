@@ -13,18 +13,12 @@ import hashlib
 import json
 from pathlib import Path
 
+from fedlora.base_model import file_sha256
+
 # Config keys that describe where or how a folder was saved, not the model.
 VOLATILE_KEYS = {"_name_or_path", "transformers_version", "torch_dtype", "dtype", "id2label", "label2id", "_commit_hash"}
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 CACHE_FILE = "weight-hashes.json"
-
-
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 22), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _cached_sha256(path: Path, cache_dir: Path | None) -> str:
@@ -38,7 +32,7 @@ def _cached_sha256(path: Path, cache_dir: Path | None) -> str:
         except ValueError:
             cache = {}  # a cache, not a record: recompute
     if key not in cache:
-        cache[key] = _file_sha256(path)
+        cache[key] = file_sha256(path)
         if cache_path:
             cache_dir.mkdir(parents=True, exist_ok=True)
             tmp = cache_path.with_suffix(".tmp")

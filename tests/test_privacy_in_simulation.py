@@ -14,12 +14,12 @@ from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
 from privacy.accounting import epsilon_of
+from tests.client_apps import client_app_with_train
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parent.parent
 
 # --- A ClientApp whose partition 0 is a stricter site: its node config sets max-epsilon.
-strict_site = ClientApp()
 STRICT_LIMIT = 6.5
 
 
@@ -29,25 +29,13 @@ def _with_node_config(context: Context) -> Context:
     return context
 
 
-@strict_site.train()
 def strict_train(msg: Message, context: Context) -> Message:
     from client.client_app import train
 
     return train(msg, _with_node_config(context))
 
 
-@strict_site.evaluate()
-def strict_evaluate(msg: Message, context: Context) -> Message:
-    from client.client_app import evaluate
-
-    return evaluate(msg, context)
-
-
-@strict_site.query()
-def strict_query(msg: Message, context: Context) -> Message:
-    from client.client_app import query
-
-    return query(msg, context)
+strict_site = client_app_with_train(strict_train)
 
 
 # --- The real ClientApp with a mod that records every reply it sends (Ray workers are

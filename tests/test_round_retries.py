@@ -10,14 +10,12 @@ from pathlib import Path
 
 import pytest
 from flwr.app import Context, Message
-from flwr.clientapp import ClientApp
+from tests.client_apps import client_app_with_train
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parent.parent
-failing = ClientApp()
 
 
-@failing.train()
 def train(msg: Message, context: Context) -> Message:
     from client.client_app import train as honest_train
 
@@ -26,18 +24,7 @@ def train(msg: Message, context: Context) -> Message:
     return honest_train(msg, context)
 
 
-@failing.evaluate()
-def evaluate(msg: Message, context: Context) -> Message:
-    from client.client_app import evaluate as honest_evaluate
-
-    return honest_evaluate(msg, context)
-
-
-@failing.query()
-def query(msg: Message, context: Context) -> Message:
-    from client.client_app import query as honest_query
-
-    return honest_query(msg, context)
+failing = client_app_with_train(train)
 
 
 def test_a_round_short_of_min_clients_is_retried_then_the_run_stops(tmp_path, monkeypatch):
