@@ -81,6 +81,11 @@ def sequence_losses(logits: torch.Tensor, labels: torch.Tensor, task: str) -> to
     return token_loss.sum(dim=1) / counts
 
 
+def on_device(batch: dict[str, torch.Tensor], model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    device = next(model.parameters()).device
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
 def forward_logits(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     return model(**inputs).logits
@@ -106,10 +111,11 @@ def frozen(model: torch.nn.Module, factors: tuple[str, ...]) -> Iterator[None]:
             p.requires_grad_(True)
 
 
-def secret_generator() -> torch.Generator:
+def secret_generator(device: torch.device | str = "cpu") -> torch.Generator:
     """DP sampling and noise must be unpredictable to the coordinator (which knows
-    the run seed), so they draw from OS entropy, not from the seeded global RNG."""
-    return torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "little"))
+    the run seed), so they draw from OS entropy, not from the seeded global RNG.
+    Noise is drawn on the parameters' device, so its generator lives there."""
+    return torch.Generator(device=device).manual_seed(int.from_bytes(os.urandom(8), "little"))
 
 
 def train_locally(
@@ -136,7 +142,7 @@ def train_locally(
         order = torch.Generator().manual_seed(seed)
         for _ in range(config.train.local_steps):
             idx = torch.randperm(n, generator=order)[:batch_size].tolist()
-            batch = collate([examples[i] for i in idx], pad_id)
+            batch = on_device(collate([examples[i] for i in idx], pad_id), model)
             loss = sequence_losses(forward_logits(model, batch), batch["labels"], task).mean()
             loss.backward()
             add_proximal_gradient()
@@ -145,11 +151,12 @@ def train_locally(
             losses.append(loss.item())
         return TrainResult(sum(losses) / len(losses), config.train.local_steps, time.perf_counter() - start)
 
-    rng = secret_generator()
+    rng = secret_generator()  # Poisson sampling, on the CPU
+    noise_rng = secret_generator(params[0].device)
     units = privacy_units(examples)
     expected_batch = max(1, round(plan.sample_rate * len(units)))
     with private_optimizer(
-        model, optimizer, plan.noise_multiplier, config.privacy.max_grad_norm, expected_batch, generator=rng,
+        model, optimizer, plan.noise_multiplier, config.privacy.max_grad_norm, expected_batch, generator=noise_rng,
         impl=config.privacy.dp_impl,
     ) as (dp_model, dp_optimizer):
         # Opacus calls step_hook after clipping, noising and scaling, before the step.
@@ -159,9 +166,9 @@ def train_locally(
             if not rows:
                 mark_empty_batch(dp_optimizer)  # still a noised, accounted step
             else:
-                batch = collate([examples[i] for i in rows], pad_id)
+                batch = on_device(collate([examples[i] for i in rows], pad_id), model)
                 per_example = sequence_losses(forward_logits(dp_model, batch), batch["labels"], task)
-                unit_index = torch.tensor(unit_of_row)
+                unit_index = torch.tensor(unit_of_row, device=per_example.device)
                 num_units = unit_of_row[-1] + 1
                 # Each unit's rows weigh 1/n_u, so its per-row gradients sum to its mean gradient.
                 (per_example * unit_weights(unit_index, num_units)).mean().backward()
@@ -188,7 +195,7 @@ def evaluate_locally(model: torch.nn.Module, examples: list[Example], config: Co
     task = config.model.task
     loss_sum, correct, tokens = 0.0, 0, 0
     for start in range(0, len(examples), 128):
-        batch = collate(examples[start : start + 128], pad_id)
+        batch = on_device(collate(examples[start : start + 128], pad_id), model)
         logits = forward_logits(model, batch)
         if task == "classification":
             loss_sum += F.cross_entropy(logits.float(), batch["labels"], reduction="sum").item()

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from peft import PeftModel, get_peft_model
 
-from fedlora.base_model import build_peft_model, lora_config, load_tokenizer, resolve_model_dir
+from fedlora.base_model import build_peft_model, load_tokenizer, lora_config, resolve_device, resolve_model_dir, trainable_in_fp32
 from fedlora.config import Config
 
 
@@ -42,15 +42,19 @@ def cached_model(config: Config, labels: list[str]) -> CachedModel:
         _cache = None  # the benchmark's baseline: every call loads the base model again
     folder = resolve_model_dir(config.model.path)
     lora = config.lora
-    key = (str(folder), config.model.task, len(labels), config.run.seed)
+    device = resolve_device(config.train.device)
+    key = (str(folder), config.model.task, config.model.dtype, str(device), config.train.gradient_checkpointing,
+           len(labels), config.run.seed)
     lora_key = (lora.rank, lora.alpha, lora.dropout, str(lora.target_modules))
     if _cache is not None and _cache.key == key and _cache.lora_key != lora_key:
         base = _cache.model.unload()  # drop the LoRA layers, keep the loaded base
         model = get_peft_model(base, lora_config(lora, config.model.task, base.config.model_type))
+        trainable_in_fp32(model)
         _cache = CachedModel(key, lora_key, model, _cache.tokenizer, folder)
     if _cache is None or _cache.key != key:
         _cache = None  # drop the old model before loading a new one (memory stays flat)
-        model = build_peft_model(config.model, lora, num_labels=max(1, len(labels)), seed=config.run.seed)
+        model = build_peft_model(config.model, lora, num_labels=max(1, len(labels)), seed=config.run.seed,
+                                 device=device, checkpointing=config.train.gradient_checkpointing)
         _cache = CachedModel(key, lora_key, model, load_tokenizer(folder), folder)
         loads_in_process += 1
         log = os.environ.get("FEDLORA_MODEL_LOAD_LOG")

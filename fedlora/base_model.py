@@ -96,6 +96,38 @@ def load_tokenizer(folder: Path):
     return tokenizer
 
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def resolve_device(device: str) -> torch.device:
+    """`train.device`: "auto" picks the GPU when there is one."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ModelError("train.device = 'cuda', but torch sees no GPU on this machine (use 'auto' or 'cpu')")
+    return torch.device(device)
+
+
+def trainable_in_fp32(model: torch.nn.Module) -> None:
+    """PEFT keeps LoRA factors fp32 on a bf16 base but copies a modules_to_save head in
+    the base's dtype: make that fp32 too, casting its input up."""
+    for module in model.modules():
+        own = [p for p in module.parameters(recurse=False) if p.requires_grad]
+        if own and any(p.dtype != torch.float32 for p in own):
+            module.float()
+            module.register_forward_pre_hook(lambda _m, args: tuple(
+                a.float() if torch.is_tensor(a) and a.is_floating_point() else a for a in args))
+
+
+def enable_checkpointing(base: torch.nn.Module) -> None:
+    """Activation checkpointing that works under DP: reentrant (transformers 5 defaults to
+    non-reentrant, which Opacus's hooks do not see), with inputs requiring grad so that
+    the recomputed segments backpropagate into the LoRA layers."""
+    base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    base.enable_input_require_grads()
+    base.config.use_cache = False  # a KV cache is useless in training and transformers refuses it here
+
+
 def load_base_model(model: ModelSection, num_labels: int, seed: int) -> torch.nn.Module:
     """The frozen base model. Weights missing from the checkpoint (a classifier head)
     are initialised from `seed`, so every process builds the same model."""
@@ -108,11 +140,11 @@ def load_base_model(model: ModelSection, num_labels: int, seed: int) -> torch.nn
     torch.manual_seed(seed)
     try:
         if model.task == "classification":
-            base = AutoModelForSequenceClassification.from_pretrained(str(folder), num_labels=num_labels, dtype=torch.float32)
+            base = AutoModelForSequenceClassification.from_pretrained(str(folder), num_labels=num_labels, dtype=DTYPES[model.dtype])
             if base.config.pad_token_id is None:
                 base.config.pad_token_id = load_tokenizer(folder).pad_token_id
         else:
-            base = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
+            base = AutoModelForCausalLM.from_pretrained(str(folder), dtype=DTYPES[model.dtype])
     except (OSError, ValueError) as exc:
         raise ModelError(f"model.path {str(folder)!r}: cannot load as {model.task}: {str(exc).splitlines()[0]}") from None
     return base
@@ -135,15 +167,20 @@ def lora_config(lora: LoraSection, task: str, model_type: str) -> LoraConfig:
     )
 
 
-def build_peft_model(model: ModelSection, lora: LoraSection, num_labels: int, seed: int) -> PeftModel:
-    """Base model + LoRA. LoRA's A (and any new head) are initialised from `seed`."""
-    base = load_base_model(model, num_labels, seed)
+def build_peft_model(model: ModelSection, lora: LoraSection, num_labels: int, seed: int,
+                     device: torch.device | str = "cpu", checkpointing: bool = False) -> PeftModel:
+    """Base model + LoRA. LoRA's A (and any new head) are initialised from `seed`; the
+    base goes to `device` first (LoRA on a model moved afterwards: opacus #820)."""
+    base = load_base_model(model, num_labels, seed).to(device)
+    if checkpointing:
+        enable_checkpointing(base)
     config = lora_config(lora, model.task, base.config.model_type)
     torch.manual_seed(seed)
     try:
         peft_model = get_peft_model(base, config)
     except ValueError as exc:
         raise ModelError(f"lora.target_modules: {str(exc).splitlines()[0]}") from None
+    trainable_in_fp32(peft_model)
     embedding = next((n for n, _ in peft_model.named_parameters() if "lora_embedding" in n), None)
     if embedding is not None:
         # Opacus has no per-sample gradients for PEFT's LoRA embedding layers.

@@ -36,6 +36,8 @@ class ModelSection:
     path: str = "default"  # "default" = the embedded pretrained MiniLM; else a local HF folder
     task: str = "classification"  # or "causal-lm"
     max_length: int = 64
+    # The frozen base model's dtype; LoRA adapters and a trained head stay float32.
+    dtype: str = "float32"  # or "bfloat16" (GPU; on CPU for checking only)
 
 
 @dataclass
@@ -69,6 +71,9 @@ class TrainSection:
     lr: float = 2.0  # plain SGD on the clipped, noised mean gradient (norm <= max_grad_norm)
     optimizer: str = "sgd"  # or "adamw"
     prox_mu: float = 0.0  # FedProx proximal weight mu (0 = off): pulls local training toward the global adapter
+    device: str = "auto"  # "auto" = cuda if this machine has a GPU, else cpu
+    # Recompute activations in backward (less memory, more time); reentrant, as Opacus needs.
+    gradient_checkpointing: bool = False
 
 
 @dataclass
@@ -164,6 +169,8 @@ class Config:
 
 CHOICES: dict[str, tuple[str, ...]] = {
     "model.task": ("classification", "causal-lm"),
+    "model.dtype": ("float32", "bfloat16"),
+    "train.device": ("auto", "cpu", "cuda"),
     "train.optimizer": ("adamw", "sgd"),
     "privacy.accountant": ("prv", "rdp"),
     "privacy.unit": ("example", "user"),

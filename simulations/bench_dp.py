@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from fedlora.base_model import enable_checkpointing
 from fedlora.config import ConfigError
 from simulations.model_presets import DTYPES, PRESETS, build_bench_model
 
@@ -134,10 +135,7 @@ def bench_dp(options: BenchOptions) -> dict:
                               task=options.task, seed=options.seed)
     model, batch, task = bench.model, bench.batch, bench.task
     if options.checkpointing:
-        base = model.get_base_model()
-        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})  # Opacus needs reentrant
-        base.enable_input_require_grads()  # a reentrant checkpoint backprops only into inputs that require grad
-        base.config.use_cache = False  # a KV cache is useless in training and transformers refuses it here
+        enable_checkpointing(model.get_base_model())
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=0.0)
     fast_covers = choose_impl(model, "auto") == "fast"

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from fedlora.base_model import load_base_model, lora_config, resolve_model_dir
+from fedlora.base_model import load_base_model, lora_config, resolve_model_dir, trainable_in_fp32
 from fedlora.config import ConfigError, LoraSection, ModelSection
 
 PRESETS: dict[str, dict] = {
@@ -35,17 +35,6 @@ class BenchModel:
     batch: dict[str, torch.Tensor]
     task: str
     description: str
-
-
-def _fp32_trainable(model: torch.nn.Module) -> None:
-    """PEFT keeps LoRA factors fp32 on a bf16 base but copies a modules_to_save head in
-    the base's dtype: make that fp32 too, casting its input up."""
-    for module in model.modules():
-        own = [p for p in module.parameters(recurse=False) if p.requires_grad]
-        if own and any(p.dtype != torch.float32 for p in own):
-            module.float()
-            module.register_forward_pre_hook(lambda _m, args: tuple(
-                a.float() if torch.is_tensor(a) and a.is_floating_point() else a for a in args))
 
 
 def _random_tokens(batch: int, seq: int, vocab: int, device: torch.device, seed: int) -> dict[str, torch.Tensor]:
@@ -96,7 +85,7 @@ def build_bench_model(name: str, *, batch: int, seq: int, rank: int, targets: st
     target_list: str | list[str] = targets if targets in ("qv", "auto") else [t.strip() for t in targets.split(",")]
     model = get_peft_model(base, lora_config(LoraSection(rank=rank, alpha=2.0 * rank, target_modules=target_list),
                                              task, model_type))
-    _fp32_trainable(model)
+    trainable_in_fp32(model)
     model.train()
     if name == "default":
         data = _triage_batch(batch, seq, dev, seed)

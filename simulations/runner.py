@@ -11,7 +11,7 @@ import os
 from dataclasses import replace
 from typing import Any
 
-from fedlora.base_model import resolve_model_dir
+from fedlora.base_model import resolve_device, resolve_model_dir
 from fedlora.config import Config, ConfigError
 from fedlora.flower_env import FLOWER_OFFLINE_ENV
 from server.progress import summary_table
@@ -55,8 +55,10 @@ def simulate(config: Config) -> tuple[RunDirectory, list[dict[str, Any]]]:
         result["run_dir"], result["rows"] = run_dir, rows
 
     cpus = os.cpu_count() or 1
+    # One simulated client per GPU at a time: each Ray worker holds one base model on its GPU.
+    gpus = 1.0 if resolve_device(config.train.device).type == "cuda" else 0.0
     backend_config = {
-        "client_resources": {"num_cpus": min(config.simulation.cpus_per_client, cpus), "num_gpus": 0.0},
+        "client_resources": {"num_cpus": min(config.simulation.cpus_per_client, cpus), "num_gpus": gpus},
         "init_args": {"num_cpus": cpus, "include_dashboard": False, "logging_level": logging.ERROR, "log_to_driver": True},
     }
     run_simulation(
