@@ -97,11 +97,12 @@ def train(msg: Message, context: Context) -> Message:
         privacy = {"epsilon": 0.0, "noise-multiplier": 0.0}
     else:
         # Privacy: noise calibrated from this site's data; its own ledger and limit decide.
-        plan = calibrated_plan(config, site.train)
+        state_dir = site_state_dir(config, context.node_config)
+        plan = calibrated_plan(config, site.train, state_dir)
         mechanism = (plan.noise_multiplier, plan.sample_rate, plan.steps)
         run, delta, accountant = config.run.output_dir, config.privacy.delta, config.privacy.accountant
         limit = site_limit(config, context.node_config)
-        with open_ledger(site_state_dir(config, context.node_config)) as ledger:
+        with open_ledger(state_dir) as ledger:
             decision = check_budget(ledger, [mechanism], delta, accountant, limit)
             if not decision.allowed:
                 ledger.record(run, accountant, delta, Declined(server_round, decision.epsilon_spent, decision.epsilon_after, limit), limit)

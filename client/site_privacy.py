@@ -7,7 +7,9 @@ directory, `RUN_DIR/sites/<partition-id>/`, and take `privacy.site_max_epsilon`.
 
 from __future__ import annotations
 
+import json
 import math
+import os
 from pathlib import Path
 
 from client.local_training import DPPlan, privacy_units
@@ -36,13 +38,30 @@ def site_limit(config: Config, node_config: dict) -> float:
     return config.privacy.site_max_epsilon if config.privacy.site_max_epsilon > 0 else math.inf
 
 
-def calibrated_plan(config: Config, train: list[Example]) -> DPPlan:
+CALIBRATION_CACHE = "noise-calibrations.json"
+
+
+def calibrated_plan(config: Config, train: list[Example], state_dir: Path | None = None) -> DPPlan:
     """Noise calibrated from this site's own data size, batch size, local steps and the
-    planned rounds, so that training in every round ends at privacy.target_epsilon."""
+    planned rounds, so that training in every round ends at privacy.target_epsilon.
+    The search takes about a second and a deployed site runs a fresh process for every
+    message, so results are kept in `state_dir` (a cache: recomputed if unreadable)."""
     units = len(privacy_units(train))
     rate = sample_rate(config.train.batch_size, units)
-    sigma = calibrate_noise(
-        config.privacy.target_epsilon, config.privacy.delta, rate,
-        config.federation.rounds * config.train.local_steps, config.privacy.accountant,
-    )
-    return DPPlan(noise_multiplier=sigma, sample_rate=rate, steps=config.train.local_steps, unit=config.privacy.unit)
+    args = (config.privacy.target_epsilon, config.privacy.delta, rate,
+            config.federation.rounds * config.train.local_steps, config.privacy.accountant)
+    key, cache_path = json.dumps(args), state_dir / CALIBRATION_CACHE if state_dir else None
+    cache: dict[str, float] = {}
+    if cache_path and cache_path.is_file():
+        try:
+            cache = json.loads(cache_path.read_text())
+        except ValueError:
+            cache = {}
+    if key not in cache:
+        cache[key] = calibrate_noise(*args)
+        if cache_path:
+            cache_path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cache_path.with_name(f".{CALIBRATION_CACHE}.{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(cache))
+            os.replace(tmp, cache_path)
+    return DPPlan(noise_multiplier=cache[key], sample_rate=rate, steps=config.train.local_steps, unit=config.privacy.unit)

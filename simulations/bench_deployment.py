@@ -47,7 +47,7 @@ def child(start_epoch: float, data_path: str, state_dir: str) -> None:
     put_adapter(cached.model, from_record(record))
     t_adapter = time.time()
     site = load_site_data(config, config.data.labels, {"data-path": data_path}, cached.tokenizer)
-    plan = calibrated_plan(config, site.train)
+    plan = calibrated_plan(config, site.train, Path(state_dir))
     t_data = time.time()
     with frozen(cached.model, ()):
         train_locally(cached.model, site.train, config, plan, cached.tokenizer.pad_token_id, seed=0)

@@ -184,3 +184,21 @@ def test_a_deployed_site_without_state_dir_refuses_to_train_under_dp(site):
     config, _, node = site
     with pytest.raises(ValueError, match="state-dir"):
         train_once(config, 1, {"data-path": node["data-path"]})
+
+
+def test_noise_calibration_is_kept_in_the_state_dir_for_the_next_process(site, monkeypatch):
+    import client.site_privacy as site_privacy
+    from fedlora.text_data import Example
+
+    config, _, node = site
+    train = [Example([101, 2000, 102], 0) for _ in range(200)]
+    first = site_privacy.calibrated_plan(config, train, Path(node["state-dir"]))
+
+    def no_search(*_):
+        raise AssertionError("calibrated again although the state dir has it")
+
+    monkeypatch.setattr(site_privacy, "calibrate_noise", no_search)  # a fresh process would have to search
+    again = site_privacy.calibrated_plan(config, train, Path(node["state-dir"]))
+    assert again == first
+    with pytest.raises(AssertionError, match="calibrated again"):  # another plan is not taken from the cache
+        site_privacy.calibrated_plan(config, train[:100], Path(node["state-dir"]))
