@@ -11,6 +11,7 @@ Handlers: `query` (the site's LoRA rank), `train`, `evaluate`.
 from __future__ import annotations
 
 import logging
+import math
 import time
 
 from flwr.app import Context, Message, RecordDict
@@ -52,6 +53,8 @@ def site_config(msg: Message, context: Context) -> tuple[Config, int]:
     config, server_round = read_config_record(msg.content["config"])
     if "model-path" in context.node_config:
         config.model.path = str(context.node_config["model-path"])
+    if "device" in context.node_config:  # the site knows its hardware
+        config.train.device = str(context.node_config["device"])
     rank = site_rank(config, context.node_config)
     config.lora.alpha, config.lora.rank = config.lora.alpha * rank / config.lora.rank, rank
     return config, server_round
@@ -91,7 +94,12 @@ def train(msg: Message, context: Context) -> Message:
     # Train (with the factors the strategy keeps frozen, e.g. LoRA A under ffa).
     frozen_factors = get_strategy(config.strategy).frozen_factors
     seed = config.run.seed * 1_000_003 + server_round * 7919 + context.node_id % 1_000_003
+    limit = site_limit(config, context.node_config)
     if not config.privacy.enabled:
+        if not math.isinf(limit):
+            # Training without DP spends an unbounded epsilon: a site with a limit declines it.
+            log.warning("round %d: declined: the run has privacy.enabled = false and this site's limit is %.3f", server_round, limit)
+            return declined_reply(msg, BudgetDecision(False, math.inf, limit, epsilon_spent=0.0))
         with frozen(cached.model, frozen_factors):
             result = train_locally(cached.model, site.train, config, None, cached.tokenizer.pad_token_id, seed)
         privacy = {"epsilon": 0.0, "noise-multiplier": 0.0}
@@ -101,7 +109,6 @@ def train(msg: Message, context: Context) -> Message:
         plan = calibrated_plan(config, site.train, state_dir)
         mechanism = (plan.noise_multiplier, plan.sample_rate, plan.steps)
         run, delta, accountant = config.run.output_dir, config.privacy.delta, config.privacy.accountant
-        limit = site_limit(config, context.node_config)
         with open_ledger(state_dir) as ledger:
             decision = check_budget(ledger, [mechanism], delta, accountant, limit)
             if not decision.allowed:
@@ -119,7 +126,7 @@ def train(msg: Message, context: Context) -> Message:
         privacy = {"epsilon": epsilon, "planned-epsilon": planned, "noise-multiplier": plan.noise_multiplier}
         log.info("round %d: noise multiplier %.4f (q %.4f per %s, %d steps), epsilon %.3f, expected %.3f after round %d, limit %s",
                  server_round, plan.noise_multiplier, plan.sample_rate, plan.unit, plan.steps, epsilon, planned,
-                 config.federation.rounds, f"{limit:.3f}" if limit != float("inf") else "none")
+                 config.federation.rounds, "none" if math.isinf(limit) else f"{limit:.3f}")
     log.info("round %d: %s, %d examples, loss %.4f", server_round, site.source, len(site.train), result.loss)
 
     # Reply: the trained adapter tensors and whitelisted scalars only.

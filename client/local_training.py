@@ -183,7 +183,7 @@ def train_locally(
 
 @dataclass
 class EvalResult:
-    loss: float
+    loss: float | None
     accuracy: float | None  # classification
     perplexity: float | None  # causal LM
     num_examples: int
@@ -207,6 +207,8 @@ def evaluate_locally(model: torch.nn.Module, examples: list[Example], config: Co
             ).item()
             tokens += int((targets != IGNORE_INDEX).sum())
     n = len(examples)
+    if n == 0:  # a site too small for a validation split reports nothing, not an error
+        return EvalResult(None, None, None, 0)
     if task == "classification":
         return EvalResult(loss_sum / n, correct / n, None, n)
     token_loss = loss_sum / max(1, tokens)

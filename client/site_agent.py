@@ -36,7 +36,7 @@ class SiteSettings:
     def node_config(self) -> str:
         """The `--node-config` string: what `context.node_config` holds in the ClientApp."""
         items = {"data-path": str(self.data_path), "model-path": self.model_path, "state-dir": str(self.state_dir)}
-        parts = [f'{k}="{v}"' for k, v in items.items()]
+        parts = [f'{k}="{v}"' for k, v in items.items()]  # validate_site rejects what would break the quotes
         if self.max_epsilon is not None:
             parts.append(f"max-epsilon={float(self.max_epsilon)!r}")
         if self.lora_rank is not None:
@@ -126,6 +126,10 @@ def validate_site(site: SiteSettings) -> None:
     """Every check a site must pass before it connects; raises SiteError (one line)."""
     if not site.insecure and site.root_cert is None:
         raise SiteError("--root-cert is required: the coordinator is reached over TLS (--insecure only for a local trial)")
+    for flag, value in (("--data-path", site.data_path), ("--model-path", site.model_path), ("--state-dir", site.state_dir)):
+        if any(c in str(value) for c in '"\\\n'):
+            # Flower's --node-config parser has no escapes for these.
+            raise SiteError(f"{flag} {value}: a path with a double quote, backslash or newline cannot be passed to Flower; rename it")
     if site.max_epsilon is not None and not site.max_epsilon > 0:
         raise SiteError(f"--max-epsilon must be > 0, got {site.max_epsilon}")
     if site.lora_rank is not None and not site.lora_rank > 0:

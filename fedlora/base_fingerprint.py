@@ -17,7 +17,6 @@ from fedlora.base_model import file_sha256
 
 # Config keys that describe where or how a folder was saved, not the model.
 VOLATILE_KEYS = {"_name_or_path", "transformers_version", "torch_dtype", "dtype", "id2label", "label2id", "_commit_hash"}
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 CACHE_FILE = "weight-hashes.json"
 
 
@@ -41,6 +40,12 @@ def _cached_sha256(path: Path, cache_dir: Path | None) -> str:
     return cache[key]
 
 
+def weight_files(folder: Path) -> list[Path]:
+    """The model's own weights, as transformers loads them: model*.safetensors, else
+    pytorch_model*.bin (not optimizer states or training arguments saved beside them)."""
+    return sorted(folder.glob("model*.safetensors")) or sorted(folder.glob("pytorch_model*.bin"))
+
+
 _MEMO: dict[tuple, str] = {}  # (folder, files' names/sizes/mtimes) -> fingerprint, per process
 
 
@@ -48,7 +53,7 @@ def _fingerprint(folder: Path, cache_dir: Path | None) -> str:
     config = json.loads((folder / "config.json").read_text())
     architecture = {k: v for k, v in sorted(config.items()) if k not in VOLATILE_KEYS}
     digest = hashlib.sha256(json.dumps(architecture, sort_keys=True).encode())
-    weights = sorted(p for p in folder.iterdir() if p.suffix in WEIGHT_SUFFIXES and p.is_file())
+    weights = weight_files(folder)
     for path in weights:
         digest.update(path.name.encode() + b"\0" + _cached_sha256(path, cache_dir).encode())
     return "sha256:" + digest.hexdigest()

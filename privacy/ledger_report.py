@@ -17,29 +17,32 @@ def ledger_summary(state_dir: str | Path) -> dict[str, Any]:
     if not (state_dir / LEDGER_FILE).is_file():
         raise LedgerError(f"{state_dir}: no privacy ledger here ({LEDGER_FILE} not found)")
     ledger = SiteLedger.load(state_dir)
-    runs = []
+    runs, before = [], []  # `before`: the mechanisms of the runs already listed
+    latest = ledger.runs[-1] if ledger.runs else None
     for r in ledger.runs:
         rounds = []
         for i, m in enumerate(r.mechanisms):
             rounds.append({
                 "round": m.round, "time": m.time, "unit": m.unit, "noise_multiplier": m.noise_multiplier,
                 "sample_rate": m.sample_rate, "steps": m.steps,
-                "epsilon_after": epsilon_of(r.history[: i + 1], r.delta, r.accountant),
+                "run_epsilon_after": epsilon_of(r.history[: i + 1], r.delta, r.accountant),
+                # What the budget guard counts: every run so far, at the ledger's smallest delta.
+                "epsilon_after": epsilon_of(before + r.history[: i + 1], ledger.guard_delta(latest.delta), latest.accountant),
             })
+        before = before + r.history
         runs.append({
             "run": r.run, "accountant": r.accountant, "delta": r.delta, "epsilon": r.epsilon,
             "history": [list(h) for h in r.history], "rounds": rounds,
             "declined": [vars(d) for d in r.declined],
         })
-    # The total composes every run; it is stated at the latest run's delta and accountant.
-    latest = ledger.runs[-1] if ledger.runs else None
+    # The total composes every run, with the latest run's accountant at the ledger's smallest delta.
     total = ledger.epsilon(latest.delta, latest.accountant) if latest else 0.0
     limit = None if math.isinf(ledger.max_epsilon) else ledger.max_epsilon
     return {
         "state_dir": str(state_dir.resolve()),
         "runs": runs,
         "epsilon_total": total,
-        "delta_total": latest.delta if latest else None,
+        "delta_total": ledger.guard_delta(latest.delta) if latest else None,
         "max_epsilon": limit,
         "budget_left": None if limit is None else max(0.0, limit - total),
     }
@@ -55,10 +58,10 @@ def ledger_table(summary: dict[str, Any]) -> str:
     ]
     for run in summary["runs"]:
         lines += ["", f"run {run['run']}", f"  accountant {run['accountant']}, delta {run['delta']:g}, epsilon {run['epsilon']:.3f}",
-                  "  round  noise_mult  sample_rate  steps  unit     epsilon_after  time"]
+                  "  round  noise_mult  sample_rate  steps  unit     run_epsilon  site_epsilon  time"]
         for r in run["rounds"]:
             lines.append(f"  {r['round']:>5}  {r['noise_multiplier']:>10.4f}  {r['sample_rate']:>11.5f}  {r['steps']:>5}  "
-                         f"{r['unit']:<7}  {r['epsilon_after']:>13.3f}  {r['time']}")
+                         f"{r['unit']:<7}  {r['run_epsilon_after']:>11.3f}  {r['epsilon_after']:>12.3f}  {r['time']}")
         for d in run["declined"]:
             lines.append(f"  {d['round']:>5}  declined: epsilon would reach {d['epsilon_would_be']:.3f} > limit {d['limit']:.3f}  {d['time']}")
     return "\n".join(lines)

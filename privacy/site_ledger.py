@@ -152,9 +152,16 @@ class SiteLedger:
         """Every mechanism of every run, in order: they all touched this site's data."""
         return [h for r in self.runs for h in r.history]
 
+    def guard_delta(self, delta: float) -> float:
+        """The delta the site's total is stated at: the smallest of `delta` and every run's.
+        A larger delta makes the same history look cheaper; a coordinator choosing one
+        must not thereby unlock budget that the site spent at a smaller delta."""
+        return min([delta] + [r.delta for r in self.runs])
+
     def epsilon(self, delta: float, accountant: str, extra: History = ()) -> float:
-        """The site's cumulative epsilon at `delta` over all runs (plus `extra`, planned)."""
-        return epsilon_of(self.history() + list(extra), delta, accountant)
+        """The site's cumulative epsilon over all runs (plus `extra`, planned), at the
+        smaller of `delta` and every delta in the ledger."""
+        return epsilon_of(self.history() + list(extra), self.guard_delta(delta), accountant)
 
 
 @contextmanager

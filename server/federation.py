@@ -14,7 +14,7 @@ import logging
 import random
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from flwr.app import ArrayRecord, Message, MessageType, RecordDict
@@ -104,7 +104,8 @@ def error_category(reason: str) -> str:
 
 
 def weighted(replies: list[Message], key: str) -> float | None:
-    pairs = [(m.content["metrics"][key], m.content["metrics"]["num-examples"]) for m in replies if key in m.content["metrics"]]
+    pairs = [(m.content["metrics"][key], m.content["metrics"]["num-examples"]) for m in replies
+             if key in m.content["metrics"] and m.content["metrics"]["num-examples"] > 0]
     total = sum(n for _, n in pairs)
     return sum(v * n for v, n in pairs) / total if total else None
 
@@ -187,81 +188,139 @@ def evaluate_round(grid: Grid, envelope: Envelope, adapters: dict[int, Adapter],
     return row, replies
 
 
-def sample_sites(nodes: list[int], config: Config, server_round: int, attempt: int = 1) -> list[int]:
-    """The sites asked this round: `federation.clients_per_round` of the connected ones.
+def sample_sites(nodes: list[int], config: Config, server_round: int, count: int | None = None) -> list[int]:
+    """`count` (default `federation.clients_per_round`; 0 = all) of the connected sites.
     Drawn from the run seed (reproducible), except under central DP, whose accounting
     assumes that nobody can predict the sample (privacy amplification by sampling)."""
-    k = config.federation.clients_per_round
+    k = config.federation.clients_per_round if count is None else count
     if k == 0 or k >= len(nodes):
         return nodes
-    rng = random.SystemRandom() if config.privacy.central else random.Random(f"{config.run.seed}/{server_round}/{attempt}")
+    rng = random.SystemRandom() if config.privacy.central else random.Random(f"{config.run.seed}/{server_round}/{len(nodes)}/{k}")
     return sorted(rng.sample(nodes, k))
 
 
 @dataclass
-class TrainOutcome:
-    """One attempt at a round's training phase."""
+class RoundTraining:
+    """A round's training phase over all its attempts: a site that delivered a usable
+    update or declined is not asked again; only failed ones (or replacements) are."""
 
-    replies: RoundReplies
-    sent: dict[int, Adapter]
-    nodes: list[int]
-    updates: list[ClientUpdate]
-    declined: list[Message]
-    trained: list[Message]
-    failures: Counter  # query and train failures, declines included
-    rejected: Counter  # screened-out updates, by category
+    asked: list[int] = field(default_factory=list)
+    connected: int = 0  # sites connected when the round sampled (for central DP's rate)
+    sent: dict[int, Adapter] = field(default_factory=dict)
+    updates: dict[int, ClientUpdate] = field(default_factory=dict)
+    declined: dict[int, Message] = field(default_factory=dict)
+    replies: list[Message] = field(default_factory=list)  # every non-error reply (trained or declined)
+    failures: Counter = field(default_factory=Counter)  # over all attempts, declines included
+    rejected: Counter = field(default_factory=Counter)  # screened-out updates, by category
+    bytes_up: int = 0
+    bytes_down: int = 0
+    attempts: int = 0
+
+    @property
+    def trained(self) -> list[Message]:
+        return [m for m in self.replies if "declined" not in m.content["metrics"]]
+
+    def pending(self) -> list[int]:
+        return [n for n in self.asked if n not in self.updates and n not in self.declined]
 
 
-def train_phase(grid: Grid, envelope: Envelope, site_ranks: SiteRanks, strategy: Strategy, global_adapter: Adapter,
-                server_round: int, attempt: int, progress: Progress) -> TrainOutcome:
+def train_attempt(grid: Grid, envelope: Envelope, site_ranks: SiteRanks, strategy: Strategy, global_adapter: Adapter,
+                  server_round: int, nodes: list[int], state: RoundTraining, progress: Progress) -> None:
+    """Send the round's adapter to `nodes`, screen what comes back, add it to `state`."""
     config = envelope.config
-    asked = sample_sites(sorted(grid.get_node_ids()), config, server_round, attempt)
-    nodes, failures = site_ranks.learn(grid, asked, server_round, progress)
-    sent = site_ranks.adapters(global_adapter, nodes)
+    state.attempts += 1
+    known, failures = site_ranks.learn(grid, nodes, server_round, progress)
+    sent = site_ranks.adapters(global_adapter, known)
     replies = exchange(grid, envelope.with_adapters(sent, server_round), MessageType.TRAIN, server_round,
                        config.federation.round_timeout, progress, "train")
-    failures = failures + replies.failures
+    state.sent.update(sent)
+    state.failures += failures + replies.failures
+    state.bytes_up += replies.bytes_up
+    state.bytes_down += replies.bytes_down
+    state.replies += replies.ok
 
     # A site whose privacy budget cannot afford the round declines it (no tensors).
-    declined = [m for m in replies.ok if "declined" in m.content["metrics"]]
-    trained = [m for m in replies.ok if "declined" not in m.content["metrics"]]
-    if declined:
-        failures[DECLINED_BUDGET] += len(declined)
-        for m in declined:
+    for m in replies.ok:
+        if "declined" in m.content["metrics"]:
+            state.declined[m.metadata.src_node_id] = m
+            state.failures[DECLINED_BUDGET] += 1
             log.info("round %d: node %d declined: its epsilon would reach %.3f > its limit %.3f", server_round,
                      m.metadata.src_node_id, m.content["metrics"]["epsilon-would-be"], m.content["metrics"]["epsilon-limit"])
 
     # Sites send back the tensors they train (all, or all but the frozen factors).
     expected = {n: trained_part(a, strategy.frozen_factors) for n, a in sent.items()}
     received = [
-        ClientUpdate(reply.metadata.src_node_id, from_record(reply.content["arrays"]), int(reply.content["metrics"]["num-examples"]))
-        for reply in trained
+        ClientUpdate(m.metadata.src_node_id, from_record(m.content["arrays"]), int(m.content["metrics"]["num-examples"]))
+        for m in replies.ok if "declined" not in m.content["metrics"]
     ]
-    updates, refused = screen_updates(received, expected, config.strategy)
+    # Under central DP a site's update must not decide whether another's is kept (that would
+    # break the sensitivity bound): only the per-update checks apply, not the outlier rule.
+    section = replace(config.strategy, outlier_factor=0.0) if config.privacy.central else config.strategy
+    updates, refused = screen_updates(received, expected, section)
     for node_id, reason in refused:
         log.warning("round %d: update from node %d rejected: %s", server_round, node_id, reason)
-    rejected = Counter(reason_category(reason) for _, reason in refused)
-    return TrainOutcome(replies, sent, nodes, updates, declined, trained, failures, rejected)
+    state.rejected += Counter(reason_category(reason) for _, reason in refused)
+    state.updates.update({u.node_id: u for u in updates})
 
 
-def aggregate(strategy: Strategy, global_adapter: Adapter, outcome: TrainOutcome, config: Config,
-              central_history: list[tuple[float, float, int]], sites_known: int) -> tuple[Adapter, dict[str, Any]]:
+def aggregate(strategy: Strategy, global_adapter: Adapter, state: RoundTraining, config: Config,
+              central_history: list[tuple[float, float, int]]) -> tuple[Adapter, dict[str, Any]]:
     """The strategy's aggregate; under central DP, of clipped unweighted updates plus noise."""
+    updates = list(state.updates.values())
     if not config.privacy.central:
-        return strategy.aggregate(global_adapter, outcome.updates), {}
+        return strategy.aggregate(global_adapter, updates), {}
     privacy = config.privacy
-    expected = {n: trained_part(a, strategy.frozen_factors) for n, a in outcome.sent.items()}
+    expected = {n: trained_part(a, strategy.frozen_factors) for n, a in state.sent.items()}
     # Every site weighs the same and moves the mean by at most clip_norm / n.
-    clipped = [ClientUpdate(u.node_id, clip_update(u.adapter, expected[u.node_id], privacy.central_clip_norm), 1) for u in outcome.updates]
+    clipped = [ClientUpdate(u.node_id, clip_update(u.adapter, expected[u.node_id], privacy.central_clip_norm), 1) for u in updates]
     std = privacy.central_noise_multiplier * privacy.central_clip_norm / len(clipped)
     new_adapter = add_noise(strategy.aggregate(global_adapter, clipped), sorted(clipped[0].adapter), std)
-    central_history.append((privacy.central_noise_multiplier, len(outcome.nodes) / max(len(outcome.nodes), sites_known), 1))
+    rate = min(1.0, len(state.asked) / max(1, state.connected))  # sites asked / sites there were to ask
+    central_history.append((privacy.central_noise_multiplier, rate, 1))
     return new_adapter, {"central_noise_std": std, "central_epsilon": epsilon_of(central_history, privacy.delta, privacy.accountant)}
+
+
+def train_round(grid: Grid, envelope: Envelope, site_ranks: SiteRanks, strategy: Strategy, global_adapter: Adapter,
+                server_round: int, progress: Progress) -> tuple[RoundTraining, bool]:
+    """Attempts until `min_clients` usable updates, or the sites' budgets leave too few
+    to reach it (returns budgets_exhausted = True); FederationError after the retries."""
+    config = envelope.config
+    minimum = config.federation.min_clients
+    connected = sorted(grid.get_node_ids())
+    state = RoundTraining(asked=sample_sites(connected, config, server_round), connected=len(connected))
+    nodes = list(state.asked)
+    while True:
+        train_attempt(grid, envelope, site_ranks, strategy, global_adapter, server_round, nodes, state, progress)
+        if len(state.updates) >= minimum:
+            return state, False
+        connected = sorted(grid.get_node_ids())
+        if len(connected) - len(state.declined) < minimum:
+            return state, True  # not a failure: the sites' own privacy limits end the run
+        if state.attempts > config.federation.round_retries:
+            raise FederationError(
+                f"round {server_round}: fewer than federation.min_clients = {minimum} usable updates in "
+                f"{state.attempts} attempts (failures: {dict(state.failures) or 'none'}, rejected: {dict(state.rejected) or 'none'})"
+            )
+        # Ask again only the sites that neither delivered nor declined, plus replacements
+        # for them from the sites not asked yet (when the round samples).
+        nodes = state.pending()
+        fresh = [n for n in connected if n not in state.asked]
+        if config.federation.clients_per_round:
+            fresh = sample_sites(fresh, config, server_round * 1000 + state.attempts, count=min(len(nodes), len(fresh)))
+        nodes += fresh
+        state.asked += fresh
+        state.connected = max(state.connected, len(set(connected) | set(state.asked)))
+        log.warning("round %d attempt %d: %d usable updates, fewer than federation.min_clients = %d; asking %d sites again",
+                    server_round, state.attempts, len(state.updates), minimum, len(nodes))
 
 
 def run_federation(grid: Grid, config: Config) -> tuple[RunDirectory, list[dict[str, Any]]]:
     """Run all rounds (or the rest of them, with run.resume); returns the run directory
     and the metrics rows."""
+    resumed = None
+    if config.run.resume:
+        # The run's own saved config decides the model, the LoRA shape and the strategy.
+        run_dir, config, resumed = RunDirectory.resume(config)
     if config.model.task == "classification" and not config.data.labels:
         raise ConfigError("data.labels is empty: list the label names in class-id order")
     try:
@@ -275,8 +334,7 @@ def run_federation(grid: Grid, config: Config) -> tuple[RunDirectory, list[dict[
     global_adapter = adapter_of(model)
     epsilon_max, central_history, last_round = 0.0, [], 0
 
-    if config.run.resume:
-        run_dir, config, resumed = RunDirectory.resume(config)
+    if resumed is not None:
         rows = resumed.rows
         if resumed.round > 0:
             global_adapter, last_round = resumed.adapter, resumed.round
@@ -287,7 +345,7 @@ def run_federation(grid: Grid, config: Config) -> tuple[RunDirectory, list[dict[
         run_dir, config = RunDirectory.create(config)
         rows = []
     progress = Progress(config.federation.rounds)
-    progress.note(f"run directory: {run_dir.path}" + (f" (resumed after round {last_round})" if config.run.resume else ""))
+    progress.note(f"run directory: {run_dir.path}" + (f" (resumed after round {last_round})" if resumed else ""))
 
     envelope = Envelope(config, model_fingerprint(resolve_model_dir(config.model.path)))
     nodes = wait_for_nodes(grid, config.federation.min_clients, config.federation.round_timeout)
@@ -311,63 +369,52 @@ def run_federation(grid: Grid, config: Config) -> tuple[RunDirectory, list[dict[
 
     for server_round in range(last_round + 1, config.federation.rounds + 1):
         start = time.monotonic()
-        failures: Counter = Counter()
-        for attempt in range(1, config.federation.round_retries + 2):
-            outcome = train_phase(grid, envelope, site_ranks, strategy, global_adapter, server_round, attempt, progress)
-            failures += outcome.failures + Counter({f"rejected: {k}": v for k, v in outcome.rejected.items()})
-            epsilon_max = max([epsilon_max] + [float(m.content["metrics"]["epsilon"]) for m in outcome.replies.ok])
-            enough = len(outcome.updates) >= config.federation.min_clients
-            # Sites whose own privacy limits are reached end the run; that is not a failure.
-            budgets_exhausted = not enough and len(outcome.updates) + len(outcome.declined) >= config.federation.min_clients
-            if enough or budgets_exhausted:
-                break
-            log.warning("round %d attempt %d: %d usable updates, fewer than federation.min_clients = %d (%s)",
-                        server_round, attempt, len(outcome.updates), config.federation.min_clients, dict(outcome.failures) or "no failures")
-        else:
-            raise FederationError(
-                f"round {server_round}: fewer than federation.min_clients = {config.federation.min_clients} usable updates "
-                f"in {config.federation.round_retries + 1} attempts (failures: {dict(failures) or 'none'})"
-            )
+        state, budgets_exhausted = train_round(grid, envelope, site_ranks, strategy, global_adapter, server_round, progress)
+        epsilon_max = max([epsilon_max] + [float(m.content["metrics"]["epsilon"]) for m in state.replies])
+        failures = state.failures + Counter({f"rejected: {k}": v for k, v in state.rejected.items()})
 
         central_row: dict[str, Any] = {}
         if budgets_exhausted:
             quality = "eval_accuracy" if config.model.task == "classification" else "eval_perplexity"
             eval_row, eval_replies = {"eval_loss": None, quality: None}, RoundReplies()
         else:
-            global_adapter, central_row = aggregate(strategy, global_adapter, outcome, config, central_history, len(grid.get_node_ids()))
-            eval_row, eval_replies = evaluate_round(grid, envelope, site_ranks.adapters(global_adapter, outcome.nodes), server_round, progress)
+            global_adapter, central_row = aggregate(strategy, global_adapter, state, config, central_history)
+            evaluated = sorted(state.updates)
+            eval_row, eval_replies = evaluate_round(grid, envelope, site_ranks.adapters(global_adapter, evaluated), server_round, progress)
 
         row = {
             "round": server_round,
-            "clients_ok": 0 if budgets_exhausted else len(outcome.updates),
+            "clients_ok": 0 if budgets_exhausted else len(state.updates),
+            # Failures over all attempts, declines and rejected updates included (see "failures").
             "clients_failed": sum(failures.values()),
-            "clients_declined": len(outcome.declined),
+            "clients_declined": len(state.declined),
             # Evaluation failures are listed too, but a site is counted once (as failed in training).
             "failures": {**dict(failures), **{f"evaluate: {k}": v for k, v in eval_replies.failures.items()}},
-            "updates_rejected": sum(outcome.rejected.values()),
-            "attempts": attempt,
-            "train_loss": weighted(outcome.trained, "train-loss"),
+            "updates_rejected": sum(state.rejected.values()),
+            "attempts": state.attempts,
+            "train_loss": weighted(state.trained, "train-loss"),
             **eval_row,
             "epsilon_max": epsilon_max,
-            "noise_multiplier": weighted(outcome.trained, "noise-multiplier") if config.privacy.enabled else None,
-            "site_privacy": site_privacy(outcome.replies.ok) if config.privacy.enabled else [],
+            "noise_multiplier": weighted(state.trained, "noise-multiplier") if config.privacy.enabled else None,
+            "site_privacy": site_privacy(state.replies) if config.privacy.enabled else [],
             **central_row,
-            "bytes_up": outcome.replies.bytes_up + eval_replies.bytes_up,
-            "bytes_down": outcome.replies.bytes_down + eval_replies.bytes_down,
+            "bytes_up": state.bytes_up + eval_replies.bytes_up,
+            "bytes_down": state.bytes_down + eval_replies.bytes_down,
             "seconds": time.monotonic() - start,
             **strategy.round_metrics(),
         }
-        # The row first, then the checkpoint: a crash between them is resumed from the
-        # previous checkpoint, and the resume drops this row before redoing the round.
         run_dir.append_metrics(row)
-        run_dir.checkpoint(server_round, global_adapter, strategy.state(),
-                           {"strategy": strategy.name, "metrics": row, "central_history": central_history})
         progress.round_done(row)
         rows.append(row)
         if budgets_exhausted:
-            progress.note(f"run ended after round {server_round - 1}: {len(outcome.declined)} sites declined round {server_round} "
+            # No checkpoint: nothing was trained, and a resume (after sites raise their limits) redoes this round.
+            progress.note(f"run ended after round {server_round - 1}: {len(state.declined)} sites declined round {server_round} "
                           f"(privacy budget) and fewer than federation.min_clients = {config.federation.min_clients} could train")
             break
+        # The row first, then the checkpoint: a crash between them is resumed from the
+        # previous checkpoint, and the resume drops this row before redoing the round.
+        run_dir.checkpoint(server_round, global_adapter, strategy.state(),
+                           {"strategy": strategy.name, "metrics": row, "central_history": central_history})
 
     write_peft_dir(model, global_adapter, run_dir.path / "adapter", resolve_model_dir(config.model.path))
     progress.note(f"final adapter: {run_dir.path / 'adapter'}")

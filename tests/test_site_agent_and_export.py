@@ -126,3 +126,34 @@ def test_export_adapter_and_merged_model(tmp_path, tiny_models):
     with torch.no_grad():
         assert torch.allclose(merged(input_ids=ids).logits, with_adapter(input_ids=ids).logits, atol=1e-5)
     assert main(["export", str(run_dir), "--out", str(tmp_path / "merged")]) == 2  # never overwrites
+
+
+def test_node_config_reaches_flower_as_written_and_odd_paths_are_refused(site, tmp_path):
+    from flwr.common.config import parse_config_args
+
+    (tmp_path / "site a (2024)").mkdir()
+    site.data_path = write_site_data(tmp_path / "site a (2024)" / "notes.jsonl")
+    parsed = parse_config_args([site.node_config()])
+    assert parsed["data-path"] == str(site.data_path) and parsed["max-epsilon"] == 5.0
+    odd = tmp_path / 'site "a"'
+    odd.mkdir()
+    site.data_path = write_site_data(odd / "notes.jsonl")
+    with pytest.raises(SiteError, match="double quote"):
+        validate_site(site)
+
+
+def test_fingerprint_covers_the_weights_not_files_saved_beside_them(tiny_models, tmp_path):
+    import shutil
+
+    from fedlora.base_fingerprint import model_fingerprint
+
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_models["bert"], copy)
+    assert model_fingerprint(copy) == model_fingerprint(tiny_models["bert"])
+    (copy / "optimizer.pt").write_bytes(b"not the model")
+    assert model_fingerprint(copy) == model_fingerprint(tiny_models["bert"])
+    weights = copy / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1  # one bit of one weight
+    weights.write_bytes(bytes(data))
+    assert model_fingerprint(copy) != model_fingerprint(tiny_models["bert"])

@@ -202,3 +202,23 @@ def test_noise_calibration_is_kept_in_the_state_dir_for_the_next_process(site, m
     assert again == first
     with pytest.raises(AssertionError, match="calibrated again"):  # another plan is not taken from the cache
         site_privacy.calibrated_plan(config, train[:100], Path(node["state-dir"]))
+
+
+def test_a_larger_delta_from_the_coordinator_does_not_unlock_spent_budget(site):
+    config, _, node = site
+    train_once(config, 1, node)
+    spent = SiteLedger.load(node["state-dir"]).epsilon(config.privacy.delta, "prv")
+    node = {**node, "max-epsilon": spent + 0.01}
+    config.privacy.delta = 0.2  # a new run whose delta would make the same history look far cheaper
+    config.run.output_dir = str(Path(config.run.output_dir).with_name("run-b"))
+    reply = train_once(config, 1, node)
+    assert reply.content["metrics"]["declined"] == 1
+    assert reply.content["metrics"]["epsilon"] == pytest.approx(spent, rel=1e-9)  # stated at the ledger's 1e-5
+
+
+def test_a_site_with_a_limit_declines_a_run_without_dp(site):
+    config, _, node = site
+    config.privacy.enabled = False
+    reply = train_once(config, 1, {**node, "max-epsilon": 5.0})
+    assert reply.content["metrics"]["declined"] == 1 and "arrays" not in reply.content.array_records
+    assert "arrays" in train_once(config, 1, node).content.array_records  # a site that set no limit trains
