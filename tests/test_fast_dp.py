@@ -16,15 +16,9 @@ from fedlora.config import Config, DataSection, LoraSection, ModelSection
 from fedlora.text_data import collate, encode
 from privacy.dp_sgd import choose_impl, mark_empty_batch, private_optimizer
 from privacy.user_level import merge_rows_by_unit
+from tests.test_dp_training import ROWS as DP_TRAINING_ROWS
 
-ROWS = [
-    {"prompt": "patient reports chest pain", "response": "cardiology"},
-    {"prompt": "rash on both arms for two weeks with itching", "response": "dermatology clinic"},
-    {"prompt": "fall", "response": "orthopedics"},
-    {"prompt": "wheezing and cough", "response": "pulmonology"},
-    {"prompt": "headache with blurred vision since morning and nausea", "response": "neurology"},
-    {"prompt": "knee swelling after a run", "response": "orthopedics"},
-]
+ROWS = [*DP_TRAINING_ROWS, {"prompt": "knee swelling after a run", "response": "orthopedics"}]  # lengths vary
 CASES = [("llama", "causal-lm"), ("gpt2", "causal-lm"), ("bert", "classification")]
 
 
