@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 
 from client.local_training import DPPlan, privacy_units
 from fedlora.config import Config
+from fedlora.disk_cache import cached_in_file
 from fedlora.text_data import Example
 from privacy.accounting import calibrate_noise, sample_rate
 
@@ -50,18 +50,6 @@ def calibrated_plan(config: Config, train: list[Example], state_dir: Path | None
     rate = sample_rate(config.train.batch_size, units)
     args = (config.privacy.target_epsilon, config.privacy.delta, rate,
             config.federation.rounds * config.train.local_steps, config.privacy.accountant)
-    key, cache_path = json.dumps(args), state_dir / CALIBRATION_CACHE if state_dir else None
-    cache: dict[str, float] = {}
-    if cache_path and cache_path.is_file():
-        try:
-            cache = json.loads(cache_path.read_text())
-        except ValueError:
-            cache = {}
-    if key not in cache:
-        cache[key] = calibrate_noise(*args)
-        if cache_path:
-            cache_path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cache_path.with_name(f".{CALIBRATION_CACHE}.{os.getpid()}.tmp")
-            tmp.write_text(json.dumps(cache))
-            os.replace(tmp, cache_path)
-    return DPPlan(noise_multiplier=cache[key], sample_rate=rate, steps=config.train.local_steps, unit=config.privacy.unit)
+    cache = state_dir / CALIBRATION_CACHE if state_dir else None
+    sigma = cached_in_file(cache, json.dumps(args), lambda: calibrate_noise(*args))
+    return DPPlan(noise_multiplier=sigma, sample_rate=rate, steps=config.train.local_steps, unit=config.privacy.unit)

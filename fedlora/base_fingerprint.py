@@ -14,6 +14,7 @@ import json
 from pathlib import Path
 
 from fedlora.base_model import file_sha256
+from fedlora.disk_cache import cached_in_file
 
 # Config keys that describe where or how a folder was saved, not the model.
 VOLATILE_KEYS = {"_name_or_path", "transformers_version", "torch_dtype", "dtype", "id2label", "label2id", "_commit_hash"}
@@ -23,21 +24,7 @@ CACHE_FILE = "weight-hashes.json"
 def _cached_sha256(path: Path, cache_dir: Path | None) -> str:
     stat = path.stat()
     key = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
-    cache_path = cache_dir / CACHE_FILE if cache_dir else None
-    cache: dict[str, str] = {}
-    if cache_path and cache_path.is_file():
-        try:
-            cache = json.loads(cache_path.read_text())
-        except ValueError:
-            cache = {}  # a cache, not a record: recompute
-    if key not in cache:
-        cache[key] = file_sha256(path)
-        if cache_path:
-            cache_dir.mkdir(parents=True, exist_ok=True)
-            tmp = cache_path.with_suffix(".tmp")
-            tmp.write_text(json.dumps(cache, indent=1))
-            tmp.replace(cache_path)
-    return cache[key]
+    return cached_in_file(cache_dir / CACHE_FILE if cache_dir else None, key, lambda: file_sha256(path))
 
 
 def weight_files(folder: Path) -> list[Path]:

@@ -162,6 +162,6 @@ def _json_reply(out: subprocess.CompletedProcess, what: str) -> dict:
     except ValueError:
         result = {}
     if out.returncode != 0 or not result.get("success", False):
-        detail = result.get("error-message") or (out.stderr.strip() or text).splitlines()[-1:] or ["no output"]
-        raise CoordinatorError(f"{what}: {detail if isinstance(detail, str) else detail[0]}")
+        last_line = ((out.stderr.strip() or text).splitlines() or ["no output"])[-1]
+        raise CoordinatorError(f"{what}: {result.get('error-message') or last_line}")
     return result

@@ -17,7 +17,7 @@ from collections import Counter
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from flwr.app import ArrayRecord, Message, MessageType, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
 from fedlora.adapter_state import Adapter, adapter_of, from_record, record_nbytes, to_record, write_peft_dir
@@ -133,9 +133,15 @@ class Envelope:
     def __init__(self, config: Config, base_fingerprint: str):
         self.config = config
         self.base_fingerprint = base_fingerprint
+        self._records: tuple[int, ConfigRecord] | None = None  # the round's config record, built once
+
+    def config_record(self, server_round: int) -> ConfigRecord:
+        if self._records is None or self._records[0] != server_round:
+            self._records = (server_round, config_record(self.config, server_round, self.base_fingerprint))
+        return self._records[1]
 
     def content(self, server_round: int, arrays: ArrayRecord | None = None) -> RecordDict:
-        records: dict[str, Any] = {"config": config_record(self.config, server_round, self.base_fingerprint)}
+        records: dict[str, Any] = {"config": self.config_record(server_round)}
         if arrays is not None:
             records["arrays"] = arrays
         return RecordDict(records)

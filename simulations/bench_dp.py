@@ -154,29 +154,27 @@ def bench_dp(options: BenchOptions) -> dict:
     def loss_of(forward_model: torch.nn.Module) -> torch.Tensor:
         return sequence_losses(forward_logits(forward_model, batch), batch["labels"], task).mean()
 
+    def timed(forward_model: torch.nn.Module, step_optimizer: torch.optim.Optimizer, memory: PeakMemory | None) -> float:
+        """Seconds of forward, backward and optimizer step (under `memory` if given)."""
+        with memory or _Nothing():
+            sync()
+            start = time.perf_counter()
+            loss_of(forward_model).backward()
+            step_optimizer.step()
+            sync()
+            return time.perf_counter() - start
+
     def step(variant: str, memory: PeakMemory | None = None) -> tuple[float, torch.Tensor | None]:
         """One training step; returns its seconds and (memory steps, DP) per-example norms."""
         torch.manual_seed(options.seed)  # same dropout masks for every variant (MiniLM trains with dropout)
         if variant == "plain":
-            with memory or _Nothing():
-                sync()
-                start = time.perf_counter()
-                loss_of(model).backward()
-                optimizer.step()
-                sync()
-                seconds = time.perf_counter() - start
+            seconds = timed(model, optimizer, memory)
             optimizer.zero_grad(set_to_none=True)
             return seconds, None
         generator = torch.Generator(device=device).manual_seed(options.seed)
         with private_optimizer(model, optimizer, options.noise_multiplier, options.max_grad_norm, options.batch,
                                generator=generator, impl=variant) as (forward_model, dp_optimizer):
-            with memory or _Nothing():
-                sync()
-                start = time.perf_counter()
-                loss_of(forward_model).backward()
-                dp_optimizer.step()
-                sync()
-                seconds = time.perf_counter() - start
+            seconds = timed(forward_model, dp_optimizer, memory)
             norms = None
             if memory is not None:
                 n = options.batch

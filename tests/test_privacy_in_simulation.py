@@ -73,8 +73,9 @@ def run(tmp_path, monkeypatch, client_app, overrides: dict, clients: int):
     from flwr.simulation import run_simulation
 
     from fedlora.config import load_config
+    from fedlora.flower_env import FLOWER_OFFLINE_ENV
     from server.server_app import make_server_app
-    from simulations.runner import FLOWER_OFFLINE_ENV, prepare
+    from simulations.runner import prepare
 
     for k, v in FLOWER_OFFLINE_ENV.items():
         monkeypatch.setenv(k, v)
