@@ -1,10 +1,16 @@
 """The ClientApp: what a site does with each message from the coordinator.
 
-Settings come from the message (the coordinator's resolved run config) and from
-`context.node_config` (the site's own: `data-path`, `model-path`, `state-dir`,
-`max-epsilon`, `lora-rank`), which wins where the site decides: its data, its copy
-of the base model, its privacy ledger and limit, its rank. Under DP a round the
-site's budget cannot afford is declined, recorded in its ledger, and not trained.
+Everything the coordinator sends is a request. Before any data is read, every
+handler checks the request against the site's own policy (client/site_policy.py:
+node config for a deployed site, `[simulation.site_policy]` for virtual sites) and
+declines what falls outside it, naming the policy key. Settings the site owns come
+from `context.node_config`: its data, its copy of the base model, its state dir
+(ledger, audit log), its privacy limit, its LoRA rank.
+
+Under DP every number that leaves is data-independent or accounted in the site's
+ledger: training replies carry the adapter, the epsilon figures, the steps and a
+fixed weight; evaluation replies carry Gaussian-noised sums, charged to the ledger.
+Any exception leaves only as a fixed category (client/reply_guard.py).
 Handlers: `query` (the site's LoRA rank), `train`, `evaluate`.
 """
 
@@ -13,28 +19,35 @@ from __future__ import annotations
 import logging
 import math
 import time
+from pathlib import Path
 
-from flwr.app import Context, Message, RecordDict
+from flwr.app import Context, Message, MessageType, RecordDict
 from flwr.clientapp import ClientApp
 
-from client.local_training import evaluate_locally, frozen, train_locally
+from client.local_evaluation import evaluate_locally
+from client.local_training import frozen, train_locally
 from client.model_cache import cached_model
+from client.reply_guard import guarded_replies
 from client.site_data import load_site_data
-from client.site_privacy import calibrated_plan, site_limit, site_state_dir
+from client.site_policy import SitePolicy, site_policy, violation
+from client.site_privacy import calibrated_plan, eval_mechanism, plan_within_limit, remaining_plan, site_state_dir
 from fedlora.adapter_state import adapter_of, from_record, put_adapter, to_record
-from fedlora.config import Config
 from fedlora.base_fingerprint import model_fingerprint
 from fedlora.base_model import resolve_model_dir
+from fedlora.config import Config
 from fedlora.messages import (
-    DECLINED_METRICS, EVALUATE_METRICS, QUERY_METRICS, REFUSED_METRICS, TRAIN_METRICS, metric_record,
-    read_config_record, sent_fingerprint,
+    DECLINED_METRICS, EVALUATE_METRICS, POLICY_METRIC_PREFIX, QUERY_METRICS, REFUSED_METRICS, TRAIN_METRICS,
+    metric_record, read_config_record, sent_fingerprint,
 )
 from privacy.budget_guard import BudgetDecision, check_budget
+from privacy.noisy_release import noisy_sum
+from privacy.site_audit import append_audit, read_audit
 from privacy.site_ledger import Declined, Mechanism, open_ledger
 from strategies import get_strategy, trained_part
 
-app = ClientApp()
+app = ClientApp(mods=[guarded_replies])
 log = logging.getLogger("fedlora.client")
+
 
 def site_rank(config: Config, node_config: dict) -> int:
     """This site's LoRA rank: node config `lora-rank`, else its entry in
@@ -60,28 +73,71 @@ def site_config(msg: Message, context: Context) -> tuple[Config, int]:
     return config, server_round
 
 
-def base_model_refusal(msg: Message, context: Context, config: Config) -> Message | None:
-    """A refusal if this site's base model is not the coordinator's (None if it is)."""
+def requested(config: Config) -> dict:
+    """What a run asks of the site, as the audit log records it (settings only, never data)."""
+    p, d = config.privacy, config.data
+    return {
+        "dp": p.enabled, "target_epsilon": p.target_epsilon, "eval_epsilon": p.eval_epsilon, "delta": p.delta,
+        "accountant": p.accountant, "unit": p.unit, "user_column": p.user_column, "rounds": config.federation.rounds,
+        "columns": [d.text_column, d.label_column, d.prompt_column, d.response_column], "model": config.model.path,
+    }
+
+
+def screen_request(msg: Message, context: Context, config: Config, server_round: int) -> tuple[Message | None, SitePolicy, Path]:
+    """(a refusal or decline, or None; the site's policy; its state dir). Runs before any
+    of the site's data is read: the request is audited, then checked against the policy,
+    then the base model's fingerprint against the coordinator's."""
+    policy = site_policy(config, context.node_config)
+    state_dir = site_state_dir(config, context.node_config)
+    kind = msg.metadata.message_type.split(".")[0]
+    run = config.run.output_dir
+    append_audit(state_dir, "request", run, message=kind, round=server_round, asks=requested(config))
+    key = violation(policy, config)
+    if key is None and kind == MessageType.EVALUATE and policy.max_evaluations:
+        done = sum(1 for e in read_audit(state_dir) if e["event"] == "evaluated" and e["run"] == run)
+        key = "max-evaluations" if done >= policy.max_evaluations else None
+    if key is not None:
+        log.warning("round %d %s: declined: the run asks for more than this site's policy allows (%s)", server_round, kind, key)
+        append_audit(state_dir, "declined", run, message=kind, round=server_round, reason=f"site policy: {key}")
+        with open_ledger(state_dir) as ledger:
+            decline = Declined(server_round, None, None, policy.max_epsilon, reason=f"site policy: {key}", message=kind)
+            ledger.record(run, config.privacy.accountant, config.privacy.delta, decline, policy.max_epsilon)
+        metrics = metric_record({"declined": 1, POLICY_METRIC_PREFIX + key: 1}, DECLINED_METRICS)
+        return Message(content=RecordDict({"metrics": metrics}), reply_to=msg), policy, state_dir
     expected = sent_fingerprint(msg.content["config"])
-    if not expected:
-        return None
-    try:
-        cache = site_state_dir(config, context.node_config)  # weight hashes are kept between processes
-    except ValueError:
-        cache = None
-    local = model_fingerprint(resolve_model_dir(config.model.path), cache)
-    if local == expected:
-        return None
-    log.error("refusing: this site's base model %s (fingerprint %s) is not the coordinator's (%s)",
-              config.model.path, local, expected)
-    return Message(content=RecordDict({"metrics": metric_record({"refused-base-model": 1}, REFUSED_METRICS)}), reply_to=msg)
+    if expected:
+        local = model_fingerprint(resolve_model_dir(config.model.path), state_dir)  # weight hashes kept between processes
+        if local != expected:
+            log.error("refusing: this site's base model %s (fingerprint %s) is not the coordinator's (%s)",
+                      config.model.path, local, expected)
+            metrics = metric_record({"refused-base-model": 1}, REFUSED_METRICS)
+            return Message(content=RecordDict({"metrics": metrics}), reply_to=msg), policy, state_dir
+    return None, policy, state_dir
+
+
+def budget_declined(msg: Message, config: Config, server_round: int, decision: BudgetDecision, ledger, state_dir: Path) -> Message:
+    """A refusal, not an error: no tensors, and why (the coordinator counts it as declined)."""
+    kind = msg.metadata.message_type.split(".")[0]
+    run, privacy = config.run.output_dir, config.privacy
+    decline = Declined(server_round, decision.epsilon_spent, decision.epsilon_after, decision.limit, message=kind)
+    ledger.record(run, privacy.accountant, privacy.delta, decline, decision.limit)
+    append_audit(state_dir, "declined", run, message=kind, round=server_round, reason="privacy budget")
+    log.warning("round %d %s: declined, epsilon would reach %.3f > the site's limit %.3f (spent %.3f)",
+                server_round, kind, decision.epsilon_after, decision.limit, decision.epsilon_spent)
+    metrics = metric_record(
+        {"declined": 1, "epsilon": decision.epsilon_spent, "epsilon-would-be": decision.epsilon_after,
+         "epsilon-limit": decision.limit},
+        DECLINED_METRICS,
+    )
+    return Message(content=RecordDict({"metrics": metrics}), reply_to=msg)
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     start = time.perf_counter()
     config, server_round = site_config(msg, context)
-    if (refusal := base_model_refusal(msg, context, config)) is not None:
+    refusal, policy, state_dir = screen_request(msg, context, config, server_round)
+    if refusal is not None:
         return refusal
 
     # Model: the cached base model with the global adapter put in.
@@ -94,90 +150,87 @@ def train(msg: Message, context: Context) -> Message:
     # Train (with the factors the strategy keeps frozen, e.g. LoRA A under ffa).
     frozen_factors = get_strategy(config.strategy).frozen_factors
     seed = config.run.seed * 1_000_003 + server_round * 7919 + context.node_id % 1_000_003
-    limit = site_limit(config, context.node_config)
-    if not config.privacy.enabled:
-        if not math.isinf(limit):
-            # Training without DP spends an unbounded epsilon: a site with a limit declines it.
-            log.warning("round %d: declined: the run has privacy.enabled = false and this site's limit is %.3f", server_round, limit)
-            return declined_reply(msg, BudgetDecision(False, math.inf, limit, epsilon_spent=0.0))
+    if not config.privacy.enabled:  # the policy allowed it: allow-no-dp and no limit
         with frozen(cached.model, frozen_factors):
             result = train_locally(cached.model, site.train, config, None, cached.tokenizer.pad_token_id, seed)
-        privacy = {"epsilon": 0.0, "noise-multiplier": 0.0}
+        log.info("round %d: %s, %d examples, loss %.4f (no DP)", server_round, site.source, len(site.train), result.loss)
+        values = {"num-examples": len(site.train), "train-loss": result.loss, "epsilon": 0.0, "noise-multiplier": 0.0,
+                  "steps": result.steps, "seconds": time.perf_counter() - start}
     else:
         # Privacy: noise calibrated from this site's data; its own ledger and limit decide.
-        state_dir = site_state_dir(config, context.node_config)
-        plan = calibrated_plan(config, site.train, state_dir)
-        mechanism = (plan.noise_multiplier, plan.sample_rate, plan.steps)
-        run, delta, accountant = config.run.output_dir, config.privacy.delta, config.privacy.accountant
+        run, delta, accountant, limit = config.run.output_dir, config.privacy.delta, config.privacy.accountant, policy.max_epsilon
         with open_ledger(state_dir) as ledger:
+            plan = calibrated_plan(config, site.train, state_dir)
+            plan = plan_within_limit(config, plan, ledger, policy, delta, server_round, state_dir)
+            mechanism = (plan.noise_multiplier, plan.sample_rate, plan.steps)
             decision = check_budget(ledger, [mechanism], delta, accountant, limit)
             if not decision.allowed:
-                ledger.record(run, accountant, delta, Declined(server_round, decision.epsilon_spent, decision.epsilon_after, limit), limit)
-                log.warning("round %d: declined, epsilon would reach %.3f > the site's limit %.3f (spent %.3f)",
-                            server_round, decision.epsilon_after, limit, decision.epsilon_spent)
-                return declined_reply(msg, decision)
+                return budget_declined(msg, config, server_round, decision, ledger, state_dir)
             with frozen(cached.model, frozen_factors):
                 result = train_locally(cached.model, site.train, config, plan, cached.tokenizer.pad_token_id, seed)
             # Recorded before the reply exists: nothing leaves the site unaccounted.
             ledger.record(run, accountant, delta, Mechanism(server_round, *mechanism, unit=plan.unit), limit)
             epsilon = decision.epsilon_after  # the ledger now holds exactly what the guard counted
-            remaining = [mechanism] * max(0, config.federation.rounds - server_round)
-            planned = ledger.epsilon(delta, accountant, extra=remaining)
-        privacy = {"epsilon": epsilon, "planned-epsilon": planned, "noise-multiplier": plan.noise_multiplier}
-        log.info("round %d: noise multiplier %.4f (q %.4f per %s, %d steps), epsilon %.3f, expected %.3f after round %d, limit %s",
-                 server_round, plan.noise_multiplier, plan.sample_rate, plan.unit, plan.steps, epsilon, planned,
-                 config.federation.rounds, "none" if math.isinf(limit) else f"{limit:.3f}")
-    log.info("round %d: %s, %d examples, loss %.4f", server_round, site.source, len(site.train), result.loss)
+            later_rounds, evaluations = remaining_plan(config, plan, server_round, state_dir)
+            planned = ledger.epsilon(delta, accountant, extra=later_rounds + evaluations)
+        log.info("round %d: %s, %d examples, loss %.4f; noise multiplier %.4f (q %.4f per %s, %d steps), epsilon %.3f, "
+                 "expected %.3f after round %d, limit %s", server_round, site.source, len(site.train), result.loss,
+                 plan.noise_multiplier, plan.sample_rate, plan.unit, plan.steps, epsilon, planned, config.federation.rounds,
+                 "none" if math.isinf(limit) else f"{limit:.3f}")
+        # The loss and the time are data-dependent and unaccounted: they stay here. The
+        # weight is the expected number of examples used, batch_size * steps, not a count.
+        values = {"num-examples": config.train.batch_size * plan.steps, "epsilon": epsilon, "planned-epsilon": planned,
+                  "noise-multiplier": plan.noise_multiplier, "steps": plan.steps}
 
     # Reply: the trained adapter tensors and whitelisted scalars only.
-    metrics = metric_record(
-        {"num-examples": len(site.train), "train-loss": result.loss, **privacy, "steps": result.steps,
-         "seconds": time.perf_counter() - start},
-        TRAIN_METRICS,
-    )
     trained = trained_part(adapter_of(cached.model), frozen_factors)
-    content = RecordDict({"arrays": to_record(trained), "metrics": metrics})
+    content = RecordDict({"arrays": to_record(trained), "metrics": metric_record(values, TRAIN_METRICS)})
     return Message(content=content, reply_to=msg)
-
-
-def declined_reply(msg: Message, decision: BudgetDecision) -> Message:
-    """A refusal, not an error: no tensors, and why (the coordinator counts it as declined)."""
-    metrics = metric_record(
-        {"declined": 1, "epsilon": decision.epsilon_spent, "epsilon-would-be": decision.epsilon_after,
-         "epsilon-limit": decision.limit},
-        DECLINED_METRICS,
-    )
-    return Message(content=RecordDict({"metrics": metrics}), reply_to=msg)
 
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    config, _ = site_config(msg, context)
-    if (refusal := base_model_refusal(msg, context, config)) is not None:
+    config, server_round = site_config(msg, context)
+    refusal, policy, state_dir = screen_request(msg, context, config, server_round)
+    if refusal is not None:
         return refusal
     cached = cached_model(config, config.data.labels)
     put_adapter(cached.model, from_record(msg.content["arrays"]))
     site = load_site_data(config, config.data.labels, context.node_config, cached.tokenizer)
+    pad_id, run, classification = cached.tokenizer.pad_token_id, config.run.output_dir, config.model.task == "classification"
 
-    result = evaluate_locally(cached.model, site.validation, config, cached.tokenizer.pad_token_id)
-
-    metrics = metric_record(
-        {
-            "num-examples": result.num_examples,
-            "eval-loss": result.loss,
-            "eval-accuracy": result.accuracy,
-            "eval-perplexity": result.perplexity,
-        },
-        EVALUATE_METRICS,
-    )
-    return Message(content=RecordDict({"metrics": metrics}), reply_to=msg)
+    if not config.privacy.enabled:  # the policy allowed it: exact sums
+        sums = evaluate_locally(cached.model, site.validation, config, pad_id)
+        values = {"num-examples": sums.units, "eval-correct": sums.correct, "eval-loss-sum": sums.loss, "epsilon": 0.0}
+    else:
+        # Gaussian noise on each released sum, charged to the ledger before anything leaves.
+        delta, accountant, limit, clip = config.privacy.delta, config.privacy.accountant, policy.max_epsilon, config.privacy.eval_loss_clip
+        with open_ledger(state_dir) as ledger:
+            mechanism = eval_mechanism(config, state_dir)
+            decision = check_budget(ledger, [mechanism], delta, accountant, limit)
+            if not decision.allowed:
+                return budget_declined(msg, config, server_round, decision, ledger, state_dir)
+            sums = evaluate_locally(cached.model, site.validation, config, pad_id, loss_clip=clip)
+            ledger.record(run, accountant, delta, Mechanism(server_round, *mechanism, unit=config.privacy.unit, kind="evaluation"), limit)
+        sigma = mechanism[0]
+        values = {
+            "num-examples": noisy_sum(sums.units, 1.0, sigma),
+            "eval-correct": noisy_sum(sums.correct, 1.0, sigma) if classification else None,
+            "eval-loss-sum": noisy_sum(sums.loss, clip, sigma),
+            "epsilon": decision.epsilon_after,
+        }
+        log.info("round %d: evaluated %d units, released with noise multiplier %.2f; epsilon %.3f",
+                 server_round, int(sums.units), sigma, decision.epsilon_after)
+    append_audit(state_dir, "evaluated", run, round=server_round)
+    return Message(content=RecordDict({"metrics": metric_record(values, EVALUATE_METRICS)}), reply_to=msg)
 
 
 @app.query()
 def query(msg: Message, context: Context) -> Message:
     """The site's declaration before training: its LoRA rank."""
-    config, _ = site_config(msg, context)
-    if (refusal := base_model_refusal(msg, context, config)) is not None:
+    config, server_round = site_config(msg, context)
+    refusal, _, _ = screen_request(msg, context, config, server_round)
+    if refusal is not None:
         return refusal
     metrics = metric_record({"lora-rank": config.lora.rank}, QUERY_METRICS)
     return Message(content=RecordDict({"metrics": metrics}), reply_to=msg)

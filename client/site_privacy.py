@@ -1,25 +1,38 @@
-"""This site's privacy settings and its DP plan for a round.
+"""This site's DP plans: the noise of a training round and of an evaluation.
 
-The site, not the coordinator, owns its ledger (`state-dir`) and its limit
-(`max-epsilon`). Virtual sites of a simulation keep their ledgers in the run
-directory, `RUN_DIR/sites/<partition-id>/`, and take `privacy.site_max_epsilon`.
+The site, not the coordinator, owns its ledger (`state-dir`) and its limit (its
+policy's `max-epsilon`, client/site_policy.py). Virtual sites of a simulation keep
+their ledgers in the run directory, `RUN_DIR/sites/<partition-id>/`.
+
+A run plans `federation.rounds` training rounds and `rounds + 1` evaluations (round 0
+is the untrained adapter). The evaluations' noise is calibrated to spend
+`privacy.eval_epsilon` over all of them; the training noise so that training and
+evaluations together spend `privacy.target_epsilon`. A site whose own limit cannot
+afford that plan calibrates its training noise to its limit instead (policy
+`calibrate-to-limit`) and takes part in every round with more noise.
 """
 
 from __future__ import annotations
 
 import json
-import math
+from dataclasses import replace
 from pathlib import Path
 
 from client.local_training import DPPlan, privacy_units
+from client.site_policy import SitePolicy
 from fedlora.config import Config
 from fedlora.disk_cache import cached_in_file
 from fedlora.text_data import Example
-from privacy.accounting import calibrate_noise, sample_rate
+from privacy.accounting import History, calibrate_noise, sample_rate
+from privacy.site_ledger import SiteLedger
+
+# An evaluation releases three sums, each of sensitivity 1 (clip-normalised): units,
+# correct predictions and clipped losses; as a mechanism, three Gaussian releases.
+EVAL_RELEASES = 3
 
 
 def site_state_dir(config: Config, node_config: dict) -> Path:
-    """Where this site keeps its ledger and local state."""
+    """Where this site keeps its ledger, audit log and local state."""
     if "state-dir" in node_config:
         return Path(str(node_config["state-dir"])).expanduser()
     if "partition-id" in node_config:
@@ -27,29 +40,61 @@ def site_state_dir(config: Config, node_config: dict) -> Path:
     raise ValueError("node config has no 'state-dir': a site needs one for its privacy ledger")
 
 
-def site_limit(config: Config, node_config: dict) -> float:
-    """The site's own epsilon limit (node config `max-epsilon`) wins; a site that set
-    none takes `privacy.site_max_epsilon` if the run sets one; else no limit."""
-    if "max-epsilon" in node_config:
-        limit = float(node_config["max-epsilon"])
-        if not limit > 0:
-            raise ValueError(f"node config 'max-epsilon' must be > 0, got {node_config['max-epsilon']!r}")
-        return limit
-    return config.privacy.site_max_epsilon if config.privacy.site_max_epsilon > 0 else math.inf
-
-
 CALIBRATION_CACHE = "noise-calibrations.json"
 
 
+def _calibrated(state_dir: Path | None, target: float, delta: float, rate: float, steps: int, accountant: str,
+                fixed: History = ()) -> float:
+    """calibrate_noise, kept in `state_dir`: the search takes seconds and a deployed
+    site runs a fresh process for every message (a cache: recomputed if unreadable)."""
+    args = (target, delta, rate, steps, accountant, sorted(map(list, fixed)))
+    cache = state_dir / CALIBRATION_CACHE if state_dir else None
+    return cached_in_file(cache, json.dumps(args), lambda: calibrate_noise(target, delta, rate, steps, accountant, fixed))
+
+
+def eval_mechanism(config: Config, state_dir: Path | None = None) -> tuple[float, float, int]:
+    """One evaluation as a mechanism: (noise multiplier, sample rate 1, releases)."""
+    privacy = config.privacy
+    releases = EVAL_RELEASES * (config.federation.rounds + 1)
+    sigma = _calibrated(state_dir, privacy.eval_epsilon, privacy.delta, 1.0, releases, privacy.accountant)
+    return (sigma, 1.0, EVAL_RELEASES)
+
+
 def calibrated_plan(config: Config, train: list[Example], state_dir: Path | None = None) -> DPPlan:
-    """Noise calibrated from this site's own data size, batch size, local steps and the
-    planned rounds, so that training in every round ends at privacy.target_epsilon.
-    The search takes about a second and a deployed site runs a fresh process for every
-    message, so results are kept in `state_dir` (a cache: recomputed if unreadable)."""
+    """The run's plan at this site: noise from its own unit count, batch size, local steps
+    and the planned rounds, so that training plus the planned evaluations end at
+    privacy.target_epsilon."""
     units = len(privacy_units(train))
     rate = sample_rate(config.train.batch_size, units)
-    args = (config.privacy.target_epsilon, config.privacy.delta, rate,
-            config.federation.rounds * config.train.local_steps, config.privacy.accountant)
-    cache = state_dir / CALIBRATION_CACHE if state_dir else None
-    sigma = cached_in_file(cache, json.dumps(args), lambda: calibrate_noise(*args))
+    evaluations = [eval_mechanism(config, state_dir)] * (config.federation.rounds + 1)
+    privacy = config.privacy
+    sigma = _calibrated(state_dir, privacy.target_epsilon, privacy.delta, rate,
+                        config.federation.rounds * config.train.local_steps, privacy.accountant, evaluations)
     return DPPlan(noise_multiplier=sigma, sample_rate=rate, steps=config.train.local_steps, unit=config.privacy.unit)
+
+
+def remaining_plan(config: Config, plan: DPPlan, server_round: int, state_dir: Path | None) -> tuple[History, History]:
+    """What the run still plans after this round's training: (the later rounds, the
+    evaluations of this and later rounds)."""
+    later_rounds = [(plan.noise_multiplier, plan.sample_rate, plan.steps)] * max(0, config.federation.rounds - server_round)
+    evaluations = [eval_mechanism(config, state_dir)] * max(0, config.federation.rounds - server_round + 1)
+    return later_rounds, evaluations
+
+
+def plan_within_limit(config: Config, plan: DPPlan, ledger: SiteLedger, policy: SitePolicy, delta: float,
+                      server_round: int, state_dir: Path | None) -> DPPlan:
+    """The run's plan, or, if the site's limit cannot afford it and the policy says
+    calibrate-to-limit, the plan with the noise that spends exactly the limit over the
+    rounds left (the budget guard still checks the result)."""
+    limit, accountant = policy.max_epsilon, config.privacy.accountant
+    this_round = (plan.noise_multiplier, plan.sample_rate, plan.steps)
+    later_rounds, evaluations = remaining_plan(config, plan, server_round, state_dir)
+    if not policy.calibrate_to_limit or ledger.epsilon(delta, accountant, extra=[this_round, *later_rounds, *evaluations]) <= limit:
+        return plan
+    rounds_left = config.federation.rounds - server_round + 1
+    try:
+        sigma = _calibrated(state_dir, limit, ledger.guard_delta(delta), plan.sample_rate, rounds_left * plan.steps,
+                            accountant, ledger.history() + evaluations)
+    except ValueError:
+        return plan  # not even infinite noise fits: the guard declines
+    return replace(plan, noise_multiplier=max(sigma, plan.noise_multiplier))

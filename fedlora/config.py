@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import tomllib
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
 
@@ -100,6 +100,12 @@ class PrivacySection:
     # way): "fast" = hooks on LoRA/nn.Linear layers (privacy/lora_grad_sample.py),
     # "opacus" = Opacus's GradSampleModule, "auto" = fast when it covers every trainable parameter.
     dp_impl: str = "auto"
+    # Evaluation under DP: each site releases its validation counts with Gaussian noise
+    # calibrated so that the planned evaluations (rounds + 1) spend at most eval_epsilon,
+    # charged to its ledger; training gets the rest of target_epsilon. Per-example losses
+    # are clipped to eval_loss_clip before they are summed (the sum's sensitivity).
+    eval_epsilon: float = 1.0
+    eval_loss_clip: float = 5.0
 
 
 @dataclass
@@ -132,6 +138,23 @@ class StrategySection:
 
 
 @dataclass
+class SitePolicySection:
+    """The site policy every virtual site applies; a deployed site's comes from its own
+    node config (client/site_policy.py). "" and 0 follow the run's own setting."""
+
+    max_delta: float = 0.0  # 0 = the run's privacy.delta
+    privacy_unit: str = ""  # "example" or "user"; "" = the run's privacy.unit
+    user_column: str = ""
+    allow_no_dp: bool = True  # a simulation may compare with and without DP
+    text_column: str = ""
+    label_column: str = ""
+    prompt_column: str = ""
+    response_column: str = ""
+    max_evaluations: int = 0  # per run; 0 = no cap (under DP every evaluation is accounted)
+    calibrate_to_limit: bool = True  # a site whose limit is below the run's plan adds noise instead of declining
+
+
+@dataclass
 class SimulationSection:
     dataset: str = "default"  # or a local JSONL/CSV file, split across the virtual clients
     dataset_size: int = 6000  # notes generated for the default dataset (more per site = less noise for the same epsilon)
@@ -145,6 +168,7 @@ class SimulationSection:
     # Reload the base model on every client call instead of once per worker: the baseline
     # (what FlowerTune does) that `fedlora bench simulation` compares against. Never faster.
     reload_base_model: bool = False
+    site_policy: SitePolicySection = field(default_factory=SitePolicySection)
 
 
 @dataclass
@@ -163,8 +187,18 @@ class Config:
         return dataclasses.asdict(self)
 
     def to_flat(self) -> dict[str, Any]:
-        """Dotted keys -> values, e.g. {"train.lr": 0.02, ...}."""
-        return {f"{s}.{k}": v for s, section in self.to_dict().items() for k, v in section.items()}
+        """Dotted keys -> values, e.g. {"train.lr": 0.02, "simulation.site_policy.max_delta": 0.0, ...}."""
+        return _dotted(self.to_dict())
+
+
+def _dotted(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for name, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_dotted(value, f"{prefix}{name}."))
+        else:
+            flat[f"{prefix}{name}"] = value
+    return flat
 
 
 CHOICES: dict[str, tuple[str, ...]] = {
@@ -174,6 +208,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "train.optimizer": ("adamw", "sgd"),
     "privacy.accountant": ("prv", "rdp"),
     "privacy.unit": ("example", "user"),
+    "simulation.site_policy.privacy_unit": ("", "example", "user"),
     "privacy.dp_impl": ("auto", "fast", "opacus"),
     "simulation.partition": ("iid", "dirichlet"),
 }
@@ -184,19 +219,34 @@ POSITIVE: tuple[str, ...] = (
     "privacy.user_max_records", "privacy.central_noise_multiplier", "privacy.central_clip_norm",
     "federation.rounds", "federation.min_clients", "federation.round_timeout",
     "simulation.dataset_size", "simulation.clients", "simulation.alpha",
-    "simulation.cpus_per_client", "strategy.tau",
+    "simulation.cpus_per_client", "strategy.tau", "privacy.eval_epsilon", "privacy.eval_loss_clip",
 )
 
 # [0, 1): exponential decay rates.
 UNIT_INTERVAL: tuple[str, ...] = ("strategy.momentum", "strategy.beta1", "strategy.beta2")
 
 
-def _section_types() -> dict[str, dict[str, Any]]:
-    out = {}
-    for section in fields(Config):
-        cls = get_type_hints(Config)[section.name]
-        out[section.name] = get_type_hints(cls)
+def _leaf_types(cls: type, prefix: str = "") -> dict[str, Any]:
+    """Dotted key -> annotated type, for every leaf of a (nested) config dataclass."""
+    out: dict[str, Any] = {}
+    for name, typ in get_type_hints(cls).items():
+        if dataclasses.is_dataclass(typ):
+            out.update(_leaf_types(typ, f"{prefix}{name}."))
+        else:
+            out[f"{prefix}{name}"] = typ
     return out
+
+
+def _build(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
+    """A (nested) config dataclass from dotted keys; missing keys take defaults."""
+    kwargs = {}
+    for name, typ in get_type_hints(cls).items():
+        key = f"{prefix}{name}"
+        if dataclasses.is_dataclass(typ):
+            kwargs[name] = _build(typ, values, key + ".")
+        elif key in values:
+            kwargs[name] = values[key]
+    return cls(**kwargs)
 
 
 def _coerce(key: str, value: Any, typ: Any, where: str) -> Any:
@@ -227,29 +277,23 @@ def _coerce(key: str, value: Any, typ: Any, where: str) -> Any:
 
 def from_flat(flat: dict[str, Any], where: str = "config") -> Config:
     """Build and validate a Config from dotted keys; missing keys take defaults."""
-    types = _section_types()
-    nested: dict[str, dict[str, Any]] = {}
+    types = _leaf_types(Config)
+    values: dict[str, Any] = {}
     for key, value in flat.items():
-        section, _, name = key.partition(".")
-        if section not in types or name not in types[section]:
+        if key not in types:
             raise ConfigError(f"{where}: unknown key '{key}'")
-        nested.setdefault(section, {})[name] = _coerce(key, value, types[section][name], where)
-    config = Config(**{s: getattr(Config(), s).__class__(**nested.get(s, {})) for s in types})
+        values[key] = _coerce(key, value, types[key], where)
+    config = _build(Config, values)
     validate(config, where)
     return config
 
 
 def flatten(tree: dict[str, Any], where: str = "config") -> dict[str, Any]:
-    """TOML tables -> dotted keys. Only [section] key = value nesting is allowed."""
-    flat: dict[str, Any] = {}
+    """TOML tables -> dotted keys ([simulation.site_policy] max_delta -> "simulation.site_policy.max_delta")."""
     for section, table in tree.items():
         if not isinstance(table, dict):
             raise ConfigError(f"{where}: key '{section}' must be a [{section}] table")
-        for name, value in table.items():
-            if isinstance(value, dict):
-                raise ConfigError(f"{where}: unknown key '{section}.{name}'")
-            flat[f"{section}.{name}"] = value
-    return flat
+    return _dotted(tree)
 
 
 def validate(config: Config, where: str = "config") -> None:
@@ -283,6 +327,14 @@ def validate(config: Config, where: str = "config") -> None:
         raise ConfigError(f"{where}: key 'strategy.outlier_factor' must be 0 (off) or >= 1, got {config.strategy.outlier_factor!r}")
     if not config.privacy.delta < 1:
         raise ConfigError(f"{where}: key 'privacy.delta' must be < 1, got {config.privacy.delta!r}")
+    if config.privacy.enabled and not config.privacy.eval_epsilon < config.privacy.target_epsilon:
+        raise ConfigError(f"{where}: key 'privacy.eval_epsilon' ({config.privacy.eval_epsilon!r}) must be below "
+                          f"privacy.target_epsilon ({config.privacy.target_epsilon!r}): training needs a share of the budget")
+    policy = config.simulation.site_policy
+    if not 0 <= policy.max_delta < 1:
+        raise ConfigError(f"{where}: key 'simulation.site_policy.max_delta' must be in [0, 1) (0 = the run's delta), got {policy.max_delta!r}")
+    if not policy.max_evaluations >= 0:
+        raise ConfigError(f"{where}: key 'simulation.site_policy.max_evaluations' must be >= 0 (0 = no cap), got {policy.max_evaluations!r}")
     if not config.federation.clients_per_round >= 0:
         raise ConfigError(f"{where}: key 'federation.clients_per_round' must be >= 0 (0 = all), got {config.federation.clients_per_round!r}")
     if 0 < config.federation.clients_per_round < config.federation.min_clients:

@@ -15,13 +15,35 @@ from fedlora.config import Config, from_flat
 ROUND_KEY = "fedlora.round"
 FINGERPRINT_KEY = "fedlora.base-fingerprint"  # the coordinator's base model (fedlora/base_fingerprint.py)
 
+# Under DP a site sends no train-loss and no seconds (data-dependent, unaccounted), and
+# its num-examples is the data-independent batch_size * steps.
 TRAIN_METRICS = ("num-examples", "train-loss", "epsilon", "planned-epsilon", "noise-multiplier", "steps", "seconds")
-# A site whose budget guard refused the round replies with these (and no arrays).
-DECLINED_METRICS = ("declined", "epsilon", "epsilon-would-be", "epsilon-limit")
-EVALUATE_METRICS = ("num-examples", "eval-loss", "eval-accuracy", "eval-perplexity")
+# The site's policy, as node-config keys; a decline names one of them.
+POLICY_KEYS = (
+    "max-epsilon", "max-delta", "privacy-unit", "user-column", "allow-no-dp", "text-column", "label-column",
+    "prompt-column", "response-column", "max-evaluations", "calibrate-to-limit",
+)
+POLICY_METRIC_PREFIX = "policy."  # a policy decline carries the metric "policy.<key>" = 1
+# A site that declines a message replies with these (and no arrays): its budget guard
+# refused (epsilon figures), or the run asked for more than its policy allows (the key).
+DECLINED_METRICS = ("declined", "epsilon", "epsilon-would-be", "epsilon-limit",
+                    *(POLICY_METRIC_PREFIX + k for k in POLICY_KEYS))
+# Evaluation releases sums (noised and accounted under DP); the coordinator divides them.
+EVALUATE_METRICS = ("num-examples", "eval-correct", "eval-loss-sum", "epsilon")
 QUERY_METRICS = ("lora-rank",)  # what a site declares before training (its own LoRA rank)
 # A site holding a different base model than the coordinator's refuses every message.
 REFUSED_METRICS = ("refused-base-model",)
+# The only error reasons a site sends: a fixed category, never an exception's text
+# (which could hold a value from the site's data). Details stay in the site's log.
+SITE_ERROR_CATEGORIES = ("data error", "model error", "policy", "internal error")
+
+
+def declined_key(metrics: dict) -> str:
+    """Why a site declined: "site policy: <key>" or "privacy budget"."""
+    for key in POLICY_KEYS:
+        if POLICY_METRIC_PREFIX + key in metrics:
+            return f"site policy: {key}"
+    return "privacy budget"
 
 
 def config_record(config: Config, server_round: int, base_fingerprint: str = "") -> ConfigRecord:

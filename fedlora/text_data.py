@@ -114,7 +114,8 @@ def _encode(rows: list[dict], tokenizer, config: Config, labels: list[str], sour
         for row, input_ids in zip(rows, ids):
             name = str(row[data.label_column])
             if name not in label_id:
-                raise DataError(f"data file {source}: label {name!r} is not in data.labels ({', '.join(labels)})")
+                # Never the value itself: this message may be shown far from the data.
+                raise DataError(f"data file {source}: a value of column {data.label_column!r} is not one of data.labels")
             examples.append(Example(input_ids, label_id[name]))
         return examples
     return [_encode_causal(row, tokenizer, config) for row in rows]

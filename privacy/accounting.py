@@ -6,12 +6,12 @@ exactly as Opacus's accountants keep it; the math is Opacus's own accountants.
 
 from __future__ import annotations
 
+import math
 import warnings
 from functools import lru_cache
 
 import numpy as np
 from opacus.accountants import PRVAccountant, RDPAccountant
-from opacus.accountants.utils import get_noise_multiplier
 
 # Opacus's PRV calibration brackets its search with RDP, which warns when the bracket's
 # order is at the edge; the PRV result is unaffected.
@@ -53,17 +53,56 @@ def sample_rate(batch_size: int, num_examples: int) -> float:
     return min(1.0, batch_size / max(1, num_examples))
 
 
-@lru_cache(maxsize=256)  # the search takes about a second; sites repeat it every round
-def calibrate_noise(target_epsilon: float, delta: float, rate: float, total_steps: int, accountant: str = "prv") -> float:
-    """The noise multiplier that spends exactly `target_epsilon` over `total_steps` steps."""
-    return float(
-        get_noise_multiplier(
-            target_epsilon=target_epsilon,
-            target_delta=delta,
-            sample_rate=rate,
-            steps=total_steps,
-            accountant=accountant,
-            epsilon_tolerance=0.01,
-        )
-    )
+def calibrate_noise(
+    target_epsilon: float, delta: float, rate: float, total_steps: int, accountant: str = "prv", fixed: History = (),
+) -> float:
+    """The noise multiplier sigma at which `total_steps` steps at sampling rate `rate`,
+    composed with the mechanisms already in `fixed` (spent, or planned at their own
+    noise), spend `target_epsilon` (within 0.01, never above). Raises ValueError if
+    `fixed` alone already spends the target."""
+    return _calibrate(float(target_epsilon), float(delta), float(rate), int(total_steps), accountant,
+                      tuple(sorted(compressed(list(fixed)))))
 
+
+@lru_cache(maxsize=256)  # the search takes seconds; sites repeat it every round
+def _calibrate(target: float, delta: float, rate: float, steps: int, accountant: str,
+               fixed: tuple[tuple[float, float, int], ...]) -> float:
+    def spent(sigma: float) -> float:
+        return epsilon_of([*fixed, (sigma, rate, steps)], delta, accountant)
+
+    floor = epsilon_of(list(fixed), delta, accountant)
+    if floor >= target:
+        raise ValueError(f"the mechanisms already counted spend epsilon {floor:.3f} >= the target {target:.3f}")
+    # Bracket sigma (epsilon falls as sigma grows), then regula falsi on log(sigma) with the
+    # Illinois rule: each PRV evaluation costs up to a second, and this needs about 6.
+    low, high = 0.5, 2.0
+    eps_low, eps_high = spent(low), spent(high)
+    while eps_low < target:
+        low, high, eps_high = low / 4, low, eps_low
+        eps_low = spent(low)
+    while eps_high > target:
+        if high > 1e6:
+            raise ValueError(f"no noise multiplier reaches epsilon {target:.3f} (the fixed mechanisms spend {floor:.3f})")
+        low, eps_low, high = high, eps_high, high * 4
+        eps_high = spent(high)
+    side = 0
+    for _ in range(60):
+        if target - eps_high <= 0.01:
+            break
+        a, b = math.log(low), math.log(high)
+        fa, fb = eps_low - target, eps_high - target  # fa > 0 >= fb
+        mid = math.exp(b - fb * (b - a) / (fb - fa)) if fa != fb else math.exp((a + b) / 2)
+        if not low < mid < high:
+            mid = math.sqrt(low * high)
+        eps_mid = spent(mid)
+        if eps_mid > target:
+            low, eps_low = mid, eps_mid
+            if side == -1:
+                eps_high = target + (eps_high - target) / 2  # Illinois: stop the stuck end from stalling
+            side = -1
+        else:
+            high, eps_high = mid, eps_mid
+            if side == 1:
+                eps_low = target + (eps_low - target) / 2
+            side = 1
+    return high

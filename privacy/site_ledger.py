@@ -42,7 +42,9 @@ def utc_now() -> str:
 
 @dataclass
 class Mechanism:
-    """One round of local DP-SGD: `steps` Poisson-sampled Gaussian steps."""
+    """What touched the site's data once: a round of local DP-SGD (`steps` Poisson-
+    sampled Gaussian steps), or an evaluation (Gaussian noise on `steps` released
+    sums of sensitivity 1, sample rate 1)."""
 
     round: int
     noise_multiplier: float
@@ -50,17 +52,21 @@ class Mechanism:
     steps: int
     unit: str = "example"  # the privacy unit: "example" or "user"
     time: str = field(default_factory=utc_now)
+    kind: str = "train"  # or "evaluation"
 
 
 @dataclass
 class Declined:
-    """A round the site refused because it would have exceeded its limit."""
+    """A message the site refused: its limit would have been exceeded ("privacy
+    budget"), or the run asked for more than its policy allows ("site policy: KEY")."""
 
     round: int
-    epsilon_spent: float
-    epsilon_would_be: float
+    epsilon_spent: float | None
+    epsilon_would_be: float | None
     limit: float
     time: str = field(default_factory=utc_now)
+    reason: str = "privacy budget"
+    message: str = "train"  # the message type declined: query, train or evaluate
 
 
 @dataclass
@@ -156,7 +162,7 @@ class SiteLedger:
         """The delta the site's total is stated at: the smallest of `delta` and every run's.
         A larger delta makes the same history look cheaper; a coordinator choosing one
         must not thereby unlock budget that the site spent at a smaller delta."""
-        return min([delta] + [r.delta for r in self.runs])
+        return min([delta] + [r.delta for r in self.runs if r.mechanisms])
 
     def epsilon(self, delta: float, accountant: str, extra: History = ()) -> float:
         """The site's cumulative epsilon over all runs (plus `extra`, planned), at the

@@ -11,6 +11,7 @@ exchange has `federation.round_timeout`, and a round that cannot gather
 from __future__ import annotations
 
 import logging
+import math
 import random
 import time
 from collections import Counter
@@ -24,7 +25,7 @@ from fedlora.adapter_state import Adapter, adapter_of, from_record, record_nbyte
 from fedlora.base_fingerprint import model_fingerprint
 from fedlora.base_model import build_peft_model, resolve_model_dir
 from fedlora.config import Config, ConfigError
-from fedlora.messages import config_record
+from fedlora.messages import SITE_ERROR_CATEGORIES, config_record, declined_key
 from privacy.accounting import epsilon_of
 from privacy.central_dp import add_noise, clip_update
 from server.progress import Progress
@@ -36,7 +37,7 @@ from strategies.update_validation import reason_category, screen_updates
 log = logging.getLogger("fedlora.server")
 
 REFUSED_BASE_MODEL = "refused: different base model"
-DECLINED_BUDGET = "declined: privacy budget"
+REFUSED_APP = "refused: app not approved"
 
 
 class FederationError(RuntimeError):
@@ -97,10 +98,29 @@ def exchange(
 
 
 def error_category(reason: str) -> str:
-    """A short, stable key for a failure reason in metrics.jsonl (the log has it whole)."""
+    """A short, stable key for a failure reason in metrics.jsonl (the log has it whole).
+    fedlora sites send only fixed categories (client/reply_guard.py)."""
     if "Node Unavailable" in reason:
         return "node unavailable"  # the site stopped sending heartbeats (killed, network down)
+    if reason == REFUSED_APP:
+        return REFUSED_APP
+    if reason in SITE_ERROR_CATEGORIES:
+        return f"error: {reason}"
     return f"error: {reason.splitlines()[0][:80]}" if reason else "error"
+
+
+def declined_reason(reply: Message) -> str | None:
+    """"declined: privacy budget" or "declined: site policy: <key>" for a declining reply."""
+    metrics = reply.content["metrics"] if "metrics" in reply.content.metric_records else {}
+    return f"declined: {declined_key(dict(metrics))}" if "declined" in metrics else None
+
+
+def ratio_of_sums(replies: list[Message], key: str) -> float | None:
+    """Sum of `key` over sum of num-examples (sites release noisy sums under DP)."""
+    pairs = [(float(m.content["metrics"][key]), float(m.content["metrics"]["num-examples"])) for m in replies
+             if key in m.content["metrics"] and "num-examples" in m.content["metrics"]]
+    total = sum(n for _, n in pairs)
+    return sum(v for v, _ in pairs) / total if pairs and total > 0 else None
 
 
 def weighted(replies: list[Message], key: str) -> float | None:
@@ -110,6 +130,10 @@ def weighted(replies: list[Message], key: str) -> float | None:
     return sum(v * n for v, n in pairs) / total if total else None
 
 
+def site_epsilons(replies: list[Message]) -> list[float]:
+    return [float(m.content["metrics"]["epsilon"]) for m in replies if "epsilon" in m.content["metrics"]]
+
+
 def site_privacy(replies: list[Message]) -> list[dict[str, Any]]:
     """Each site's privacy figures this round, as it reported them."""
     out = []
@@ -117,8 +141,8 @@ def site_privacy(replies: list[Message]) -> list[dict[str, Any]]:
         metrics = m.content["metrics"]
         out.append({
             "node": m.metadata.src_node_id,
-            "declined": "declined" in metrics,
-            "epsilon": float(metrics["epsilon"]),
+            "declined": declined_reason(m),
+            "epsilon": float(metrics["epsilon"]) if "epsilon" in metrics else None,
             "planned_epsilon": float(metrics["planned-epsilon"]) if "planned-epsilon" in metrics else None,
             "noise_multiplier": float(metrics["noise-multiplier"]) if "noise-multiplier" in metrics else None,
             "epsilon_limit": float(metrics["epsilon-limit"]) if "epsilon-limit" in metrics else None,
@@ -170,7 +194,13 @@ class SiteRanks:
                                server_round, self.config.federation.round_timeout, progress, "rank query")
             failures = replies.failures
             for reply in replies.ok:
-                self.ranks[reply.metadata.src_node_id] = int(reply.content["metrics"]["lora-rank"])
+                if (reason := declined_reason(reply)) is not None:
+                    failures[reason] += 1
+                    log.warning("round %d: node %d %s", server_round, reply.metadata.src_node_id, reason)
+                elif "lora-rank" in reply.content["metrics"]:
+                    self.ranks[reply.metadata.src_node_id] = int(reply.content["metrics"]["lora-rank"])
+                else:
+                    failures["error: malformed reply"] += 1
             declared = sorted(set(self.ranks.values()))
             if declared and declared != [self.config.lora.rank] and self.config.strategy.name != "exact":
                 raise FederationError(f"sites declare LoRA ranks {declared}; heterogeneous ranks need strategy.name = 'exact'")
@@ -186,11 +216,22 @@ def evaluate_round(grid: Grid, envelope: Envelope, adapters: dict[int, Adapter],
     config = envelope.config
     replies = exchange(grid, envelope.with_adapters(adapters, server_round), MessageType.EVALUATE, server_round,
                        config.federation.round_timeout, progress, "evaluate")
-    row: dict[str, Any] = {"eval_loss": weighted(replies.ok, "eval-loss")}
+    evaluated = []
+    for reply in replies.ok:
+        if (reason := declined_reason(reply)) is not None:
+            replies.failures[reason] += 1
+            log.warning("round %d evaluate: node %d %s", server_round, reply.metadata.src_node_id, reason)
+        else:
+            evaluated.append(reply)
+    replies.ok = evaluated
+    # Sums over sums (noised at each site under DP): clamped to what a mean can be.
+    loss = ratio_of_sums(evaluated, "eval-loss-sum")
+    row: dict[str, Any] = {"eval_loss": None if loss is None else max(0.0, loss)}
     if config.model.task == "classification":
-        row["eval_accuracy"] = weighted(replies.ok, "eval-accuracy")
+        accuracy = ratio_of_sums(evaluated, "eval-correct")
+        row["eval_accuracy"] = None if accuracy is None else min(1.0, max(0.0, accuracy))
     else:
-        row["eval_perplexity"] = weighted(replies.ok, "eval-perplexity")
+        row["eval_perplexity"] = None if loss is None else math.exp(min(max(0.0, loss), 50.0))
     return row, replies
 
 
@@ -224,7 +265,7 @@ class RoundTraining:
 
     @property
     def trained(self) -> list[Message]:
-        return [m for m in self.replies if "declined" not in m.content["metrics"]]
+        return [m for m in self.replies if declined_reason(m) is None]
 
     def pending(self) -> list[int]:
         return [n for n in self.asked if n not in self.updates and n not in self.declined]
@@ -245,19 +286,18 @@ def train_attempt(grid: Grid, envelope: Envelope, site_ranks: SiteRanks, strateg
     state.bytes_down += replies.bytes_down
     state.replies += replies.ok
 
-    # A site whose privacy budget cannot afford the round declines it (no tensors).
+    # A site declines a round its privacy budget cannot afford, or one outside its policy (no tensors).
     for m in replies.ok:
-        if "declined" in m.content["metrics"]:
+        if (reason := declined_reason(m)) is not None:
             state.declined[m.metadata.src_node_id] = m
-            state.failures[DECLINED_BUDGET] += 1
-            log.info("round %d: node %d declined: its epsilon would reach %.3f > its limit %.3f", server_round,
-                     m.metadata.src_node_id, m.content["metrics"]["epsilon-would-be"], m.content["metrics"]["epsilon-limit"])
+            state.failures[reason] += 1
+            log.info("round %d: node %d %s", server_round, m.metadata.src_node_id, reason)
 
     # Sites send back the tensors they train (all, or all but the frozen factors).
     expected = {n: trained_part(a, strategy.frozen_factors) for n, a in sent.items()}
     received = [
         ClientUpdate(m.metadata.src_node_id, from_record(m.content["arrays"]), int(m.content["metrics"]["num-examples"]))
-        for m in replies.ok if "declined" not in m.content["metrics"]
+        for m in replies.ok if declined_reason(m) is None
     ]
     # Under central DP a site's update must not decide whether another's is kept (that would
     # break the sensitivity bound): only the per-update checks apply, not the outlier rule.
@@ -301,7 +341,7 @@ def train_round(grid: Grid, envelope: Envelope, site_ranks: SiteRanks, strategy:
             return state, False
         connected = sorted(grid.get_node_ids())
         if len(connected) - len(state.declined) < minimum:
-            return state, True  # not a failure: the sites' own privacy limits end the run
+            return state, True  # not a failure: the sites' own privacy limits or policies end the run
         if state.attempts > config.federation.round_retries:
             raise FederationError(
                 f"round {server_round}: fewer than federation.min_clients = {minimum} usable updates in "
@@ -364,9 +404,10 @@ def run_federation(grid: Grid, config: Config) -> tuple[RunDirectory, list[dict[
         nodes, query_failures = site_ranks.learn(grid, sample_sites(nodes, config, 0), 0, progress)
         eval_row, eval_replies = evaluate_round(grid, envelope, site_ranks.adapters(global_adapter, nodes), 0, progress)
         failures = query_failures + eval_replies.failures
+        epsilon_max = max([0.0] + site_epsilons(eval_replies.ok))  # evaluations are accounted too
         rows = [{
             "round": 0, "clients_ok": 0, "clients_failed": sum(failures.values()), "clients_declined": 0,
-            "failures": dict(failures), "updates_rejected": 0, "train_loss": None, **eval_row, "epsilon_max": 0.0,
+            "failures": dict(failures), "updates_rejected": 0, "train_loss": None, **eval_row, "epsilon_max": epsilon_max,
             "noise_multiplier": None, "site_privacy": [], "bytes_up": eval_replies.bytes_up,
             "bytes_down": eval_replies.bytes_down, "seconds": time.monotonic() - start,
         }]
@@ -376,7 +417,7 @@ def run_federation(grid: Grid, config: Config) -> tuple[RunDirectory, list[dict[
     for server_round in range(last_round + 1, config.federation.rounds + 1):
         start = time.monotonic()
         state, budgets_exhausted = train_round(grid, envelope, site_ranks, strategy, global_adapter, server_round, progress)
-        epsilon_max = max([epsilon_max] + [float(m.content["metrics"]["epsilon"]) for m in state.replies])
+        epsilon_max = max([epsilon_max] + site_epsilons(state.replies))
         failures = state.failures + Counter({f"rejected: {k}": v for k, v in state.rejected.items()})
 
         central_row: dict[str, Any] = {}
@@ -387,6 +428,7 @@ def run_federation(grid: Grid, config: Config) -> tuple[RunDirectory, list[dict[
             global_adapter, central_row = aggregate(strategy, global_adapter, state, config, central_history)
             evaluated = sorted(state.updates)
             eval_row, eval_replies = evaluate_round(grid, envelope, site_ranks.adapters(global_adapter, evaluated), server_round, progress)
+            epsilon_max = max([epsilon_max] + site_epsilons(eval_replies.ok))
 
         row = {
             "round": server_round,
@@ -414,8 +456,9 @@ def run_federation(grid: Grid, config: Config) -> tuple[RunDirectory, list[dict[
         rows.append(row)
         if budgets_exhausted:
             # No checkpoint: nothing was trained, and a resume (after sites raise their limits) redoes this round.
+            reasons = ", ".join(sorted({declined_reason(m) for m in state.declined.values()}))
             progress.note(f"run ended after round {server_round - 1}: {len(state.declined)} sites declined round {server_round} "
-                          f"(privacy budget) and fewer than federation.min_clients = {config.federation.min_clients} could train")
+                          f"({reasons}) and fewer than federation.min_clients = {config.federation.min_clients} could train")
             break
         # The row first, then the checkpoint: a crash between them is resumed from the
         # previous checkpoint, and the resume drops this row before redoing the round.

@@ -66,9 +66,16 @@ def test_ledger_written_across_process_restarts_matches_one_uninterrupted_run(si
     eps = epsilon_of(uninterrupted.history(), config.privacy.delta, "prv")
     assert restarted.epsilon(config.privacy.delta, "prv") == pytest.approx(eps, rel=1e-9)
     assert reply.content["metrics"]["epsilon"] == pytest.approx(eps, rel=1e-9)
-    # Calibrated for 4 rounds: after 3 of them the site is below its target, and expects to end at it.
+    # Calibrated for 4 rounds and 5 evaluations: after 3 rounds the site is below its target, and
+    # expects to end at it once the 4th round and the evaluations (none were asked here) are spent.
+    from client.site_privacy import eval_mechanism
+
     assert eps < config.privacy.target_epsilon
-    assert reply.content["metrics"]["planned-epsilon"] == pytest.approx(config.privacy.target_epsilon, rel=0.02)
+    evaluations = [eval_mechanism(config)] * (config.federation.rounds + 1)
+    history = uninterrupted.history()
+    whole_run = epsilon_of(history + history[-1:] + evaluations, config.privacy.delta, "prv")
+    assert whole_run == pytest.approx(config.privacy.target_epsilon, abs=0.02) and whole_run <= config.privacy.target_epsilon
+    assert eps < reply.content["metrics"]["planned-epsilon"] < whole_run
 
 
 def test_guard_declines_exactly_at_the_round_that_would_exceed_the_limit(site):
@@ -78,7 +85,7 @@ def test_guard_declines_exactly_at_the_round_that_would_exceed_the_limit(site):
     # A limit between the epsilon of 2 and of 3 rounds: round 3 must be declined, round 2 not.
     eps2, eps3 = (epsilon_of([mechanism] * k, config.privacy.delta, "prv") for k in (2, 3))
     limit = (eps2 + eps3) / 2
-    node = {**node, "max-epsilon": limit}
+    node = {**node, "max-epsilon": limit, "calibrate-to-limit": False}  # the guard alone, without more noise
     assert "declined" not in first.content["metrics"]
     assert "declined" not in train_once(config, 2, node).content["metrics"]
     third = train_once(config, 3, node)
@@ -212,6 +219,9 @@ def test_a_larger_delta_from_the_coordinator_does_not_unlock_spent_budget(site):
     config.privacy.delta = 0.2  # a new run whose delta would make the same history look far cheaper
     config.run.output_dir = str(Path(config.run.output_dir).with_name("run-b"))
     reply = train_once(config, 1, node)
+    assert dict(reply.content["metrics"]) == {"declined": 1, "policy.max-delta": 1}  # above the site's max-delta
+    # A site whose own policy accepts that delta still counts what it spent at the ledger's 1e-5.
+    reply = train_once(config, 1, {**node, "max-delta": 0.5, "calibrate-to-limit": False})
     assert reply.content["metrics"]["declined"] == 1
     assert reply.content["metrics"]["epsilon"] == pytest.approx(spent, rel=1e-9)  # stated at the ledger's 1e-5
 
@@ -219,6 +229,10 @@ def test_a_larger_delta_from_the_coordinator_does_not_unlock_spent_budget(site):
 def test_a_site_with_a_limit_declines_a_run_without_dp(site):
     config, _, node = site
     config.privacy.enabled = False
-    reply = train_once(config, 1, {**node, "max-epsilon": 5.0})
-    assert reply.content["metrics"]["declined"] == 1 and "arrays" not in reply.content.array_records
-    assert "arrays" in train_once(config, 1, node).content.array_records  # a site that set no limit trains
+    reply = train_once(config, 1, {**node, "max-epsilon": 5.0, "allow-no-dp": True})
+    assert dict(reply.content["metrics"]) == {"declined": 1, "policy.max-epsilon": 1}
+    assert "arrays" not in reply.content.array_records
+    reply = train_once(config, 1, node)  # no limit, but the policy does not allow runs without DP
+    assert dict(reply.content["metrics"]) == {"declined": 1, "policy.allow-no-dp": 1}
+    # A site that set no limit and allows it trains without DP.
+    assert "arrays" in train_once(config, 1, {**node, "allow-no-dp": True}).content.array_records

@@ -1,0 +1,63 @@
+"""Local evaluation: the adapter's quality on this site's validation split, as sums.
+
+What a site may release is a sum over its privacy units (examples, or users under
+user-level DP) of bounded per-unit values: the unit count, correct predictions
+(classification) and losses. Each unit contributes at most 1 to the count, at most 1
+to `correct` (its mean accuracy) and at most `loss_clip` to `loss` (its mean clipped
+loss), so under DP each sum has a known sensitivity and is released with Gaussian
+noise (privacy/noisy_release.py). The coordinator divides sums by sums.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from client.local_training import forward_logits, on_device, sequence_losses
+from fedlora.config import Config
+from fedlora.text_data import Example, collate
+
+
+@dataclass
+class EvalSums:
+    units: float  # privacy units evaluated
+    correct: float | None  # sum of per-unit accuracy (classification; None for a causal LM)
+    loss: float  # sum of per-unit mean loss: cross-entropy, or a sequence's mean next-token loss
+
+
+@torch.no_grad()
+def evaluate_locally(model: torch.nn.Module, examples: list[Example], config: Config, pad_id: int,
+                     loss_clip: float | None = None) -> EvalSums:
+    """Per-unit means summed over units; each example's loss clipped to `loss_clip` if given."""
+    model.eval()
+    classification = config.model.task == "classification"
+    losses, hits = [], []
+    for start in range(0, len(examples), 128):
+        batch = on_device(collate(examples[start : start + 128], pad_id), model)
+        logits = forward_logits(model, batch)
+        losses.append(sequence_losses(logits, batch["labels"], config.model.task).float().cpu())
+        if classification:
+            hits.append((logits.argmax(dim=-1) == batch["labels"]).float().cpu())
+    if not examples:  # a site too small for a validation split releases zeros
+        return EvalSums(0.0, 0.0 if classification else None, 0.0)
+    loss = torch.cat(losses)
+    if loss_clip is not None:
+        loss = loss.clamp(0.0, loss_clip)
+    unit_of = _unit_index(examples)
+    units = int(unit_of.max()) + 1
+    rows_per_unit = torch.bincount(unit_of, minlength=units).float()
+
+    def per_unit_sum(values: torch.Tensor) -> float:
+        return float((torch.zeros(units).index_add_(0, unit_of, values) / rows_per_unit).sum())
+
+    correct = per_unit_sum(torch.cat(hits)) if classification else None
+    return EvalSums(float(units), correct, per_unit_sum(loss))
+
+
+def _unit_index(examples: list[Example]) -> torch.Tensor:
+    """The privacy unit of each example: its user under user-level DP, else itself."""
+    ids: dict[object, int] = {}
+    return torch.tensor([ids.setdefault(e.unit if e.unit is not None else ("row", i), len(ids)) for i, e in enumerate(examples)])
+
+

@@ -1,0 +1,81 @@
+"""The last thing every reply passes before it leaves the site (a Flower ClientApp mod).
+
+- Any exception in a handler becomes an error reply whose reason is one fixed
+  category ("data error", "model error", "policy", "internal error"), never the
+  exception's text, which could hold a value from the site's data (a label, a row).
+  The details, with the traceback, go to the site's own log only.
+- A reply's content is checked against the whitelist: at most the ArrayRecord
+  "arrays" of adapter tensors and the MetricRecord "metrics" with whitelisted keys
+  of the message type. Anything else is an internal error, and nothing is sent.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from flwr.app import Context, Error, Message, MessageType
+from flwr.clientapp.typing import ClientAppCallable
+from flwr.common.constant import ErrorCode
+
+from fedlora.base_model import ModelError
+from fedlora.config import ConfigError
+from fedlora.messages import (
+    DECLINED_METRICS, EVALUATE_METRICS, QUERY_METRICS, REFUSED_METRICS, SITE_ERROR_CATEGORIES, TRAIN_METRICS,
+)
+from fedlora.text_data import DataError
+from privacy.site_audit import AuditError
+from privacy.site_ledger import LedgerError
+
+log = logging.getLogger("fedlora.client")
+
+ALLOWED_METRICS = {
+    MessageType.TRAIN: set(TRAIN_METRICS) | set(DECLINED_METRICS) | set(REFUSED_METRICS),
+    MessageType.EVALUATE: set(EVALUATE_METRICS) | set(DECLINED_METRICS) | set(REFUSED_METRICS),
+    MessageType.QUERY: set(QUERY_METRICS) | set(DECLINED_METRICS) | set(REFUSED_METRICS),
+}
+
+
+class OutgoingContentError(RuntimeError):
+    """A reply held something outside the whitelist; it was not sent."""
+
+
+def error_category(exc: BaseException) -> str:
+    """The fixed category an exception is reported to the coordinator as."""
+    from client.site_policy import PolicyError  # client modules import this one
+
+    if isinstance(exc, DataError):
+        return "data error"
+    if isinstance(exc, ModelError):
+        return "model error"
+    if isinstance(exc, (PolicyError, LedgerError, AuditError, ConfigError)):
+        return "policy"
+    return "internal error"
+
+
+def check_outgoing(reply: Message, message_type: str) -> None:
+    """Raise OutgoingContentError unless `reply` holds only whitelisted content."""
+    content = reply.content
+    extra_records = set(content) - {"arrays", "metrics"}
+    if extra_records or content.config_records or set(content.array_records) - {"arrays"} \
+            or set(content.metric_records) - {"metrics"}:
+        raise OutgoingContentError(f"reply records outside the whitelist: {sorted(content)}")
+    if "metrics" in content.metric_records:
+        extra = set(content["metrics"]) - ALLOWED_METRICS.get(message_type.split(".")[0], set())
+        if extra:
+            raise OutgoingContentError(f"reply metrics outside the whitelist: {sorted(extra)}")
+
+
+def guarded_replies(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """Run the handler; let out only a whitelisted reply or a fixed error category."""
+    try:
+        reply = call_next(msg, context)
+        if not reply.has_error():
+            check_outgoing(reply, msg.metadata.message_type)
+        elif reply.error.reason not in SITE_ERROR_CATEGORIES:
+            raise OutgoingContentError("an error reply with a free-text reason")
+        return reply
+    except Exception as exc:  # noqa: BLE001 - every failure must leave as a category only
+        category = error_category(exc)
+        assert category in SITE_ERROR_CATEGORIES
+        log.exception("%s while handling a %s message (this detail stays at the site)", category, msg.metadata.message_type)
+        return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=category), reply_to=msg)

@@ -1,0 +1,149 @@
+"""The site's own policy: what a run may ask of this site, decided before any data is read.
+
+Everything the coordinator sends is a request. A deployed site's policy comes only
+from its own node config (`fedlora client` flags, or `flower-supernode --node-config`);
+the run config never widens it. Virtual sites of a simulation apply the run's
+`[simulation.site_policy]` table (one operator owns both sides there), so that
+`fedlora simulate` goes through the same checks.
+
+A run outside the policy is declined with the node-config key that refused it,
+never with a value from the site's data.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from fedlora.config import Config
+
+DEFAULT_MAX_DELTA = 1e-5
+
+
+class PolicyError(ValueError):
+    """A node-config policy value that cannot work (one line naming the key)."""
+
+
+@dataclass(frozen=True)
+class SitePolicy:
+    max_epsilon: float = math.inf  # cumulative over every run; inf = the site set no limit
+    max_delta: float = DEFAULT_MAX_DELTA
+    privacy_unit: str = "example"
+    user_column: str = "user_id"
+    allow_no_dp: bool = False
+    text_column: str = "text"
+    label_column: str = "label"
+    prompt_column: str = "prompt"
+    response_column: str = "response"
+    max_evaluations: int = 0  # per run; 0 = no cap
+    calibrate_to_limit: bool = True
+
+
+def _flag(node_config: dict, key: str, default: bool) -> bool:
+    value = node_config.get(key, default)
+    if isinstance(value, bool):
+        return value
+    if str(value).lower() in ("true", "false"):
+        return str(value).lower() == "true"
+    raise PolicyError(f"node config '{key}' must be true or false, got {value!r}")
+
+
+def _number(node_config: dict, key: str, default: float, kind: type = float) -> float:
+    value = node_config.get(key, default)
+    try:
+        number = kind(value)
+    except (TypeError, ValueError):
+        raise PolicyError(f"node config '{key}' must be a number, got {value!r}") from None
+    if isinstance(value, bool) or not (math.isfinite(number) or number == math.inf):
+        raise PolicyError(f"node config '{key}' must be a number, got {value!r}")
+    return number
+
+
+def _text(node_config: dict, key: str, default: str) -> str:
+    value = str(node_config.get(key, default))
+    if not value:
+        raise PolicyError(f"node config '{key}' must not be empty")
+    return value
+
+
+def _from_node_config(node_config: dict, base: SitePolicy) -> SitePolicy:
+    policy = SitePolicy(
+        max_epsilon=_number(node_config, "max-epsilon", base.max_epsilon),
+        max_delta=_number(node_config, "max-delta", base.max_delta),
+        privacy_unit=_text(node_config, "privacy-unit", base.privacy_unit),
+        user_column=_text(node_config, "user-column", base.user_column),
+        allow_no_dp=_flag(node_config, "allow-no-dp", base.allow_no_dp),
+        text_column=_text(node_config, "text-column", base.text_column),
+        label_column=_text(node_config, "label-column", base.label_column),
+        prompt_column=_text(node_config, "prompt-column", base.prompt_column),
+        response_column=_text(node_config, "response-column", base.response_column),
+        max_evaluations=int(_number(node_config, "max-evaluations", base.max_evaluations, int)),
+        calibrate_to_limit=_flag(node_config, "calibrate-to-limit", base.calibrate_to_limit),
+    )
+    if not policy.max_epsilon > 0:
+        raise PolicyError(f"node config 'max-epsilon' must be > 0, got {node_config.get('max-epsilon')!r}")
+    if not 0 < policy.max_delta < 1:
+        raise PolicyError(f"node config 'max-delta' must be between 0 and 1, got {node_config.get('max-delta')!r}")
+    if policy.privacy_unit not in ("example", "user"):
+        raise PolicyError(f"node config 'privacy-unit' must be example or user, got {policy.privacy_unit!r}")
+    if policy.max_evaluations < 0:
+        raise PolicyError(f"node config 'max-evaluations' must be >= 0 (0 = no cap), got {policy.max_evaluations!r}")
+    return policy
+
+
+def is_virtual(node_config: dict) -> bool:
+    """A virtual site of the simulation engine (Flower gives it a partition id)."""
+    return "partition-id" in node_config and "data-path" not in node_config
+
+
+def simulation_policy(config: Config) -> SitePolicy:
+    """The run's [simulation.site_policy], its empty entries filled from the run itself."""
+    sim, run = config.simulation.site_policy, config
+    limit = config.privacy.site_max_epsilon
+    return SitePolicy(
+        max_epsilon=limit if limit > 0 else math.inf,
+        max_delta=sim.max_delta or run.privacy.delta,
+        privacy_unit=sim.privacy_unit or run.privacy.unit,
+        user_column=sim.user_column or run.privacy.user_column,
+        allow_no_dp=sim.allow_no_dp,
+        text_column=sim.text_column or run.data.text_column,
+        label_column=sim.label_column or run.data.label_column,
+        prompt_column=sim.prompt_column or run.data.prompt_column,
+        response_column=sim.response_column or run.data.response_column,
+        max_evaluations=sim.max_evaluations,
+        calibrate_to_limit=sim.calibrate_to_limit,
+    )
+
+
+def site_policy(config: Config, node_config: dict) -> SitePolicy:
+    """This site's policy. A deployed site: its node config over the defaults above,
+    nothing from the run. A virtual site: the run's simulation policy, under any
+    node-config keys the simulation gives that site."""
+    base = simulation_policy(config) if is_virtual(node_config) else SitePolicy()
+    return _from_node_config(node_config, base)
+
+
+def violation(policy: SitePolicy, config: Config) -> str | None:
+    """The policy key a run's request breaks (None if it keeps to the policy)."""
+    privacy, data = config.privacy, config.data
+    if not privacy.enabled:
+        if not policy.allow_no_dp:
+            return "allow-no-dp"
+        if not math.isinf(policy.max_epsilon):
+            return "max-epsilon"  # training without DP spends an unbounded epsilon
+    else:
+        if privacy.delta > policy.max_delta:
+            return "max-delta"
+        if privacy.unit != policy.privacy_unit:
+            return "privacy-unit"
+        if privacy.unit == "user" and privacy.user_column != policy.user_column:
+            return "user-column"
+    for key, asked, own in (
+        ("text-column", data.text_column, policy.text_column),
+        ("label-column", data.label_column, policy.label_column),
+        ("prompt-column", data.prompt_column, policy.prompt_column),
+        ("response-column", data.response_column, policy.response_column),
+    ):
+        if asked != own:
+            return key
+    return None
