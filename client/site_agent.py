@@ -1,19 +1,32 @@
 """`fedlora client`: the agent on a site's on-prem node.
 
-It checks the site's settings before anything connects (the data file reads, the
-model folder loads, the state dir is writable, the key and certificate parse) and
-then becomes a Flower SuperNode for the site, with TLS and node authentication.
-The ClientApp reads the same settings from `context.node_config`, so a SuperNode
-started directly with `flower-supernode --node-config '...'` works as well.
+It checks the site's settings before anything connects (the policy flags, the data
+file reads and has the site's columns, the model folder loads, the state dir is
+writable, the key and certificate parse) and then becomes a Flower SuperNode for
+the site, with TLS and node authentication. The site's policy travels as node
+config: the ClientApp reads it from `context.node_config`, so a SuperNode started
+directly with `flower-supernode --node-config '...'` gets the same policy (but not
+app pinning, which needs the site's executor below).
+
+App pinning: the SuperNode runs with `--isolation process` and a SuperExec auth
+secret, and the site's own executor (client/site_executor.py, started here) runs
+each ClientApp task only if the run's app bundle hashes to an approved value: the
+installed fedlora release, plus `--allow-app` / `--allow-apps`.
 """
 
 from __future__ import annotations
 
+import math
 import os
-from dataclasses import dataclass
+import secrets
+import subprocess
+import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from fedlora.flower_env import flower_env, flower_executable
+
+PRIVACY_UNITS = ("example", "user")
 
 
 class SiteError(ValueError):
@@ -26,33 +39,104 @@ class SiteSettings:
     data_path: Path
     state_dir: Path
     model_path: str = "default"
-    max_epsilon: float | None = None
+    max_epsilon: float | None = None  # required unless no_privacy_limit
+    no_privacy_limit: bool = False  # the site chose explicitly to have no epsilon limit
     lora_rank: int | None = None
     root_cert: Path | None = None  # the CA certificate that signed the coordinator's
     key: Path | None = None  # the site's node-authentication private key
     insecure: bool = False  # no TLS: only for a local trial, never across a network
     runtime_port: int = 9094  # this SuperNode's local API port (one per SuperNode on a machine)
+    # The site's policy (node config keys of the same names, with dashes).
+    max_delta: float = 1e-5
+    privacy_unit: str = "example"
+    user_column: str = "user_id"
+    allow_no_dp: bool = False
+    text_column: str = "text"
+    label_column: str = "label"
+    prompt_column: str = "prompt"
+    response_column: str = "response"
+    max_evaluations: int = 0  # per run; 0 = no cap
+    calibrate_to_limit: bool = True
+    # App pinning: approved app hashes beyond the installed release.
+    allow_app: list[str] = field(default_factory=list)
+    allow_apps_file: Path | None = None
+
+    def policy(self) -> dict[str, str | float | int | bool]:
+        """The site policy as node config values (every key always present but
+        max-epsilon, which is absent only under --no-privacy-limit)."""
+        values: dict[str, str | float | int | bool] = {}
+        if self.max_epsilon is not None:
+            values["max-epsilon"] = float(self.max_epsilon)
+        values.update({
+            "max-delta": float(self.max_delta), "privacy-unit": self.privacy_unit, "user-column": self.user_column,
+            "allow-no-dp": bool(self.allow_no_dp), "text-column": self.text_column, "label-column": self.label_column,
+            "prompt-column": self.prompt_column, "response-column": self.response_column,
+            "max-evaluations": int(self.max_evaluations), "calibrate-to-limit": bool(self.calibrate_to_limit),
+        })
+        return values
 
     def node_config(self) -> str:
-        """The `--node-config` string: what `context.node_config` holds in the ClientApp."""
-        items = {"data-path": str(self.data_path), "model-path": self.model_path, "state-dir": str(self.state_dir)}
-        parts = [f'{k}="{v}"' for k, v in items.items()]  # validate_site rejects what would break the quotes
-        if self.max_epsilon is not None:
-            parts.append(f"max-epsilon={float(self.max_epsilon)!r}")
+        """The `--node-config` string: what `context.node_config` holds in the ClientApp.
+        Flower reads each value as TOML: strings in double quotes (validate_site rejects
+        what would break them), floats and ints as numbers, booleans as true/false."""
+        items: dict[str, str | float | int | bool] = {
+            "data-path": str(self.data_path), "model-path": self.model_path, "state-dir": str(self.state_dir)}
+        items.update(self.policy())
         if self.lora_rank is not None:
-            parts.append(f"lora-rank={int(self.lora_rank)}")
-        return " ".join(parts)
+            items["lora-rank"] = int(self.lora_rank)
+        return " ".join(f"{k}={_toml_value(v)}" for k, v in items.items())
+
+    @property
+    def superexec_secret_file(self) -> Path:
+        """The secret the SuperNode checks before it hands a task to the site's executor."""
+        return self.state_dir / "flwr-home" / "superexec-auth.secret"
 
 
-def _check_data(path: Path) -> None:
+def _toml_value(value: str | float | int | bool) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        return repr(value)  # e.g. 10.0, 1e-05: TOML floats
+    return f'"{value}"'
+
+
+# Flower's --node-config parser has no escapes for these.
+_UNQUOTABLE = '"\\\n\r'
+
+
+def _check_data(path: Path, site: SiteSettings | None = None) -> None:
+    """The file reads, and every row has the site's columns: text + label or text
+    (classification or causal LM) or prompt + response (causal LM; the site does not
+    know the task), and the user column under --privacy-unit user. Errors name rows
+    and columns, never a value."""
     from fedlora.text_data import DataError, read_rows
 
     try:
-        read_rows(path)
+        rows = read_rows(path)
     except DataError as exc:
         raise SiteError(f"--data-path: {exc}") from None
     except OSError as exc:
         raise SiteError(f"--data-path {path}: not readable ({exc.strerror})") from None
+    if site is None:
+        return
+    text, prompt, response = site.text_column, site.prompt_column, site.response_column
+    for number, row in enumerate(rows, 1):
+        def has(column: str) -> bool:
+            return row.get(column) is not None  # a short CSV row reads as None
+
+        if not has(text) and not (has(prompt) and has(response)):
+            if has(prompt) or has(response):
+                missing = response if has(prompt) else prompt
+                flag = "--response-column" if has(prompt) else "--prompt-column"
+                raise SiteError(f"--data-path {path}: row {number} has no column '{missing}' ({flag}) and no column "
+                                f"'{text}' (--text-column)")
+            raise SiteError(f"--data-path {path}: row {number} has no column '{text}' (--text-column) and no columns "
+                            f"'{prompt}' and '{response}' (--prompt-column, --response-column)")
+        if site.privacy_unit == "user" and not has(site.user_column):
+            raise SiteError(f"--data-path {path}: row {number} has no column '{site.user_column}' "
+                            f"(--user-column, needed by --privacy-unit user)")
 
 
 def _check_model(model_path: str) -> None:
@@ -122,19 +206,50 @@ def _check_root_cert(cert: Path) -> None:
         raise SiteError(f"--root-cert {cert}: not a PEM certificate") from None
 
 
+def _check_policy(site: SiteSettings) -> None:
+    if site.max_epsilon is None and not site.no_privacy_limit:
+        raise SiteError("--max-epsilon EPS is required (this site's privacy limit over all runs); "
+                        "give --no-privacy-limit to run without one")
+    if site.max_epsilon is not None and site.no_privacy_limit:
+        raise SiteError("give either --max-epsilon or --no-privacy-limit, not both")
+    if site.max_epsilon is not None and not (site.max_epsilon > 0 and math.isfinite(site.max_epsilon)):
+        raise SiteError(f"--max-epsilon must be > 0 and finite, got {site.max_epsilon}")
+    if not 0 < site.max_delta < 1:
+        raise SiteError(f"--max-delta must be in (0, 1), got {site.max_delta}")
+    if site.privacy_unit not in PRIVACY_UNITS:
+        raise SiteError(f"--privacy-unit must be one of {', '.join(PRIVACY_UNITS)}, got {site.privacy_unit!r}")
+    if site.max_evaluations < 0:
+        raise SiteError(f"--max-evaluations must be >= 0 (0 = no cap), got {site.max_evaluations}")
+    for flag, name in (("--user-column", site.user_column), ("--text-column", site.text_column),
+                       ("--label-column", site.label_column), ("--prompt-column", site.prompt_column),
+                       ("--response-column", site.response_column)):
+        if not name.strip():
+            raise SiteError(f"{flag}: a column name cannot be empty")
+        if any(c in name for c in _UNQUOTABLE):
+            raise SiteError(f"{flag} {name!r}: a column name with a double quote, backslash or line break cannot be passed to Flower")
+
+
+def approved_apps(site: SiteSettings) -> list[str]:
+    """The installed release's app hash, then --allow-app and --allow-apps hashes."""
+    from client.app_pinning import AppPinningError, approved_hashes
+
+    try:
+        return approved_hashes(site.allow_app, site.allow_apps_file)
+    except AppPinningError as exc:
+        raise SiteError(str(exc)) from None
+
+
 def validate_site(site: SiteSettings) -> None:
     """Every check a site must pass before it connects; raises SiteError (one line)."""
     if not site.insecure and site.root_cert is None:
         raise SiteError("--root-cert is required: the coordinator is reached over TLS (--insecure only for a local trial)")
     for flag, value in (("--data-path", site.data_path), ("--model-path", site.model_path), ("--state-dir", site.state_dir)):
-        if any(c in str(value) for c in '"\\\n'):
-            # Flower's --node-config parser has no escapes for these.
-            raise SiteError(f"{flag} {value}: a path with a double quote, backslash or newline cannot be passed to Flower; rename it")
-    if site.max_epsilon is not None and not site.max_epsilon > 0:
-        raise SiteError(f"--max-epsilon must be > 0, got {site.max_epsilon}")
+        if any(c in str(value) for c in _UNQUOTABLE):
+            raise SiteError(f"{flag} {value}: a path with a double quote, backslash or line break cannot be passed to Flower; rename it")
+    _check_policy(site)
     if site.lora_rank is not None and not site.lora_rank > 0:
         raise SiteError(f"--lora-rank must be > 0, got {site.lora_rank}")
-    _check_data(site.data_path)
+    _check_data(site.data_path, site)
     _check_model(site.model_path)
     _check_state_dir(site.state_dir)
     if site.key is not None:
@@ -144,8 +259,11 @@ def validate_site(site: SiteSettings) -> None:
 
 
 def supernode_command(site: SiteSettings) -> list[str]:
+    """The SuperNode runs no ClientApp itself (`--isolation process`): the site's
+    executor takes the tasks, proving it holds the secret."""
     command = [flower_executable("flower-supernode"), "--superlink", site.superlink, "--node-config", site.node_config(),
-               "--port", str(site.runtime_port)]
+               "--port", str(site.runtime_port), "--isolation", "process",
+               "--superexec-auth-secret-file", str(site.superexec_secret_file)]
     if site.insecure:
         command.append("--insecure")
     else:
@@ -155,10 +273,36 @@ def supernode_command(site: SiteSettings) -> list[str]:
     return command
 
 
+def executor_command(site: SiteSettings, approved: list[str]) -> list[str]:
+    """The site's executor (client/site_executor.py), isolated from the working
+    directory and PYTHONPATH; it exits with the SuperNode (this process, after exec)."""
+    command = [sys.executable, "-I", "-m", "client.site_executor", "--runtime-api-address",
+               f"127.0.0.1:{site.runtime_port}", "--superexec-auth-secret-file", str(site.superexec_secret_file),
+               "--state-dir", str(site.state_dir), "--parent-pid", str(os.getpid())]
+    for app_hash in approved:
+        command += ["--approved", app_hash]
+    return command
+
+
+def write_superexec_secret(path: Path) -> None:
+    """A fresh secret per start, readable by this user only."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.unlink(missing_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(secrets.token_bytes(32))
+
+
 def run_site(site: SiteSettings) -> None:
-    """Validate, then replace this process with the site's SuperNode (signals reach it directly)."""
+    """Validate, start the site's executor, then replace this process with the site's
+    SuperNode (signals reach it directly; the executor follows it out)."""
     validate_site(site)
-    command = supernode_command(site)
+    approved = approved_apps(site)
+    write_superexec_secret(site.superexec_secret_file)
+    env = flower_env(flwr_home=site.state_dir / "flwr-home")
     print(f"[fedlora] site checked: data {site.data_path}, model {site.model_path}, state {site.state_dir}; "
           f"connecting to {site.superlink}", flush=True)
-    os.execve(command[0], command, flower_env(flwr_home=site.state_dir / "flwr-home"))
+    print(f"[fedlora] approved apps: {', '.join(approved)} (the first is the installed fedlora release)", flush=True)
+    subprocess.Popen(executor_command(site, approved), env=env)  # pylint: disable=consider-using-with
+    command = supernode_command(site)
+    os.execve(command[0], command, env)

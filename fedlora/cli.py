@@ -176,6 +176,7 @@ def run_simulate(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from client.site_agent import SiteError
+    from fedlora.app_hash import AppHashError
     from fedlora.base_model import ModelError
     from fedlora.text_data import DataError
     from server.coordinator_service import CoordinatorError
@@ -192,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
             return run_bench(args)
         if args.command in DEPLOYMENT_COMMANDS:
             return DEPLOYMENT_COMMANDS[args.command](args)
-    except (ConfigError, DataError, ModelError, SiteError, CoordinatorError, FileExistsError) as exc:
+    except (ConfigError, DataError, ModelError, SiteError, AppHashError, CoordinatorError, FileExistsError) as exc:
         print(f"fedlora: error: {exc}", file=sys.stderr)
         return 2
     except FederationError as exc:

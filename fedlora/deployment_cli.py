@@ -33,17 +33,41 @@ def add_deployment_commands(commands: argparse._SubParsersAction) -> None:
 
     s = commands.add_parser(
         "client", help="start the client agent of one site (a Flower SuperNode)",
-        description="Check this site's settings (data readable, model folder loads, state dir writable, key and "
-                    "certificate parse), then connect to the coordinator as a Flower SuperNode. Training happens "
-                    "here; only adapter tensors and a few scalar metrics leave the site. " + DEPLOYMENT_GUIDE)
+        description="Check this site's settings (policy flags, data readable with this site's columns, model folder "
+                    "loads, state dir writable, key and certificate parse), then connect to the coordinator as a "
+                    "Flower SuperNode. Training happens here; only adapter tensors and a few scalar metrics leave the "
+                    "site. The site runs only app code it approved: by default the fedlora release installed here "
+                    "(`fedlora app-hash`); other runs are refused before their code is imported. " + DEPLOYMENT_GUIDE)
     s.add_argument("--coordinator", required=True, metavar="HOST:PORT", help="the coordinator's address")
     s.add_argument("--root-cert", type=Path, metavar="FILE", help="the CA certificate that signed the coordinator's (ca.pem)")
     s.add_argument("--key", type=Path, metavar="FILE", help="this site's private key (`fedlora site-key`), registered at the coordinator")
     s.add_argument("--data-path", type=Path, required=True, metavar="FILE", help="this site's data: a .jsonl or .csv file")
     s.add_argument("--model-path", default="default", metavar="DIR",
                    help="this site's local copy of the base model ('default' = the embedded model)")
-    s.add_argument("--state-dir", type=Path, required=True, metavar="DIR", help="this site's privacy ledger and local state")
-    s.add_argument("--max-epsilon", type=float, metavar="EPS", help="this site's privacy limit over all runs (wins over the coordinator)")
+    s.add_argument("--state-dir", type=Path, required=True, metavar="DIR", help="this site's privacy ledger, audit log and local state")
+    s.add_argument("--max-epsilon", type=float, metavar="EPS",
+                   help="required: this site's privacy limit (epsilon) over all runs; it wins over the coordinator")
+    s.add_argument("--no-privacy-limit", action="store_true", help="run without an epsilon limit (instead of --max-epsilon)")
+    s.add_argument("--max-delta", type=float, default=1e-5, metavar="D",
+                   help="the largest delta this site accepts; its budget is measured at it (default 1e-5)")
+    s.add_argument("--privacy-unit", choices=("example", "user"), default="example",
+                   help="what DP protects here: one example (row) or one user's rows together (default example)")
+    s.add_argument("--user-column", default="user_id", metavar="NAME",
+                   help="the column naming each row's user, for --privacy-unit user (default user_id)")
+    s.add_argument("--allow-no-dp", action="store_true", help="take part in runs that train without DP (default: decline them)")
+    s.add_argument("--text-column", default="text", metavar="NAME", help="this site's text column (default text)")
+    s.add_argument("--label-column", default="label", metavar="NAME", help="this site's label column, classification (default label)")
+    s.add_argument("--prompt-column", default="prompt", metavar="NAME", help="this site's prompt column, causal LM (default prompt)")
+    s.add_argument("--response-column", default="response", metavar="NAME",
+                   help="this site's response column, causal LM (default response)")
+    s.add_argument("--max-evaluations", type=int, default=0, metavar="N",
+                   help="evaluations this site answers per run (default 0 = no cap)")
+    s.add_argument("--no-calibrate-to-limit", action="store_true",
+                   help="decline rounds past the limit instead of adding noise to stay within it for the whole run")
+    s.add_argument("--allow-app", action="append", default=[], metavar="sha256:HEX",
+                   help="also run this app hash (`fedlora app-hash`) besides the installed fedlora release (repeatable)")
+    s.add_argument("--allow-apps", type=Path, metavar="FILE",
+                   help="also run the app hashes in FILE (one sha256:HEX per line, # comments)")
     s.add_argument("--lora-rank", type=int, metavar="R", help="this site's LoRA rank (needs strategy.name = 'exact' if it differs)")
     s.add_argument("--port", type=int, default=9094, help="this SuperNode's local API port (one per SuperNode on a machine)")
     s.add_argument("--insecure", action="store_true", help="no TLS (a local trial only)")
@@ -58,6 +82,15 @@ def add_deployment_commands(commands: argparse._SubParsersAction) -> None:
     r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one config key (repeatable)")
     r.add_argument("--detach", action="store_true", help="submit and return without streaming the log")
     _connection_args(r)
+
+    ah = commands.add_parser(
+        "app-hash", help="print the app hash a site approves (of the installed fedlora, or of APP_DIR)",
+        description="Print the hash of the app bundle `fedlora run` / `flwr run` would submit from APP_DIR: SHA-256 "
+                    "over its code files (paths and contents) and its ClientApp reference, not over pyproject.toml. "
+                    "A site runs a bundle only if this hash is approved (`fedlora client --allow-app`); by default it "
+                    "approves the installed release. See docs/deployment.md.")
+    ah.add_argument("app_dir", nargs="?", type=Path, metavar="APP_DIR",
+                    help="a Flower App folder (pyproject.toml with [tool.flwr.app]; default: the installed fedlora)")
 
     k = commands.add_parser("certs", help="create a CA and the coordinator's TLS certificate (test or pilot deployments)",
                             description="Write ca.pem, ca.key, server.pem, server.key into --out. Give every name or "
@@ -124,11 +157,22 @@ def run_client_cmd(args: argparse.Namespace) -> int:
     model = args.model_path if args.model_path == "default" else str(Path(args.model_path).expanduser().resolve())
     run_site(SiteSettings(
         superlink=args.coordinator, data_path=args.data_path.expanduser().resolve(), state_dir=args.state_dir.expanduser().resolve(),
-        model_path=model, max_epsilon=args.max_epsilon, lora_rank=args.lora_rank,
+        model_path=model, max_epsilon=args.max_epsilon, no_privacy_limit=args.no_privacy_limit, lora_rank=args.lora_rank,
         root_cert=args.root_cert and args.root_cert.resolve(), key=args.key and args.key.resolve(),
-        insecure=args.insecure, runtime_port=args.port,
+        insecure=args.insecure, runtime_port=args.port, max_delta=args.max_delta, privacy_unit=args.privacy_unit,
+        user_column=args.user_column, allow_no_dp=args.allow_no_dp, text_column=args.text_column,
+        label_column=args.label_column, prompt_column=args.prompt_column, response_column=args.response_column,
+        max_evaluations=args.max_evaluations, calibrate_to_limit=not args.no_calibrate_to_limit,
+        allow_app=args.allow_app, allow_apps_file=args.allow_apps and args.allow_apps.expanduser().resolve(),
     ))
     return 0  # not reached: the process became the SuperNode
+
+
+def run_app_hash_cmd(args: argparse.Namespace) -> int:
+    from fedlora.app_hash import app_dir_hash, installed_app_dir
+
+    print(app_dir_hash(args.app_dir.resolve() if args.app_dir else installed_app_dir()))
+    return 0
 
 
 def run_run_cmd(args: argparse.Namespace) -> int:
@@ -203,7 +247,8 @@ def run_export_cmd(args: argparse.Namespace) -> int:
 
 
 DEPLOYMENT_COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
-    "coordinator": run_coordinator_cmd, "client": run_client_cmd, "run": run_run_cmd, "certs": run_certs_cmd,
+    "coordinator": run_coordinator_cmd, "client": run_client_cmd, "run": run_run_cmd, "app-hash": run_app_hash_cmd,
+    "certs": run_certs_cmd,
     "site-key": run_site_key_cmd, "register-site": run_register_cmd, "unregister-site": run_unregister_cmd,
     "sites": run_sites_cmd, "sample-data": run_sample_data_cmd, "export": run_export_cmd,
 }

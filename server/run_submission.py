@@ -17,7 +17,7 @@ from typing import Any
 
 import tomli_w
 
-import fedlora
+from fedlora.app_hash import AppHashError, app_dir_hash, installed_app_dir
 from fedlora.config import Config, ConfigError, load_config
 from fedlora.flower_env import flower_env, flower_executable
 from server.coordinator_service import CONNECTION, wait_until_listening
@@ -26,12 +26,10 @@ from server.run_directory import free_run_dir
 
 def app_dir() -> Path:
     """The Flower App: the project folder holding pyproject.toml with [tool.flwr.app]."""
-    root = Path(fedlora.__file__).resolve().parent.parent
-    pyproject = root / "pyproject.toml"
-    if not pyproject.is_file() or "[tool.flwr.app]" not in pyproject.read_text():
-        raise ConfigError(f"{root}: the fedlora Flower App (pyproject.toml with [tool.flwr.app]) is not here; "
-                          "install fedlora from its source folder (pip install -e .)")
-    return root
+    try:
+        return installed_app_dir()
+    except AppHashError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def run_config_values(config: Config) -> dict[str, Any]:
@@ -53,17 +51,24 @@ def resolved_config(config_path: str | None, overrides: dict[str, Any], resume: 
     return replace(config, run=replace(config.run, output_dir=str(free_run_dir(config.run.output_dir))))
 
 
-def submit(config: Config, flwr_home: Path, stream: bool = True) -> int:
-    """`flwr run APP fedlora --run-config FILE [--stream]`; returns flwr's exit code."""
+def submit(config: Config, flwr_home: Path, stream: bool = True, app: Path | None = None) -> int:
+    """`flwr run APP fedlora --run-config FILE [--stream]`; returns flwr's exit code.
+    APP is the installed fedlora's app folder unless `app` names another one."""
+    app = app or app_dir()
+    try:
+        app_hash = app_dir_hash(app)  # what each site checks against the hashes it approved
+    except AppHashError as exc:
+        raise ConfigError(str(exc)) from None
     with tempfile.NamedTemporaryFile("w", suffix=".toml", prefix="fedlora-run-config-", delete=False) as fh:
         fh.write(tomli_w.dumps(run_config_values(config)))
         run_config_file = fh.name
-    command = [flower_executable("flwr"), "run", str(app_dir()), CONNECTION, "--run-config", run_config_file]
+    command = [flower_executable("flwr"), "run", str(app), CONNECTION, "--run-config", run_config_file]
     if stream:
         command.append("--stream")
     wait_until_listening(flwr_home)
     print(f"[fedlora] submitting run: {config.run.output_dir}", flush=True)
+    print(f"[fedlora] app hash (sites run it only if they approved it): {app_hash}", flush=True)
     try:
-        return subprocess.run(command, env=flower_env(flwr_home), cwd=app_dir()).returncode
+        return subprocess.run(command, env=flower_env(flwr_home), cwd=app).returncode
     finally:
         Path(run_config_file).unlink(missing_ok=True)

@@ -100,7 +100,8 @@ class Deployment:
             assert out.returncode == 0 and "node id" in out.stdout, out.stdout + out.stderr
         return self.root / "keys" / name
 
-    def site(self, name: str, register: bool = True, model: Path | None = None, direct: bool = False) -> subprocess.Popen:
+    def site(self, name: str, register: bool = True, model: Path | None = None, direct: bool = False,
+             extra_args: tuple[str, ...] = ()) -> subprocess.Popen:
         """A site: `fedlora client` (or `flower-supernode --node-config ...` if direct)."""
         key = self.site_key(name, register)
         data = write_site_data(self.root / f"{name}.jsonl", rows=120)
@@ -114,7 +115,8 @@ class Deployment:
         else:
             command = [*FEDLORA, "client", "--coordinator", f"127.0.0.1:{self.port}", "--root-cert",
                        str(self.root / "certs" / "ca.pem"), "--key", str(key), "--data-path", str(data),
-                       "--model-path", str(model), "--state-dir", str(state), "--port", str(free_port())]
+                       "--model-path", str(model), "--state-dir", str(state), "--port", str(free_port()), "--max-epsilon", "10",
+                       *extra_args]
         proc = start(command, self.root / f"site-{name}.log")
         self.processes.append(proc)
         return proc

@@ -72,7 +72,7 @@ def test_bad_key_data_format_and_state_dir(site, tmp_path):
 
 def test_client_command_exits_2_with_one_line_before_connecting(site, capsys):
     code = main(["client", "--coordinator", "127.0.0.1:1", "--root-cert", str(site.root_cert), "--data-path", "/nope.jsonl",
-                 "--state-dir", str(site.state_dir)])
+                 "--state-dir", str(site.state_dir), "--max-epsilon", "5"])
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and "--data-path" in err
 
