@@ -174,6 +174,8 @@ def train_locally(
                 (per_example * unit_weights(unit_index, num_units)).mean().backward()
                 if num_units < len(rows):
                     merge_rows_by_unit(dp_optimizer.params, unit_index, num_units)
+                # step() refuses to clip unless every grad_sample has one row per unit (PerExampleError).
+                dp_optimizer.expect_units(num_units)
                 losses.append(per_example.mean().item())
             dp_optimizer.step()
             dp_optimizer.zero_grad(set_to_none=True)

@@ -10,14 +10,24 @@ lora_grad_sample.py: tensor hooks on trainable nn.Linear layers only, i.e. LoRA
 factors and a classifier head). "auto" takes "fast" when it covers every trainable
 parameter, else Opacus for the whole model. Either way Opacus's DPOptimizer clips,
 sums, noises and scales at `step()`, so the mathematics and the noise are Opacus's.
+
+Clipping bounds one privacy unit's influence only if each row of `p.grad_sample` is one
+unit's gradient. Both paths take the leading dimension of a layer's own input as the
+batch, so a trainable Linear that sees flattened tokens ([B*T, d], as MoE layers do)
+yields one row per token and would be clipped per token, silently. The optimizer
+returned here therefore refuses to step (`PerExampleError`) unless every trainable
+parameter's `grad_sample` has one row per sampled unit: exactly the count the training
+loop declares each step, or, where none is declared, one count for all parameters that
+is no larger than the rows fed to forward.
 """
 
 from __future__ import annotations
 
 import logging
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import ExitStack, contextmanager
+from typing import Any
 
 import torch
 from opacus import GradSampleModule
@@ -32,6 +42,104 @@ warnings.filterwarnings("ignore", message="Full backward hook is firing", catego
 log = logging.getLogger("fedlora.privacy")
 
 DP_IMPLS = ("auto", "fast", "opacus")
+
+
+class PerExampleError(ValueError):
+    """Per-example gradients that are not one row per sampled unit. Clipping them would
+    bound something other than one unit's contribution, so DP would not hold."""
+
+
+def grad_sample_rows(p: torch.nn.Parameter) -> int | None:
+    """The leading dimension of `p.grad_sample` (None if it has none). Opacus keeps a list
+    after several backward passes and concatenates it at step(), so the rows add up."""
+    samples = getattr(p, "grad_sample", None)
+    if samples is None:
+        return None
+    if isinstance(samples, list):
+        return sum(s.shape[0] for s in samples)
+    return samples.shape[0]  # not len(): Tensor.__len__ is several times slower
+
+
+def check_per_example(named_params: Iterable[tuple[str, torch.nn.Parameter]], units: int) -> None:
+    """Raise PerExampleError unless every parameter holds exactly `units` per-example
+    gradient rows. The message names the parameter and the counts, never a value."""
+    for name, p in named_params:
+        rows = grad_sample_rows(p)
+        if rows != units:
+            raise _mismatch(name, rows, str(units))
+
+
+def check_at_most(named_params: list[tuple[str, torch.nn.Parameter]], bound: int) -> None:
+    """All parameters hold the same number of per-example gradient rows, at most `bound`."""
+    name, first = named_params[0]
+    rows = grad_sample_rows(first)
+    if rows is not None and rows > bound:
+        raise _mismatch(name, rows, f"at most {bound}")
+    check_per_example(named_params, bound if rows is None else rows)
+
+
+def _mismatch(name: str, rows: int | None, expected: str) -> PerExampleError:
+    if rows is None:
+        return PerExampleError(f"no per-example gradients for trainable parameter {name} (expected {expected} rows)")
+    return PerExampleError(
+        f"per-example gradients of {name} have leading dimension {rows}, expected {expected} (one per sampled "
+        "unit): a layer that flattens or mixes the batch (e.g. tokens as [B*T, d]) is clipped per row"
+    )
+
+
+def _leading_rows(args: tuple, kwargs: dict[str, Any]) -> int | None:
+    """Batch-first inputs: the leading dimension of the forward's first tensor argument."""
+    for value in (*args, *kwargs.values()):
+        if isinstance(value, torch.Tensor) and value.dim() > 0:
+            return value.shape[0]
+    return None
+
+
+class CheckedDPOptimizer(DPOptimizer):
+    """Opacus's DPOptimizer that checks the per-example invariant at every step(), before
+    anything is clipped or applied (`check_per_example`).
+
+    Exact when the caller declares the step's sampled units (`expect_units`: users after
+    merging rows, 0 for an empty Poisson batch), as the training loop does every step.
+    Otherwise (the benchmark, direct use) the bound is the rows fed to the model's forward
+    passes since the last step, counted by a forward pre-hook that `private_optimizer`
+    attaches: every unit has at least one row, and merging rows into users between
+    backward and step is legitimate, so all parameters must agree on one count no larger
+    than that. Either way the count comes from the model's input, never from a layer's,
+    which is what catches a per-token layer (B*T rows for B examples). It is reset at every
+    step() and zero_grad(), so a stale count cannot carry over.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, names: dict[int, str], **kwargs: Any) -> None:
+        super().__init__(optimizer, **kwargs)
+        # The trainable parameters never change, so the named list is built once.
+        self._named = [(names.get(id(p), "<unnamed>"), p) for p in self.params]
+        self._reset_count()
+
+    def _reset_count(self) -> None:
+        self._declared_units: int | None = None
+        self._forward_rows: int | None = 0  # None: a forward whose batch size was not found
+
+    def expect_units(self, units: int) -> None:
+        """Declare how many units this step sampled (rows merged into users: the users)."""
+        self._declared_units = units
+
+    def count_forward(self, rows: int | None) -> None:
+        self._forward_rows = None if rows is None or self._forward_rows is None else self._forward_rows + rows
+
+    def pre_step(self, closure: Any = None) -> bool:
+        if self._declared_units is not None:
+            check_per_example(self._named, self._declared_units)
+        elif self._named:
+            if not self._forward_rows:  # no counted forward since the last step
+                raise PerExampleError("the number of sampled units of this step is unknown: call expect_units() before step()")
+            check_at_most(self._named, self._forward_rows)
+        self._reset_count()
+        return super().pre_step(closure)
+
+    def zero_grad(self, set_to_none: bool = False) -> None:
+        super().zero_grad(set_to_none)
+        self._reset_count()
 
 
 def choose_impl(model: torch.nn.Module, impl: str = "auto") -> str:
@@ -60,14 +168,16 @@ def private_optimizer(
     expected_batch_size: int,
     generator: torch.Generator | None = None,
     impl: str = "auto",
-) -> Iterator[tuple[torch.nn.Module, DPOptimizer]]:
+) -> Iterator[tuple[torch.nn.Module, CheckedDPOptimizer]]:
     """Yield (model to run forward with, DP optimizer).
 
     The loss must be a mean over the batch of per-sequence losses. After backward every
     trainable parameter holds its per-example gradients in `p.grad_sample` ([B, *shape]);
     the DP optimizer's step() clips each example's gradient over all trainable parameters
     to `max_grad_norm`, sums, adds N(0, (noise_multiplier * max_grad_norm)^2), and divides
-    by the expected (not the realised) Poisson batch size, as Opacus does.
+    by the expected (not the realised) Poisson batch size, as Opacus does. Before that,
+    step() checks that each `grad_sample` has one row per sampled unit (CheckedDPOptimizer):
+    exactly the units declared with `expect_units`, else no more than the rows fed to forward.
     """
     chosen = choose_impl(model, impl)
     with ExitStack() as stack:
@@ -78,14 +188,22 @@ def private_optimizer(
             forward_model = GradSampleModule(model, batch_first=True, loss_reduction="mean")  # hooks mode
             stack.callback(forward_model.to_standard_module)  # removes hooks and grad_sample attributes
         stack.callback(_clear_grads, model)
-        dp_optimizer = DPOptimizer(
+        dp_optimizer = CheckedDPOptimizer(
             optimizer,
+            names={id(p): name for name, p in model.named_parameters()},
             noise_multiplier=noise_multiplier,
             max_grad_norm=max_grad_norm,
             expected_batch_size=expected_batch_size,
             loss_reduction="mean",
             generator=generator,
         )
+
+        def count_rows(_module: torch.nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+            if torch.is_grad_enabled():  # an evaluation forward feeds no backward
+                dp_optimizer.count_forward(_leading_rows(args, kwargs))
+
+        # On `model` itself: GradSampleModule.forward calls it, so both paths count.
+        stack.callback(model.register_forward_pre_hook(count_rows, with_kwargs=True).remove)
         yield forward_model, dp_optimizer
 
 
@@ -96,8 +214,9 @@ def _clear_grads(model: torch.nn.Module) -> None:
             del p.summed_grad
 
 
-def mark_empty_batch(dp_optimizer: DPOptimizer) -> None:
+def mark_empty_batch(dp_optimizer: CheckedDPOptimizer) -> None:
     """An empty Poisson batch still takes an (accounted) noise-only step:
     give every parameter zero per-sample gradients so Opacus adds only noise."""
     for p in dp_optimizer.params:
         p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
+    dp_optimizer.expect_units(0)
