@@ -1,4 +1,4 @@
-"""`fedlora privacy STATE_DIR`: a site's ledger as a table or as one JSON object."""
+"""`fedlora privacy STATE_DIR`: a site's ledger and audit log as a table or as one JSON object."""
 
 from __future__ import annotations
 
@@ -7,14 +7,38 @@ from pathlib import Path
 from typing import Any
 
 from privacy.accounting import epsilon_of
+from privacy.site_audit import AUDIT_FILE, AuditError, read_audit
 from privacy.site_ledger import LEDGER_FILE, LedgerError, SiteLedger
+
+
+def audit_summary(state_dir: Path) -> list[dict[str, Any]]:
+    """Per run, from the audit log: the app hashes it shipped (and whether the site
+    approved them), the distinct settings it asked for, and every decline with its reason."""
+    try:
+        entries = read_audit(state_dir)
+    except AuditError as exc:
+        raise LedgerError(str(exc)) from None
+    runs: dict[str, dict[str, Any]] = {}
+    for e in entries:
+        run = runs.setdefault(e["run"], {"run": e["run"], "apps": [], "asked": [], "messages": 0, "declined": []})
+        if e["event"] == "app":
+            app = {"app_hash": e.get("app_hash"), "approved": e.get("approved")}
+            if app not in run["apps"]:
+                run["apps"].append(app)
+        elif e["event"] == "request":
+            run["messages"] += 1
+            if e.get("asks") not in run["asked"]:
+                run["asked"].append(e.get("asks"))
+        elif e["event"] == "declined":
+            run["declined"].append({k: e.get(k) for k in ("time", "round", "message", "reason")})
+    return list(runs.values())
 
 
 def ledger_summary(state_dir: str | Path) -> dict[str, Any]:
     """Per run: accountant, delta, epsilon, history [[noise_multiplier, sample_rate, steps], ...],
     the rounds trained and declined; and the site's total over all runs against its limit."""
     state_dir = Path(state_dir)
-    if not (state_dir / LEDGER_FILE).is_file():
+    if not (state_dir / LEDGER_FILE).is_file() and not (state_dir / AUDIT_FILE).is_file():
         raise LedgerError(f"{state_dir}: no privacy ledger here ({LEDGER_FILE} not found)")
     ledger = SiteLedger.load(state_dir)
     runs, before = [], []  # `before`: the mechanisms of the runs already listed
@@ -23,7 +47,7 @@ def ledger_summary(state_dir: str | Path) -> dict[str, Any]:
         rounds = []
         for i, m in enumerate(r.mechanisms):
             rounds.append({
-                "round": m.round, "time": m.time, "unit": m.unit, "noise_multiplier": m.noise_multiplier,
+                "round": m.round, "kind": m.kind, "time": m.time, "unit": m.unit, "noise_multiplier": m.noise_multiplier,
                 "sample_rate": m.sample_rate, "steps": m.steps,
                 "run_epsilon_after": epsilon_of(r.history[: i + 1], r.delta, r.accountant),
                 # What the budget guard counts: every run so far, at the ledger's smallest delta.
@@ -45,6 +69,7 @@ def ledger_summary(state_dir: str | Path) -> dict[str, Any]:
         "delta_total": ledger.guard_delta(latest.delta) if latest else None,
         "max_epsilon": limit,
         "budget_left": None if limit is None else max(0.0, limit - total),
+        "audit": audit_summary(state_dir),
     }
 
 
@@ -58,10 +83,23 @@ def ledger_table(summary: dict[str, Any]) -> str:
     ]
     for run in summary["runs"]:
         lines += ["", f"run {run['run']}", f"  accountant {run['accountant']}, delta {run['delta']:g}, epsilon {run['epsilon']:.3f}",
-                  "  round  noise_mult  sample_rate  steps  unit     run_epsilon  site_epsilon  time"]
+                  "  round  kind        noise_mult  sample_rate  steps  unit     run_epsilon  site_epsilon  time"]
         for r in run["rounds"]:
-            lines.append(f"  {r['round']:>5}  {r['noise_multiplier']:>10.4f}  {r['sample_rate']:>11.5f}  {r['steps']:>5}  "
+            lines.append(f"  {r['round']:>5}  {r['kind']:<10}  {r['noise_multiplier']:>10.4f}  {r['sample_rate']:>11.5f}  {r['steps']:>5}  "
                          f"{r['unit']:<7}  {r['run_epsilon_after']:>11.3f}  {r['epsilon_after']:>12.3f}  {r['time']}")
         for d in run["declined"]:
-            lines.append(f"  {d['round']:>5}  declined: epsilon would reach {d['epsilon_would_be']:.3f} > limit {d['limit']:.3f}  {d['time']}")
+            why = (f"epsilon would reach {d['epsilon_would_be']:.3f} > limit {d['limit']:.3f}"
+                   if d.get("reason", "privacy budget") == "privacy budget" else d["reason"])
+            lines.append(f"  {d['round']:>5}  declined {d.get('message', 'train')}: {why}  {d['time']}")
+    if summary["audit"]:
+        lines += ["", "audit log (every run that reached this site)"]
+    for run in summary["audit"]:
+        lines.append(f"run {run['run']}: {run['messages']} messages")
+        for app in run["apps"]:
+            lines.append(f"  app {app['app_hash']}: {'approved' if app['approved'] else 'REFUSED (not approved)'}")
+        for asked in run["asked"]:
+            if asked:
+                lines.append("  asked: " + ", ".join(f"{k}={v}" for k, v in asked.items()))
+        for d in run["declined"]:
+            lines.append(f"  declined round {d['round']} {d['message']}: {d['reason']}  {d['time']}")
     return "\n".join(lines)

@@ -1,6 +1,7 @@
 """Site-controlled privacy in real simulations (Flower's simulation engine, the
-default pretrained model): sites declining at the round their limits say, their
-ledgers, central DP's accounting, and an audit of every message a client sends."""
+default pretrained model): sites declining at the round their limits say or
+calibrating to their limits, their ledgers, central DP's accounting, and an audit of
+every message a client sends, error replies included."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import pickle
 from pathlib import Path
 
 import pytest
-from flwr.app import Context, Message
+from flwr.app import Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from privacy.accounting import epsilon_of
@@ -19,13 +20,14 @@ from tests.client_apps import client_app_with_train
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parent.parent
 
-# --- A ClientApp whose partition 0 is a stricter site: its node config sets max-epsilon.
+# --- A ClientApp whose partition 0 is a stricter site: its node config sets max-epsilon,
+# and it calibrates its noise to that limit instead of declining.
 STRICT_LIMIT = 6.5
 
 
 def _with_node_config(context: Context) -> Context:
     if int(context.node_config["partition-id"]) == 0:
-        context.node_config = {**context.node_config, "max-epsilon": STRICT_LIMIT}
+        context.node_config = {**context.node_config, "max-epsilon": STRICT_LIMIT, "calibrate-to-limit": True}
     return context
 
 
@@ -42,7 +44,7 @@ strict_site = client_app_with_train(strict_train)
 # separate processes, so each reply is pickled into a folder the test reads).
 def record_outgoing(msg: Message, context: Context, call_next) -> Message:
     reply = call_next(msg, context)
-    content = reply.content
+    content = reply.content if reply.has_content() else RecordDict()
     captured = {
         "type": msg.metadata.message_type,
         "array_records": {name: {k: (a.dtype, tuple(a.shape), a.data) for k, a in rec.items()}
@@ -50,6 +52,7 @@ def record_outgoing(msg: Message, context: Context, call_next) -> Message:
         "metric_records": {name: dict(rec) for name, rec in content.metric_records.items()},
         "config_records": {name: dict(rec) for name, rec in content.config_records.items()},
         "error": reply.has_error(),
+        "reason": reply.error.reason if reply.has_error() else None,
     }
     folder = Path(os.environ["FEDLORA_AUDIT_DIR"])
     (folder / f"{os.getpid()}-{msg.metadata.message_id}.pkl").write_bytes(pickle.dumps(captured))
@@ -57,9 +60,11 @@ def record_outgoing(msg: Message, context: Context, call_next) -> Message:
 
 
 def audited_app() -> ClientApp:
+    """The real handlers behind the real reply guard; the recorder sees what leaves it."""
     from client.client_app import evaluate, query, train
+    from client.reply_guard import guarded_replies
 
-    app = ClientApp(mods=[record_outgoing])
+    app = ClientApp(mods=[record_outgoing, guarded_replies])
     app.train()(train)
     app.evaluate()(evaluate)
     app.query()(query)
@@ -97,43 +102,48 @@ def ledger_json(state_dir: Path, capsys) -> dict:
     return json.loads(capsys.readouterr().out)
 
 
-def test_sites_decline_at_the_round_their_limits_say_and_the_run_goes_on(tmp_path, monkeypatch, capsys):
+def test_sites_decline_at_the_round_their_limits_say_or_calibrate_to_them(tmp_path, monkeypatch, capsys):
     config, rows = run(tmp_path, monkeypatch, strict_site, {
         "federation.rounds": 3, "federation.min_clients": 2, "privacy.site_max_epsilon": 7.5, "simulation.partition": "iid",
+        "simulation.site_policy.calibrate_to_limit": False,
         "privacy.central": True, "privacy.central_noise_multiplier": 0.5, "privacy.central_clip_norm": 5.0,
     }, clients=4)
     sites = tmp_path / "run" / "sites"
-    strict = ledger_json(sites / "0", capsys)
-    (strict_run,) = strict["runs"]
-    one_round = strict_run["history"][:1]
-    # Partition 0's own limit (6.5) lies between its epsilon after one and after two rounds.
-    assert epsilon_of(one_round, config.privacy.delta, "prv") < STRICT_LIMIT < epsilon_of(one_round * 2, config.privacy.delta, "prv")
+    ledgers = {pid: ledger_json(sites / str(pid), capsys) for pid in range(4)}
 
-    # Round 1: all four train. Round 2: partition 0 declines, three train. Round 3 would take
-    # every site past privacy.site_max_epsilon = 7.5 (planned: 8): all decline and the run ends.
-    assert [r["clients_ok"] for r in rows] == [0, 4, 3, 0]
-    assert [r["clients_declined"] for r in rows] == [0, 0, 1, 4]
-    assert rows[2]["failures"] == {"declined: privacy budget": 1}
+    # Partitions 1-3 plan the run's 8 (3 rounds and 4 evaluations) but stop at the run's
+    # site_max_epsilon = 7.5 without more noise: round 3 is declined by all three, and with
+    # one site left (fewer than min_clients) the run ends cleanly.
+    assert [r["clients_ok"] for r in rows] == [0, 4, 4, 0]
+    assert [r["clients_declined"] for r in rows] == [0, 0, 0, 3]
+    assert rows[3]["failures"] == {"declined: privacy budget": 3}
     assert len(rows) == 4 and (tmp_path / "run" / "adapter" / "adapter_model.safetensors").is_file()
-
-    assert [r["round"] for r in strict_run["rounds"]] == [1]
-    assert [d["round"] for d in strict_run["declined"]] == [2, 3]
-    assert strict["max_epsilon"] == STRICT_LIMIT and strict["epsilon_total"] <= STRICT_LIMIT
     for pid in (1, 2, 3):
-        ledger = ledger_json(sites / str(pid), capsys)
-        (site_run,) = ledger["runs"]
-        assert [r["round"] for r in site_run["rounds"]] == [1, 2]
+        (site_run,) = ledgers[pid]["runs"]
+        assert [(r["kind"], r["round"]) for r in site_run["rounds"]] == [
+            ("evaluation", 0), ("train", 1), ("evaluation", 1), ("train", 2), ("evaluation", 2)]
         assert [d["round"] for d in site_run["declined"]] == [3]
         assert site_run["epsilon"] <= 7.5 < site_run["declined"][0]["epsilon_would_be"]
-    # The coordinator's figures are the sites' own: the largest epsilon any site reached.
-    assert rows[3]["epsilon_max"] == pytest.approx(max(ledger_json(sites / str(p), capsys)["epsilon_total"] for p in range(4)))
     planned = [s["planned_epsilon"] for s in rows[1]["site_privacy"]]
-    assert planned == pytest.approx([config.privacy.target_epsilon] * 4, rel=0.02)
+    assert planned[1:] == pytest.approx([config.privacy.target_epsilon] * 3, rel=0.02)
+
+    # Partition 0's own limit (6.5) is below the run's plan: it adds noise and trains every round.
+    (strict_run,) = ledgers[0]["runs"]
+    assert [r["round"] for r in strict_run["rounds"] if r["kind"] == "train"] == [1, 2, 3]
+    assert strict_run["declined"] == []
+    assert ledgers[0]["max_epsilon"] == STRICT_LIMIT and STRICT_LIMIT - 0.3 < ledgers[0]["epsilon_total"] <= STRICT_LIMIT
+    strict_noise = [r["noise_multiplier"] for r in strict_run["rounds"] if r["kind"] == "train"]
+    other_noise = [r["noise_multiplier"] for r in ledgers[1]["runs"][0]["rounds"] if r["kind"] == "train"]
+    assert min(strict_noise) > max(other_noise)
+    assert planned[0] == pytest.approx(STRICT_LIMIT, abs=0.05)
+
+    # The coordinator's figures are the sites' own: the largest epsilon any site reached.
+    assert rows[3]["epsilon_max"] == pytest.approx(max(ledger["epsilon_total"] for ledger in ledgers.values()))
 
     # Central DP: one Gaussian mechanism per aggregated round over all sites (q = 1).
     assert rows[1]["central_epsilon"] == pytest.approx(epsilon_of([(0.5, 1.0, 1)], config.privacy.delta, "prv"), rel=1e-9)
     assert rows[2]["central_epsilon"] == pytest.approx(epsilon_of([(0.5, 1.0, 1)] * 2, config.privacy.delta, "prv"), rel=1e-9)
-    assert rows[2]["central_noise_std"] == pytest.approx(0.5 * 5.0 / 3)
+    assert rows[2]["central_noise_std"] == pytest.approx(0.5 * 5.0 / 4)
 
 
 CANARY = "zebracanary"
@@ -181,3 +191,56 @@ def test_every_message_a_client_sends_holds_only_adapter_tensors_and_whitelisted
         else:
             assert reply["array_records"] == {}
         assert not any(s in json.dumps(reply["metric_records"]) for s in secrets)
+
+
+NAMES = ["Jane Doe", "John Roe", "Ada Lovelace"]
+
+
+def test_a_label_column_of_patient_names_never_reaches_the_coordinator(tmp_path, monkeypatch, capfd):
+    """The coordinator points data.label_column at a column of patient names. Partition 0
+    keeps to its own label column and declines; the others follow the run (a simulation
+    policy that leaves the columns to the run) and fail on the names: as a category."""
+    data = tmp_path / "notes.jsonl"
+    with data.open("w") as fh:
+        for i in range(150):
+            fh.write(json.dumps({"text": f"note {i} about a cough", "label": "abc"[i % 3], "patient": NAMES[i % 3]}) + "\n")
+    audit = tmp_path / "audit"
+    audit.mkdir()
+    monkeypatch.setenv("FEDLORA_AUDIT_DIR", str(audit))
+    from server.federation import FederationError
+
+    with pytest.raises(FederationError, match="fewer than federation.min_clients"):  # no site can train
+        run(tmp_path, monkeypatch, own_label_column_site, {
+            "simulation.dataset": str(data), "simulation.partition": "iid", "federation.rounds": 1,
+            "federation.round_retries": 0, "data.label_column": "patient", "data.labels": ["x", "y", "z"],
+        }, clients=3)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[0]["failures"] == {"declined: site policy: label-column": 1, "error: data error": 2}
+    replies = [pickle.loads(p.read_bytes()) for p in audit.iterdir()]
+    assert {r["reason"] for r in replies if r["error"]} == {"data error"}
+    received = json.dumps(replies, default=repr)
+    seen = capfd.readouterr()
+    for name in NAMES:
+        assert name not in received  # replies and error reasons
+        assert name not in (tmp_path / "run" / "metrics.jsonl").read_text()
+        assert name not in seen.out + seen.err  # the coordinator's log (and, in a simulation, the sites')
+
+
+def _own_label_column(msg: Message, context: Context, call_next) -> Message:
+    if int(context.node_config["partition-id"]) == 0:
+        context.node_config = {**context.node_config, "label-column": "label"}
+    return call_next(msg, context)
+
+
+def own_label_column_app() -> ClientApp:
+    from client.client_app import evaluate, query, train
+    from client.reply_guard import guarded_replies
+
+    app = ClientApp(mods=[record_outgoing, guarded_replies, _own_label_column])
+    app.train()(train)
+    app.evaluate()(evaluate)
+    app.query()(query)
+    return app
+
+
+own_label_column_site = own_label_column_app()
