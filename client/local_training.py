@@ -9,7 +9,6 @@ each sampled user's records are clipped together (privacy/user_level.py).
 
 from __future__ import annotations
 
-import math
 import os
 import time
 from collections.abc import Iterator
@@ -181,37 +180,3 @@ def train_locally(
             dp_optimizer.zero_grad(set_to_none=True)
     mean_loss = sum(losses) / len(losses) if losses else float("nan")
     return TrainResult(mean_loss, plan.steps, time.perf_counter() - start)
-
-
-@dataclass
-class EvalResult:
-    loss: float | None
-    accuracy: float | None  # classification
-    perplexity: float | None  # causal LM
-    num_examples: int
-
-
-@torch.no_grad()
-def evaluate_locally(model: torch.nn.Module, examples: list[Example], config: Config, pad_id: int) -> EvalResult:
-    model.eval()
-    task = config.model.task
-    loss_sum, correct, tokens = 0.0, 0, 0
-    for start in range(0, len(examples), 128):
-        batch = on_device(collate(examples[start : start + 128], pad_id), model)
-        logits = forward_logits(model, batch)
-        if task == "classification":
-            loss_sum += F.cross_entropy(logits.float(), batch["labels"], reduction="sum").item()
-            correct += (logits.argmax(dim=-1) == batch["labels"]).sum().item()
-        else:
-            targets = batch["labels"][:, 1:]
-            loss_sum += F.cross_entropy(
-                logits[:, :-1].float().transpose(1, 2), targets, ignore_index=IGNORE_INDEX, reduction="sum"
-            ).item()
-            tokens += int((targets != IGNORE_INDEX).sum())
-    n = len(examples)
-    if n == 0:  # a site too small for a validation split reports nothing, not an error
-        return EvalResult(None, None, None, 0)
-    if task == "classification":
-        return EvalResult(loss_sum / n, correct / n, None, n)
-    token_loss = loss_sum / max(1, tokens)
-    return EvalResult(token_loss, None, math.exp(min(token_loss, 50.0)), n)

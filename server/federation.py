@@ -141,7 +141,8 @@ def site_privacy(replies: list[Message]) -> list[dict[str, Any]]:
         metrics = m.content["metrics"]
         out.append({
             "node": m.metadata.src_node_id,
-            "declined": declined_reason(m),
+            "declined": declined_reason(m) is not None,
+            "declined_reason": declined_reason(m),
             "epsilon": float(metrics["epsilon"]) if "epsilon" in metrics else None,
             "planned_epsilon": float(metrics["planned-epsilon"]) if "planned-epsilon" in metrics else None,
             "noise_multiplier": float(metrics["noise-multiplier"]) if "noise-multiplier" in metrics else None,

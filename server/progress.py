@@ -32,7 +32,7 @@ class Progress:
         quality = f"acc {_fmt(acc, '.3f')}" if "eval_accuracy" in row else f"ppl {_fmt(row.get('eval_perplexity'), '.2f')}"
         self._line(
             f"[fedlora] round {row['round']}/{self.total_rounds}: clients {row['clients_ok']} ok / {row['clients_failed']} failed"
-            + (f" ({row['clients_declined']} declined: privacy budget)" if row.get("clients_declined") else "")
+            + (f" ({row['clients_declined']} declined)" if row.get("clients_declined") else "")
             + (f" | central epsilon {row['central_epsilon']:.2f}" if "central_epsilon" in row else "")
             + f" | train loss {_fmt(row.get('train_loss'))} | eval loss {_fmt(row.get('eval_loss'))} | {quality}"
             f" | epsilon {_fmt(row.get('epsilon_max'), '.2f')} | {row['seconds']:.1f}s",
