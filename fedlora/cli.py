@@ -173,8 +173,10 @@ def run_simulate(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def _known_errors() -> tuple[tuple[type[BaseException], ...], type[BaseException]]:
+    """The errors shown as one line (exit 2), and the one that stops a run (exit 1).
+    Imported only once a command failed: their modules pull in torch and PEFT, which
+    quick commands (`fedlora site-key`, `certs`, `register-site`, `app-hash`) never need."""
     from client.site_agent import SiteError
     from fedlora.app_hash import AppHashError
     from fedlora.base_model import ModelError
@@ -182,6 +184,11 @@ def main(argv: list[str] | None = None) -> int:
     from server.coordinator_service import CoordinatorError
     from server.federation import FederationError
 
+    return (ConfigError, DataError, ModelError, SiteError, AppHashError, CoordinatorError, FileExistsError), FederationError
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     try:
         if args.command == "simulate":
             return run_simulate(args)
@@ -193,12 +200,15 @@ def main(argv: list[str] | None = None) -> int:
             return run_bench(args)
         if args.command in DEPLOYMENT_COMMANDS:
             return DEPLOYMENT_COMMANDS[args.command](args)
-    except (ConfigError, DataError, ModelError, SiteError, AppHashError, CoordinatorError, FileExistsError) as exc:
-        print(f"fedlora: error: {exc}", file=sys.stderr)
-        return 2
-    except FederationError as exc:
-        print(f"fedlora: run stopped: {exc}", file=sys.stderr)
-        return 1
+    except Exception as exc:  # pylint: disable=broad-except
+        one_line, run_stopped = _known_errors()
+        if isinstance(exc, one_line):
+            print(f"fedlora: error: {exc}", file=sys.stderr)
+            return 2
+        if isinstance(exc, run_stopped):
+            print(f"fedlora: run stopped: {exc}", file=sys.stderr)
+            return 1
+        raise
     return 1
 
 
