@@ -149,8 +149,13 @@ class SiteLedger:
 
     def record(self, run: str, accountant: str, delta: float, entry: Mechanism | Declined, limit: float) -> None:
         """Append one entry to `run` and write the ledger (before anything leaves the site)."""
-        section = self.run(run, accountant, delta)
-        (section.mechanisms if isinstance(entry, Mechanism) else section.declined).append(entry)
+        if isinstance(entry, Declined):
+            # A decline spends nothing: it joins the run's section whatever that run asked for
+            # (a run declined for its delta must not turn into a ledger error).
+            section = next((r for r in self.runs if r.run == run), None) or self.run(run, accountant, delta)
+            section.declined.append(entry)
+        else:
+            self.run(run, accountant, delta).mechanisms.append(entry)
         self.max_epsilon = limit
         self.save()
 

@@ -222,3 +222,22 @@ def test_a_site_below_the_runs_plan_calibrates_to_its_limit_and_takes_part_in_ev
     assert limit - 0.15 < spent <= limit  # the limit is used, never exceeded (one evaluation was not asked)
     full_plan = send(config, {**node, "state-dir": node["state-dir"] + "-plain"}).content["metrics"]["noise-multiplier"]
     assert min(noise) > full_plan  # more noise than the run's own plan, in every round
+
+
+def test_fedlora_privacy_shows_the_audit_log_and_the_reasons(site, capsys):
+    from fedlora.cli import main
+
+    config, node = site
+    send(config, node, MessageType.EVALUATE, 0)
+    config.privacy.delta = 1e-3  # the same run, now asking for a larger delta
+    assert dict(send(config, node, MessageType.TRAIN, 1).content["metrics"]) == {"declined": 1, "policy.max-delta": 1}
+    assert main(["privacy", node["state-dir"], "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    (audit,) = summary["audit"]
+    assert audit["run"] == config.run.output_dir and audit["messages"] == 2
+    assert [a["delta"] for a in audit["asked"]] == [1e-5, 1e-3]
+    assert [(d["round"], d["message"], d["reason"]) for d in audit["declined"]] == [(1, "train", "site policy: max-delta")]
+    assert [r["kind"] for run in summary["runs"] for r in run["rounds"]] == ["evaluation"]
+    assert main(["privacy", node["state-dir"]]) == 0
+    table = capsys.readouterr().out
+    assert "declined round 1 train: site policy: max-delta" in table and "evaluation" in table
