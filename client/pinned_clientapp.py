@@ -26,8 +26,12 @@ import importlib
 import logging
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from client.app_pinning import REFUSED_APP, AppDecision, decide, log_decision, site_log_handler
+
+if TYPE_CHECKING:
+    from flwr.clientapp import ClientApp
 
 log = logging.getLogger("fedlora.site")
 
@@ -80,8 +84,9 @@ def foreign_modules(packages: set[str], app_path: Path) -> list[str]:
     return sorted(foreign)
 
 
-def load_approved_clientapp(app_path: Path, app_hash: str):
-    """The ClientApp of an installed, approved bundle, imported from the bundle only."""
+def load_approved_clientapp(app_path: Path, app_hash: str) -> tuple[ClientApp, set[str]]:
+    """The ClientApp of an installed, approved bundle, imported from the bundle only,
+    and the package names whose modules must all come from it."""
     from flwr.clientapp.client_app import ClientApp, LoadClientAppError
     from flwr.supercore.object_ref import load_app
 

@@ -20,7 +20,6 @@ import json
 import shutil
 import subprocess
 import sys
-import tempfile
 import textwrap
 import zipfile
 from pathlib import Path
@@ -339,6 +338,7 @@ def test_a_bundle_with_one_changed_line_is_refused_at_every_site_then_the_releas
                                   "--stream"], cwd=modified, env=flower_env(d.state / "flwr-home"),
                                  capture_output=True, text=True, timeout=400)
         coordinator_view = refused.stdout + refused.stderr
+        (tmp_path / "refused-run.log").write_text(coordinator_view)  # what the coordinator saw, for a failing assert
         run_dir = Path(config.run.output_dir)
         rows = metrics_rows(run_dir)
         assert rows and rows[0]["failures"] == {REFUSED_APP: 2}, coordinator_view[-3000:]
