@@ -73,6 +73,13 @@ def site_config(msg: Message, context: Context) -> tuple[Config, int]:
     return config, server_round
 
 
+def size_bucket(units: int) -> int:
+    """The largest power of two <= units (0 for none): the weight a DP site reports.
+    Coarse on purpose; the exact count is no secret to the accountant's sample rate
+    either (docs/privacy.md), but nothing finer than weighting needs leaves."""
+    return 1 << (units.bit_length() - 1) if units > 0 else 0
+
+
 def requested(config: Config) -> dict:
     """What a run asks of the site, as the audit log records it (settings only, never data)."""
     p, d = config.privacy, config.data
@@ -178,8 +185,8 @@ def train(msg: Message, context: Context) -> Message:
                  plan.noise_multiplier, plan.sample_rate, plan.unit, plan.steps, epsilon, planned, config.federation.rounds,
                  "none" if math.isinf(limit) else f"{limit:.3f}")
         # The loss and the time are data-dependent and unaccounted: they stay here. The
-        # weight is the expected number of examples used, batch_size * steps, not a count.
-        values = {"num-examples": config.train.batch_size * plan.steps, "epsilon": epsilon, "planned-epsilon": planned,
+        # aggregation weight is the site's unit count rounded down to a power of two.
+        values = {"num-examples": size_bucket(plan.units), "epsilon": epsilon, "planned-epsilon": planned,
                   "noise-multiplier": plan.noise_multiplier, "steps": plan.steps}
 
     # Reply: the trained adapter tensors and whitelisted scalars only.

@@ -30,6 +30,7 @@ class DPPlan:
     sample_rate: float  # per privacy unit (example or user)
     steps: int
     unit: str = "example"
+    units: int = 0  # privacy units at the site (examples, or users)
 
 
 def privacy_units(examples: list[Example]) -> list[list[int]]:

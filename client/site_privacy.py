@@ -70,7 +70,7 @@ def calibrated_plan(config: Config, train: list[Example], state_dir: Path | None
     privacy = config.privacy
     sigma = _calibrated(state_dir, privacy.target_epsilon, privacy.delta, rate,
                         config.federation.rounds * config.train.local_steps, privacy.accountant, evaluations)
-    return DPPlan(noise_multiplier=sigma, sample_rate=rate, steps=config.train.local_steps, unit=config.privacy.unit)
+    return DPPlan(noise_multiplier=sigma, sample_rate=rate, steps=config.train.local_steps, unit=config.privacy.unit, units=units)
 
 
 def remaining_plan(config: Config, plan: DPPlan, server_round: int, state_dir: Path | None) -> tuple[History, History]:

@@ -15,12 +15,15 @@ from __future__ import annotations
 
 import json
 import os
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from privacy.site_ledger import utc_now
-
 AUDIT_FILE = "audit-log.jsonl"
+
+
+def utc_now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
 class AuditError(RuntimeError):

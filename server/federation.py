@@ -48,6 +48,7 @@ class FederationError(RuntimeError):
 class RoundReplies:
     ok: list[Message] = field(default_factory=list)
     failures: Counter = field(default_factory=Counter)  # reason -> count
+    refused: set[int] = field(default_factory=set)  # sites that refuse this run (app, base model): for good
     bytes_down: int = 0
     bytes_up: int = 0
 
@@ -79,10 +80,14 @@ def exchange(
             pending.discard(reply.metadata.reply_to_message_id)
             node = reply.metadata.src_node_id
             if reply.has_error():
-                out.failures[error_category(reply.error.reason)] += 1
+                category = error_category(reply.error.reason)
+                out.failures[category] += 1
+                if category == REFUSED_APP:
+                    out.refused.add(node)
                 log.warning("round %d %s: node %d failed: %s", server_round, phase, node, reply.error.reason)
             elif "metrics" in reply.content.metric_records and "refused-base-model" in reply.content["metrics"]:
                 out.failures[REFUSED_BASE_MODEL] += 1
+                out.refused.add(node)
                 log.error("round %d %s: node %d refused: it holds a different base model than model.path", server_round, phase, node)
             else:
                 out.ok.append(reply)
@@ -184,6 +189,7 @@ class SiteRanks:
         self.envelope = envelope
         self.config = envelope.config
         self.ranks: dict[int, int] = {}
+        self.refused: set[int] = set()  # sites that refused this run (they are asked again, and refuse again)
 
     def learn(self, grid: Grid, nodes: list[int], server_round: int, progress: Progress) -> tuple[list[int], Counter]:
         """Ask sites not yet known for their rank; returns the nodes whose rank is known
@@ -194,6 +200,7 @@ class SiteRanks:
             replies = exchange(grid, {n: self.envelope.content(server_round) for n in unknown}, MessageType.QUERY,
                                server_round, self.config.federation.round_timeout, progress, "rank query")
             failures = replies.failures
+            self.refused |= replies.refused
             for reply in replies.ok:
                 if (reason := declined_reason(reply)) is not None:
                     failures[reason] += 1
@@ -257,6 +264,7 @@ class RoundTraining:
     sent: dict[int, Adapter] = field(default_factory=dict)
     updates: dict[int, ClientUpdate] = field(default_factory=dict)
     declined: dict[int, Message] = field(default_factory=dict)
+    refused: set[int] = field(default_factory=set)  # sites that refuse the run (app not approved, other base model)
     replies: list[Message] = field(default_factory=list)  # every non-error reply (trained or declined)
     failures: Counter = field(default_factory=Counter)  # over all attempts, declines included
     rejected: Counter = field(default_factory=Counter)  # screened-out updates, by category
@@ -269,7 +277,7 @@ class RoundTraining:
         return [m for m in self.replies if declined_reason(m) is None]
 
     def pending(self) -> list[int]:
-        return [n for n in self.asked if n not in self.updates and n not in self.declined]
+        return [n for n in self.asked if n not in self.updates and n not in self.declined and n not in self.refused]
 
 
 def train_attempt(grid: Grid, envelope: Envelope, site_ranks: SiteRanks, strategy: Strategy, global_adapter: Adapter,
@@ -282,6 +290,7 @@ def train_attempt(grid: Grid, envelope: Envelope, site_ranks: SiteRanks, strateg
     replies = exchange(grid, envelope.with_adapters(sent, server_round), MessageType.TRAIN, server_round,
                        config.federation.round_timeout, progress, "train")
     state.sent.update(sent)
+    state.refused |= (site_ranks.refused | replies.refused) & set(nodes)
     state.failures += failures + replies.failures
     state.bytes_up += replies.bytes_up
     state.bytes_down += replies.bytes_down
@@ -341,8 +350,10 @@ def train_round(grid: Grid, envelope: Envelope, site_ranks: SiteRanks, strategy:
         if len(state.updates) >= minimum:
             return state, False
         connected = sorted(grid.get_node_ids())
-        if len(connected) - len(state.declined) < minimum:
-            return state, True  # not a failure: the sites' own privacy limits or policies end the run
+        if len(connected) - len((set(state.declined) | state.refused) & set(connected)) < minimum:
+            # Not a crash: the sites' own limits, policies or app approvals end the run, and asking
+            # them again would get the same answer.
+            return state, True
         if state.attempts > config.federation.round_retries:
             raise FederationError(
                 f"round {server_round}: fewer than federation.min_clients = {minimum} usable updates in "
@@ -457,9 +468,11 @@ def run_federation(grid: Grid, config: Config) -> tuple[RunDirectory, list[dict[
         rows.append(row)
         if budgets_exhausted:
             # No checkpoint: nothing was trained, and a resume (after sites raise their limits) redoes this round.
-            reasons = ", ".join(sorted({declined_reason(m) for m in state.declined.values()}))
-            progress.note(f"run ended after round {server_round - 1}: {len(state.declined)} sites declined round {server_round} "
-                          f"({reasons}) and fewer than federation.min_clients = {config.federation.min_clients} could train")
+            reasons = sorted({declined_reason(m) for m in state.declined.values()} | {
+                k for k in state.failures if k in (REFUSED_APP, REFUSED_BASE_MODEL)})
+            progress.note(f"run ended after round {server_round - 1}: {len(state.declined) + len(state.refused)} sites declined or "
+                          f"refused round {server_round} ({', '.join(reasons)}) and fewer than federation.min_clients = "
+                          f"{config.federation.min_clients} could train")
             break
         # The row first, then the checkpoint: a crash between them is resumed from the
         # previous checkpoint, and the resume drops this row before redoing the round.

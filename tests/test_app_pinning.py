@@ -344,6 +344,8 @@ def test_a_bundle_with_one_changed_line_is_refused_at_every_site_then_the_releas
         assert rows and rows[0]["failures"] == {REFUSED_APP: 2}, coordinator_view[-3000:]
         assert all(set(r["failures"]) <= {REFUSED_APP} and r["clients_ok"] == 0 for r in rows)
         assert REFUSED_APP in coordinator_view and "round 0/1: clients 0 ok / 2 failed" in coordinator_view
+        # A refusal is final for the run: it ends cleanly, without retries and without a traceback.
+        assert "run ended after round 0" in coordinator_view and "Traceback" not in coordinator_view
         assert not marker.exists()  # no line of the bundle ran, at any site
 
         for name in names:
