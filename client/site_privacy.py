@@ -15,6 +15,7 @@ afford that plan calibrates its training noise to its limit instead (policy
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import replace
 from pathlib import Path
 
@@ -87,9 +88,11 @@ def plan_within_limit(config: Config, plan: DPPlan, ledger: SiteLedger, policy: 
     calibrate-to-limit, the plan with the noise that spends exactly the limit over the
     rounds left (the budget guard still checks the result)."""
     limit, accountant = policy.max_epsilon, config.privacy.accountant
+    if not policy.calibrate_to_limit or math.isinf(limit):
+        return plan
     this_round = (plan.noise_multiplier, plan.sample_rate, plan.steps)
     later_rounds, evaluations = remaining_plan(config, plan, server_round, state_dir)
-    if not policy.calibrate_to_limit or ledger.epsilon(delta, accountant, extra=[this_round, *later_rounds, *evaluations]) <= limit:
+    if ledger.epsilon(delta, accountant, extra=[this_round, *later_rounds, *evaluations]) <= limit:
         return plan
     rounds_left = config.federation.rounds - server_round + 1
     try:
