@@ -17,6 +17,7 @@ from flwr.app import Context, Error, Message, MessageType
 from flwr.clientapp.typing import ClientAppCallable
 from flwr.common.constant import ErrorCode
 
+from client.site_policy import PolicyError
 from fedlora.base_model import ModelError
 from fedlora.config import ConfigError
 from fedlora.messages import (
@@ -41,8 +42,6 @@ class OutgoingContentError(RuntimeError):
 
 def error_category(exc: BaseException) -> str:
     """The fixed category an exception is reported to the coordinator as."""
-    from client.site_policy import PolicyError  # client modules import this one
-
     if isinstance(exc, DataError):
         return "data error"
     if isinstance(exc, ModelError):
