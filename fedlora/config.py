@@ -135,6 +135,11 @@ class StrategySection:
     # global adapter; its norm is the L2 norm over all tensors together.
     max_update_norm: float = 0.0  # absolute bound; 0 = off
     outlier_factor: float = 10.0  # reject norms above this many times the round's median; 0 = off
+    # Bounded weights: a site's aggregation weight is min(num-examples, max_weight_factor x the
+    # round's lower median num-examples); also bounds its share of the evaluation sums. 0 = off.
+    # 3: one site never outweighs four others together (3/7 < 1/2), and honest power-of-two DP
+    # buckets up to 2 above the median lose at most a quarter (server/site_replies.py).
+    max_weight_factor: float = 3.0
 
 
 @dataclass
@@ -325,6 +330,9 @@ def validate(config: Config, where: str = "config") -> None:
     if not (config.strategy.outlier_factor == 0 or config.strategy.outlier_factor >= 1):
         # Below 1 the rule would reject about half of the honest updates every round.
         raise ConfigError(f"{where}: key 'strategy.outlier_factor' must be 0 (off) or >= 1, got {config.strategy.outlier_factor!r}")
+    if not (config.strategy.max_weight_factor == 0 or config.strategy.max_weight_factor >= 1):
+        # Below 1 even the median site would be capped: every weight would be cut, none bounded better.
+        raise ConfigError(f"{where}: key 'strategy.max_weight_factor' must be 0 (off) or >= 1, got {config.strategy.max_weight_factor!r}")
     if not config.privacy.delta < 1:
         raise ConfigError(f"{where}: key 'privacy.delta' must be < 1, got {config.privacy.delta!r}")
     if config.privacy.enabled and not config.privacy.eval_epsilon < config.privacy.target_epsilon:

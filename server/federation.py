@@ -21,15 +21,17 @@ from typing import Any
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
-from fedlora.adapter_state import Adapter, adapter_of, from_record, record_nbytes, to_record, write_peft_dir
+from fedlora.adapter_state import Adapter, adapter_of, record_nbytes, to_record, write_peft_dir
 from fedlora.base_fingerprint import model_fingerprint
 from fedlora.base_model import build_peft_model, resolve_model_dir
 from fedlora.config import Config, ConfigError
 from fedlora.messages import SITE_ERROR_CATEGORIES, config_record, declined_key
 from privacy.accounting import epsilon_of
 from privacy.central_dp import add_noise, clip_update
+from server import site_replies
 from server.progress import Progress
 from server.run_directory import RunDirectory
+from server.site_replies import MalformedReply, metrics_or_empty, number
 from strategies import ClientUpdate, Strategy, get_strategy, trained_part
 from strategies.lora_rank import to_rank
 from strategies.update_validation import reason_category, screen_updates
@@ -80,12 +82,13 @@ def exchange(
             pending.discard(reply.metadata.reply_to_message_id)
             node = reply.metadata.src_node_id
             if reply.has_error():
-                category = error_category(reply.error.reason)
+                reason = reply.error.reason if isinstance(reply.error.reason, str) else ""
+                category = error_category(reason)
                 out.failures[category] += 1
                 if category == REFUSED_APP:
                     out.refused.add(node)
-                log.warning("round %d %s: node %d failed: %s", server_round, phase, node, reply.error.reason)
-            elif "metrics" in reply.content.metric_records and "refused-base-model" in reply.content["metrics"]:
+                log.warning("round %d %s: node %d failed: %s", server_round, phase, node, reason[:500])
+            elif "refused-base-model" in metrics_or_empty(reply):
                 out.failures[REFUSED_BASE_MODEL] += 1
                 out.refused.add(node)
                 log.error("round %d %s: node %d refused: it holds a different base model than model.path", server_round, phase, node)
@@ -116,42 +119,52 @@ def error_category(reason: str) -> str:
 
 def declined_reason(reply: Message) -> str | None:
     """"declined: privacy budget" or "declined: site policy: <key>" for a declining reply."""
-    metrics = reply.content["metrics"] if "metrics" in reply.content.metric_records else {}
+    metrics = metrics_or_empty(reply)
     return f"declined: {declined_key(dict(metrics))}" if "declined" in metrics else None
 
 
-def ratio_of_sums(replies: list[Message], key: str) -> float | None:
-    """Sum of `key` over sum of num-examples (sites release noisy sums under DP)."""
-    pairs = [(float(m.content["metrics"][key]), float(m.content["metrics"]["num-examples"])) for m in replies
-             if key in m.content["metrics"] and "num-examples" in m.content["metrics"]]
-    total = sum(n for _, n in pairs)
-    return sum(v for v, _ in pairs) / total if pairs and total > 0 else None
+def ratio_of_sums(replies: list[Message], key: str, max_weight_factor: float = 0.0) -> float | None:
+    """Sum of `key` over sum of num-examples (sites release noisy sums under DP); a site
+    whose count exceeds max_weight_factor x the lower median count has both its sums
+    scaled down to that bound (server/site_replies.py). Non-numbers are skipped."""
+    pairs = [(v, n) for m in replies
+             if (v := number(metrics_or_empty(m), key)) is not None and (n := number(metrics_or_empty(m), "num-examples")) is not None]
+    scales = site_replies.capped_scales([n for _, n in pairs], max_weight_factor)
+    total = sum(s * n for s, (_, n) in zip(scales, pairs))
+    return sum(s * v for s, (v, _) in zip(scales, pairs)) / total if pairs and total > 0 else None
 
 
-def weighted(replies: list[Message], key: str) -> float | None:
-    pairs = [(m.content["metrics"][key], m.content["metrics"]["num-examples"]) for m in replies
-             if key in m.content["metrics"] and m.content["metrics"]["num-examples"] > 0]
+def weighted(replies: list[Message], key: str,
+             max_weight_factor: float = site_replies.DEFAULT_MAX_WEIGHT_FACTOR) -> float | None:
+    """The mean of `key` weighted by num-examples, capped as aggregation weights are."""
+    pairs = [(v, n) for m in replies
+             if (v := number(metrics_or_empty(m), key)) is not None and (n := number(metrics_or_empty(m), "num-examples")) is not None
+             and n > 0]
+    cap = site_replies.weight_cap([n for _, n in pairs], max_weight_factor)
+    pairs = [(v, n if cap is None else min(n, cap)) for v, n in pairs]
     total = sum(n for _, n in pairs)
     return sum(v * n for v, n in pairs) / total if total else None
 
 
 def site_epsilons(replies: list[Message]) -> list[float]:
-    return [float(m.content["metrics"]["epsilon"]) for m in replies if "epsilon" in m.content["metrics"]]
+    """The epsilons sites reported (finite, >= 0; anything else is skipped)."""
+    return [e for m in replies if (e := number(metrics_or_empty(m), "epsilon")) is not None and e >= 0]
 
 
 def site_privacy(replies: list[Message]) -> list[dict[str, Any]]:
-    """Each site's privacy figures this round, as it reported them."""
+    """Each site's privacy figures this round, as it reported them (None where a figure
+    is missing or not a finite number)."""
     out = []
     for m in replies:
-        metrics = m.content["metrics"]
+        metrics = metrics_or_empty(m)
         out.append({
             "node": m.metadata.src_node_id,
             "declined": declined_reason(m) is not None,
             "declined_reason": declined_reason(m),
-            "epsilon": float(metrics["epsilon"]) if "epsilon" in metrics else None,
-            "planned_epsilon": float(metrics["planned-epsilon"]) if "planned-epsilon" in metrics else None,
-            "noise_multiplier": float(metrics["noise-multiplier"]) if "noise-multiplier" in metrics else None,
-            "epsilon_limit": float(metrics["epsilon-limit"]) if "epsilon-limit" in metrics else None,
+            "epsilon": number(metrics, "epsilon"),
+            "planned_epsilon": number(metrics, "planned-epsilon"),
+            "noise_multiplier": number(metrics, "noise-multiplier"),
+            "epsilon_limit": number(metrics, "epsilon-limit"),
         })
     return sorted(out, key=lambda site: site["node"])
 
@@ -205,10 +218,13 @@ class SiteRanks:
                 if (reason := declined_reason(reply)) is not None:
                     failures[reason] += 1
                     log.warning("round %d: node %d %s", server_round, reply.metadata.src_node_id, reason)
-                elif "lora-rank" in reply.content["metrics"]:
-                    self.ranks[reply.metadata.src_node_id] = int(reply.content["metrics"]["lora-rank"])
                 else:
-                    failures["error: malformed reply"] += 1
+                    try:
+                        self.ranks[reply.metadata.src_node_id] = site_replies.lora_rank(reply)
+                    except MalformedReply as exc:
+                        failures[exc.category] += 1
+                        log.warning("round %d rank query: node %d sent a malformed reply: %s", server_round,
+                                    reply.metadata.src_node_id, exc)
             declared = sorted(set(self.ranks.values()))
             if declared and declared != [self.config.lora.rank] and self.config.strategy.name != "exact":
                 raise FederationError(f"sites declare LoRA ranks {declared}; heterogeneous ranks need strategy.name = 'exact'")
@@ -225,18 +241,26 @@ def evaluate_round(grid: Grid, envelope: Envelope, adapters: dict[int, Adapter],
     replies = exchange(grid, envelope.with_adapters(adapters, server_round), MessageType.EVALUATE, server_round,
                        config.federation.round_timeout, progress, "evaluate")
     evaluated = []
+    classification = config.model.task == "classification"
     for reply in replies.ok:
         if (reason := declined_reason(reply)) is not None:
             replies.failures[reason] += 1
             log.warning("round %d evaluate: node %d %s", server_round, reply.metadata.src_node_id, reason)
+            continue
+        try:
+            site_replies.evaluation(reply, classification)
+        except MalformedReply as exc:
+            replies.failures[exc.category] += 1
+            log.warning("round %d evaluate: node %d sent a malformed reply: %s", server_round, reply.metadata.src_node_id, exc)
         else:
             evaluated.append(reply)
     replies.ok = evaluated
-    # Sums over sums (noised at each site under DP): clamped to what a mean can be.
-    loss = ratio_of_sums(evaluated, "eval-loss-sum")
+    # Sums over sums (noised at each site under DP), each site's share bounded: clamped to what a mean can be.
+    factor = config.strategy.max_weight_factor
+    loss = ratio_of_sums(evaluated, "eval-loss-sum", factor)
     row: dict[str, Any] = {"eval_loss": None if loss is None else max(0.0, loss)}
-    if config.model.task == "classification":
-        accuracy = ratio_of_sums(evaluated, "eval-correct")
+    if classification:
+        accuracy = ratio_of_sums(evaluated, "eval-correct", factor)
         row["eval_accuracy"] = None if accuracy is None else min(1.0, max(0.0, accuracy))
     else:
         row["eval_perplexity"] = None if loss is None else math.exp(min(max(0.0, loss), 50.0))
@@ -305,10 +329,15 @@ def train_attempt(grid: Grid, envelope: Envelope, site_ranks: SiteRanks, strateg
 
     # Sites send back the tensors they train (all, or all but the frozen factors).
     expected = {n: trained_part(a, strategy.frozen_factors) for n, a in sent.items()}
-    received = [
-        ClientUpdate(m.metadata.src_node_id, from_record(m.content["arrays"]), int(m.content["metrics"]["num-examples"]))
-        for m in replies.ok if declined_reason(m) is None
-    ]
+    received: list[ClientUpdate] = []
+    for m in replies.ok:
+        if declined_reason(m) is not None:
+            continue
+        try:
+            received.append(site_replies.train_update(m))
+        except MalformedReply as exc:
+            state.failures[exc.category] += 1
+            log.warning("round %d: node %d sent a malformed reply: %s", server_round, m.metadata.src_node_id, exc)
     # Under central DP a site's update must not decide whether another's is kept (that would
     # break the sensitivity bound): only the per-update checks apply, not the outlier rule.
     section = replace(config.strategy, outlier_factor=0.0) if config.privacy.central else config.strategy
@@ -317,6 +346,8 @@ def train_attempt(grid: Grid, envelope: Envelope, site_ranks: SiteRanks, strateg
         log.warning("round %d: update from node %d rejected: %s", server_round, node_id, reason)
     state.rejected += Counter(reason_category(reason) for _, reason in refused)
     state.updates.update({u.node_id: u for u in updates})
+    # Bounded weights, over the round's accepted updates from every attempt (from what each site claimed).
+    state.updates.update({u.node_id: u for u in site_replies.capped_updates(state.updates.values(), config.strategy.max_weight_factor)})
 
 
 def aggregate(strategy: Strategy, global_adapter: Adapter, state: RoundTraining, config: Config,
@@ -451,6 +482,7 @@ def run_federation(grid: Grid, config: Config) -> tuple[RunDirectory, list[dict[
             # Evaluation failures are listed too, but a site is counted once (as failed in training).
             "failures": {**dict(failures), **{f"evaluate: {k}": v for k, v in eval_replies.failures.items()}},
             "updates_rejected": sum(state.rejected.values()),
+            "max_weight_share": None if budgets_exhausted else site_replies.max_weight_share(state.updates.values(), config),
             "attempts": state.attempts,
             "train_loss": weighted(state.trained, "train-loss"),
             **eval_row,
