@@ -8,12 +8,13 @@ from strategies.exact import Exact
 from strategies.fedadam import FedAdam
 from strategies.fedavg import FedAvg
 from strategies.fedavgm import FedAvgM
+from strategies.fedsvd import FedSVD
 from strategies.fedyogi import FedYogi
 from strategies.ffa import FFA
 from strategies.median import Median
 from strategies.trimmed_mean import TrimmedMean
 
-STRATEGIES: dict[str, type] = {cls.name: cls for cls in (FedAvg, FFA, Exact, FedAvgM, FedAdam, FedYogi, Median, TrimmedMean)}
+STRATEGIES: dict[str, type] = {cls.name: cls for cls in (FedAvg, FFA, FedSVD, Exact, FedAvgM, FedAdam, FedYogi, Median, TrimmedMean)}
 
 
 def get_strategy(section: StrategySection) -> Strategy:
