@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from fedlora.base_model import ModelError
 from fedlora.config import Config
 from fedlora.text_data import IGNORE_INDEX, Example, collate
 from privacy.dp_sgd import mark_empty_batch, private_optimizer
@@ -59,6 +60,22 @@ def poisson_batch(
         rows += records
         unit_of_row += [k] * len(records)
     return rows, unit_of_row
+
+
+class NoOpTrainingError(ModelError):
+    """Local training ran its steps but no trainable tensor changed."""
+
+
+def check_trained(params: list[torch.nn.Parameter], before: list[torch.Tensor], steps: int, lr: float) -> None:
+    """The tripwire for silent no-op training: a known failure of some Opacus + PEFT
+    combinations (opacus #820) steps tensors that are not the model's, so the loss
+    looks fine and epsilon accrues while the adapter never changes. With steps > 0
+    and lr > 0 some trainable tensor must differ from where it started (under DP the
+    noise alone moves every one of them)."""
+    if steps > 0 and lr > 0 and params and all(torch.equal(p.detach(), p0) for p, p0 in zip(params, before)):
+        raise NoOpTrainingError(
+            f"local training ran {steps} steps at lr {lr:g} but no trainable tensor changed: the optimizer does not "
+            "update the model's own parameters (a known Opacus/PEFT version problem, opacus #820)")
 
 
 @dataclass
@@ -128,7 +145,7 @@ def train_locally(
     optimizer = make_optimizer(params, config)
     task, batch_size, n = config.model.task, config.train.batch_size, len(examples)
     losses: list[float] = []
-    anchor = [p.detach().clone() for p in params]  # the global adapter, for FedProx
+    anchor = [p.detach().clone() for p in params]  # the global adapter: for FedProx and the no-op tripwire
     mu = config.train.prox_mu
 
     def add_proximal_gradient() -> None:
@@ -149,6 +166,7 @@ def train_locally(
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             losses.append(loss.item())
+        check_trained(params, anchor, config.train.local_steps, config.train.lr)
         return TrainResult(sum(losses) / len(losses), config.train.local_steps, time.perf_counter() - start)
 
     rng = secret_generator()  # Poisson sampling, on the CPU
@@ -179,5 +197,6 @@ def train_locally(
                 losses.append(per_example.mean().item())
             dp_optimizer.step()
             dp_optimizer.zero_grad(set_to_none=True)
+    check_trained(params, anchor, plan.steps, config.train.lr)
     mean_loss = sum(losses) / len(losses) if losses else float("nan")
     return TrainResult(mean_loss, plan.steps, time.perf_counter() - start)
