@@ -14,7 +14,9 @@ from pathlib import Path
 
 from peft import PeftModel, get_peft_model
 
-from fedlora.base_model import build_peft_model, load_tokenizer, lora_config, resolve_device, resolve_model_dir, trainable_in_fp32
+from fedlora.base_model import (
+    build_peft_model, load_tokenizer, lora_config, resolve_device, resolve_model_dir, resolved_pooling, trainable_in_fp32,
+)
 from fedlora.config import Config
 
 
@@ -43,12 +45,12 @@ def cached_model(config: Config, labels: list[str]) -> CachedModel:
     folder = resolve_model_dir(config.model.path)
     lora = config.lora
     device = resolve_device(config.train.device)
-    key = (str(folder), config.model.task, config.model.dtype, str(device), config.train.gradient_checkpointing,
+    key = (str(folder), config.model.task, config.model.pooling, config.model.dtype, str(device), config.train.gradient_checkpointing,
            len(labels), config.run.seed)
     lora_key = (lora.rank, lora.alpha, lora.dropout, str(lora.target_modules))
     if _cache is not None and _cache.key == key and _cache.lora_key != lora_key:
         base = _cache.model.unload()  # drop the LoRA layers, keep the loaded base
-        model = get_peft_model(base, lora_config(lora, config.model.task, base.config.model_type))
+        model = get_peft_model(base, lora_config(lora, config.model.task, base.config.model_type, resolved_pooling(config.model, folder)))
         trainable_in_fp32(model)
         _cache = CachedModel(key, lora_key, model, _cache.tokenizer, folder)
     if _cache is None or _cache.key != key:

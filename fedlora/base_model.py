@@ -8,6 +8,7 @@ pinned sha256 before use so a tampered download is refused.
 from __future__ import annotations
 
 import hashlib
+import json
 import warnings
 from functools import lru_cache
 from pathlib import Path
@@ -128,18 +129,44 @@ def enable_checkpointing(base: torch.nn.Module) -> None:
     base.config.use_cache = False  # a KV cache is useless in training and transformers refuses it here
 
 
+POOLINGS = ("auto", "mean", "model")
+
+
+def resolved_pooling(model: ModelSection, folder: Path) -> str:
+    """How a classifier reads the sequence: "mean" (a linear head on the masked mean of
+    the last hidden states, fedlora/mean_pooling.py) or "model" (the architecture's own
+    AutoModelForSequenceClassification head). "auto" takes "mean" for a
+    sentence-transformers folder whose pooling config says mean tokens (what such a
+    model was trained for), else "model". Causal LMs have no pooling."""
+    if model.task != "classification":
+        return "model"
+    if model.pooling != "auto":
+        return model.pooling
+    pooling = folder / "1_Pooling" / "config.json"
+    try:
+        return "mean" if pooling.is_file() and json.loads(pooling.read_text()).get("pooling_mode_mean_tokens") else "model"
+    except (OSError, ValueError):
+        raise ModelError(f"{pooling}: not a readable sentence-transformers pooling config; set model.pooling") from None
+
+
 def load_base_model(model: ModelSection, num_labels: int, seed: int) -> torch.nn.Module:
     """The frozen base model. Weights missing from the checkpoint (a classifier head)
     are initialised from `seed`, so every process builds the same model."""
     import transformers
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+    from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    from fedlora.mean_pooling import MeanPoolingClassifier
 
     transformers.logging.set_verbosity_error()  # the load report lists the new head as "missing"
     transformers.logging.disable_progress_bar()
     folder = resolve_model_dir(model.path)
     torch.manual_seed(seed)
     try:
-        if model.task == "classification":
+        if model.task == "classification" and resolved_pooling(model, folder) == "mean":
+            backbone = AutoModel.from_pretrained(str(folder), dtype=DTYPES[model.dtype])
+            torch.manual_seed(seed)  # the new head
+            base = MeanPoolingClassifier(backbone, num_labels)
+        elif model.task == "classification":
             base = AutoModelForSequenceClassification.from_pretrained(str(folder), num_labels=num_labels, dtype=DTYPES[model.dtype])
             if base.config.pad_token_id is None:
                 base.config.pad_token_id = load_tokenizer(folder).pad_token_id
@@ -150,19 +177,23 @@ def load_base_model(model: ModelSection, num_labels: int, seed: int) -> torch.nn
     return base
 
 
-def lora_config(lora: LoraSection, task: str, model_type: str) -> LoraConfig:
+def lora_config(lora: LoraSection, task: str, model_type: str, pooling: str = "model") -> LoraConfig:
     targets = lora.target_modules
     presets = {"auto": AUTO_TARGETS, "qv": QV_TARGETS}
     if isinstance(targets, str) and targets in presets:
         if model_type not in presets[targets]:
             raise ModelError(f"lora.target_modules = {targets!r} does not know model type {model_type!r}; list the module names")
         targets = presets[targets][model_type]
+    # PEFT's SEQ_CLS task trains and saves the architecture's own head; a mean-pooling
+    # classifier is a plain module, so its head is named as a module to save.
+    mean = task == "classification" and pooling == "mean"
     return LoraConfig(
         r=lora.rank,
         lora_alpha=lora.alpha,
         lora_dropout=lora.dropout,
         target_modules=targets,
-        task_type="SEQ_CLS" if task == "classification" else "CAUSAL_LM",
+        task_type=None if mean else "SEQ_CLS" if task == "classification" else "CAUSAL_LM",
+        modules_to_save=["classifier"] if mean else None,
         fan_in_fan_out=model_type == "gpt2",  # GPT-2 uses Conv1D (weights stored transposed)
     )
 
@@ -174,7 +205,7 @@ def build_peft_model(model: ModelSection, lora: LoraSection, num_labels: int, se
     base = load_base_model(model, num_labels, seed).to(device)
     if checkpointing:
         enable_checkpointing(base)
-    config = lora_config(lora, model.task, base.config.model_type)
+    config = lora_config(lora, model.task, base.config.model_type, resolved_pooling(model, resolve_model_dir(model.path)))
     torch.manual_seed(seed)
     try:
         peft_model = get_peft_model(base, config)

@@ -38,6 +38,10 @@ class ModelSection:
     max_length: int = 64
     # The frozen base model's dtype; LoRA adapters and a trained head stay float32.
     dtype: str = "float32"  # or "bfloat16" (GPU; on CPU for checking only)
+    # Classification: "mean" (linear head on the masked mean of the last hidden states),
+    # "model" (the architecture's own sequence-classification head), or "auto" (mean for a
+    # sentence-transformers model trained for mean pooling, like the default; else model).
+    pooling: str = "auto"
 
 
 @dataclass
@@ -209,6 +213,7 @@ def _dotted(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 CHOICES: dict[str, tuple[str, ...]] = {
     "model.task": ("classification", "causal-lm"),
     "model.dtype": ("float32", "bfloat16"),
+    "model.pooling": ("auto", "mean", "model"),
     "train.device": ("auto", "cpu", "cuda"),
     "train.optimizer": ("adamw", "sgd"),
     "privacy.accountant": ("prv", "rdp"),

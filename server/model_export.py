@@ -6,6 +6,10 @@ classification, labels.json; load it with `PeftModel.from_pretrained(base, DIR)`
 With --merge: the base model with the adapter merged in, saved as a plain
 transformers model (label names in its config); load it with
 `AutoModelForSequenceClassification.from_pretrained(DIR)` or `AutoModelForCausalLM`.
+A mean-pooling classifier (`model.pooling`, fedlora/mean_pooling.py) has no standard
+class: --merge saves its backbone as a plain `AutoModel` folder, the head as
+`classifier.safetensors` and `pooling.json`; `fedlora.mean_pooling.load_exported(DIR)`
+rebuilds it (docs/deployment.md shows the few lines it takes).
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ import json
 import shutil
 from pathlib import Path
 
-from fedlora.base_model import load_base_model, load_tokenizer, resolve_model_dir
+from fedlora.base_model import load_base_model, load_tokenizer, resolve_model_dir, resolved_pooling
 from fedlora.config import ConfigError, load_config
 
 
@@ -45,7 +49,12 @@ def export_run(run_dir: Path, out: Path, merge: bool, model_path: str | None = N
         if labels:
             merged.config.id2label = dict(enumerate(labels))
             merged.config.label2id = {name: i for i, name in enumerate(labels)}
-        merged.save_pretrained(str(out))
+        if resolved_pooling(config.model, folder) == "mean":
+            from fedlora.mean_pooling import save_exported
+
+            save_exported(merged, out)
+        else:
+            merged.save_pretrained(str(out))
     tokenizer.save_pretrained(str(out))
     if labels:
         (out / "labels.json").write_text(json.dumps(labels, indent=2) + "\n")
