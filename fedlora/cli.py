@@ -31,11 +31,15 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                      help="override one config key, e.g. --set train.lr=0.01 --set strategy.name=fedavg (repeatable)")
     cmp = commands.add_parser(
-        "compare", help="run the default task with each strategy, with and without DP, IID and non-IID",
-        description="Run `fedlora simulate` once per (strategy, DP on/off, IID/non-IID) and write a Markdown table "
-                    "(final accuracy, bytes up per site per round, seconds per round) to OUTPUT/table.md.")
+        "compare", help="run the default task with each strategy, with and without DP, IID and non-IID, over seeds",
+        description="Run `fedlora simulate` once per (strategy, DP on/off, IID/non-IID, seed) and write a Markdown table "
+                    "(final accuracy as mean ± standard deviation over the seeds, bytes up per site per round, seconds "
+                    "per round, wall seconds per run) to OUTPUT/table.md; every run's figures go to OUTPUT/results.json.")
     cmp.add_argument("--strategies", default="", metavar="A,B", help="comma-separated strategy names (default: all)")
     cmp.add_argument("--output", default="runs/compare", metavar="DIR", help="folder for the runs and table.md")
+    cmp.add_argument("--seeds", type=int, default=1, metavar="N", help="runs per cell, with run.seed = 0 .. N-1 (default 1)")
+    cmp.add_argument("--dp", choices=("both", "yes", "no"), default="both", help="DP on, off, or both (default both)")
+    cmp.add_argument("--partitions", default="", metavar="A,B", help="non-IID (Dirichlet 0.5), IID, or both (default)")
     cmp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override applied to every run")
     add_deployment_commands(commands)
     priv = commands.add_parser(
@@ -148,15 +152,17 @@ def run_privacy(args: argparse.Namespace) -> int:
 def run_compare(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from simulations.compare_strategies import compare, known_strategies
+    from simulations.compare_strategies import compare, known_partitions, known_strategies
 
     for item in args.set:
         parse_override(item)  # fail now, not in every run
+    if args.seeds < 1:
+        raise ConfigError(f"--seeds: must be at least 1, got {args.seeds}")
     try:
-        strategies = known_strategies(args.strategies)
+        strategies, partitions = known_strategies(args.strategies), known_partitions(args.partitions)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
-    print(compare(Path(args.output), strategies, args.set))
+    print(compare(Path(args.output), strategies, args.set, args.seeds, args.dp, partitions))
     return 0
 
 

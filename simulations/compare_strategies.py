@@ -1,30 +1,37 @@
 """`fedlora compare`: the default task under each strategy, with and without DP,
-IID and non-IID, as one table (final accuracy, bytes up per site per round,
-seconds per round). Each cell is a real `fedlora simulate` run in its own process;
-its run directory is kept under the output folder.
+IID and non-IID, over several seeds, as one table (final accuracy as mean ± spread,
+bytes up per site per round, seconds per round, wall time per run). Each run is a
+real `fedlora simulate` in its own process; its run directory is kept under the
+output folder. The seed (`run.seed`) changes the data, the split across sites and
+the initial adapter; DP noise is drawn from OS entropy in every run anyway.
 """
 
 from __future__ import annotations
 
 import json
+import statistics
 import subprocess
 import sys
+import time
 from itertools import product
 from pathlib import Path
 
 from strategies import STRATEGIES
 
 PARTITIONS = {"non-IID": ("dirichlet", 0.5), "IID": ("iid", 0.5)}
+DP_CHOICES = {"both": (True, False), "yes": (True,), "no": (False,)}
 
 
-def run_cell(out: Path, strategy: str, dp: bool, partition: str, extra: list[str]) -> dict:
+def run_cell(out: Path, strategy: str, dp: bool, partition: str, seed: int, extra: list[str]) -> dict:
     scheme, alpha = PARTITIONS[partition]
     cmd = [sys.executable, "-m", "fedlora.cli", "simulate", "--output", str(out),
            "--set", f"strategy.name={strategy}", "--set", f"privacy.enabled={'true' if dp else 'false'}",
-           "--set", f"simulation.partition={scheme}", "--set", f"simulation.alpha={alpha}"]
+           "--set", f"simulation.partition={scheme}", "--set", f"simulation.alpha={alpha}", "--set", f"run.seed={seed}"]
     for item in extra:
         cmd += ["--set", item]
+    start = time.monotonic()
     proc = subprocess.run(cmd, capture_output=True, text=True)
+    wall = time.monotonic() - start
     if proc.returncode != 0:
         return {"error": (proc.stderr.strip().splitlines() or ["failed"])[-1]}
     # simulate never overwrites: it prints where the run really went (out, or out-N).
@@ -35,36 +42,55 @@ def run_cell(out: Path, strategy: str, dp: bool, partition: str, extra: list[str
     return {
         "accuracy_round0": rows[0]["eval_accuracy"],
         "accuracy": rows[-1]["eval_accuracy"],
+        "accuracies": [r["eval_accuracy"] for r in rows],
         "bytes_up_per_site_round": sum(r["bytes_up"] for r in trained) / len(trained) / clients,
         "seconds_per_round": sum(r["seconds"] for r in trained) / len(trained),
+        "wall_seconds": wall,
         "epsilon": rows[-1]["epsilon_max"],
     }
 
 
+def summary(values: list[float]) -> str:
+    """mean ± sample standard deviation (just the value for one run)."""
+    if len(values) == 1:
+        return f"{values[0]:.3f}"
+    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
+
+
 def table(results: list[dict]) -> str:
-    lines = ["| strategy | DP | data | accuracy (round 0 -> last) | KB up / site / round | s / round | epsilon |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
+    lines = ["| strategy | DP | data | runs | accuracy round 0 | final accuracy | KB up / site / round | s / round | wall s / run | epsilon |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    cells: dict[tuple, list[dict]] = {}
     for r in results:
-        if "error" in r:
-            lines.append(f"| {r['strategy']} | {r['dp']} | {r['partition']} | failed: {r['error']} | | | |")
+        cells.setdefault((r["strategy"], r["dp"], r["partition"]), []).append(r)
+    for (strategy, dp, partition), runs in cells.items():
+        ok = [r for r in runs if "error" not in r]
+        if not ok:
+            lines.append(f"| {strategy} | {dp} | {partition} | 0 | failed: {runs[0]['error']} | | | | | |")
             continue
+        failed = f" ({len(runs) - len(ok)} failed)" if len(ok) < len(runs) else ""
+        mean = lambda key: statistics.mean(r[key] for r in ok)  # noqa: E731
         lines.append(
-            f"| {r['strategy']} | {r['dp']} | {r['partition']} | {r['accuracy_round0']:.3f} -> {r['accuracy']:.3f} "
-            f"| {r['bytes_up_per_site_round'] / 1e3:.1f} | {r['seconds_per_round']:.1f} | {r['epsilon']:.2f} |"
+            f"| {strategy} | {dp} | {partition} | {len(ok)}{failed} | {summary([r['accuracy_round0'] for r in ok])} "
+            f"| {summary([r['accuracy'] for r in ok])} | {mean('bytes_up_per_site_round') / 1e3:.1f} "
+            f"| {mean('seconds_per_round'):.1f} | {mean('wall_seconds'):.0f} | {max(r['epsilon'] for r in ok):.2f} |"
         )
     return "\n".join(lines)
 
 
-def compare(output: Path, strategies: list[str], extra: list[str]) -> str:
+def compare(output: Path, strategies: list[str], extra: list[str], seeds: int = 1, dp: str = "both",
+            partitions: list[str] | None = None) -> str:
     output.mkdir(parents=True, exist_ok=True)
     results = []
-    cells = list(product(strategies, (True, False), PARTITIONS))
-    for i, (strategy, dp, partition) in enumerate(cells, 1):
-        name = f"{strategy}-{'dp' if dp else 'nodp'}-{partition.lower()}"
+    cells = list(product(strategies, DP_CHOICES[dp], partitions or list(PARTITIONS), range(seeds)))
+    for i, (strategy, private, partition, seed) in enumerate(cells, 1):
+        name = f"{strategy}-{'dp' if private else 'nodp'}-{partition.lower()}-seed{seed}"
         print(f"[compare] {i}/{len(cells)} {name}", file=sys.stderr, flush=True)
-        cell = run_cell(output / name, strategy, dp, partition, extra)
-        results.append({"strategy": strategy, "dp": "yes" if dp else "no", "partition": partition, **cell})
+        cell = run_cell(output / name, strategy, private, partition, seed, extra)
+        results.append({"strategy": strategy, "dp": "yes" if private else "no", "partition": partition, "seed": seed, **cell})
         (output / "results.json").write_text(json.dumps(results, indent=2) + "\n")  # progress survives a crash
+        if "error" not in cell:
+            print(f"[compare] {name}: accuracy {cell['accuracy']:.3f} in {cell['wall_seconds']:.0f} s", file=sys.stderr, flush=True)
     text = table(results)
     (output / "table.md").write_text(text + "\n")
     return text
@@ -75,4 +101,12 @@ def known_strategies(names: str) -> list[str]:
     unknown = [n for n in chosen if n not in STRATEGIES]
     if unknown:
         raise ValueError(f"--strategies: unknown {unknown} (known: {', '.join(sorted(STRATEGIES))})")
+    return chosen
+
+
+def known_partitions(names: str) -> list[str]:
+    chosen = [n.strip() for n in names.split(",") if n.strip()] if names else list(PARTITIONS)
+    unknown = [n for n in chosen if n not in PARTITIONS]
+    if unknown:
+        raise ValueError(f"--partitions: unknown {unknown} (known: {', '.join(PARTITIONS)})")
     return chosen
