@@ -131,7 +131,9 @@ def add_deployment_commands(commands: argparse._SubParsersAction) -> None:
         "export", help="write a run's final adapter, or the base model with it merged, loadable by transformers",
         description="Without --merge: the PEFT adapter (load with PeftModel.from_pretrained(base, DIR)) plus tokenizer "
                     "and labels.json. With --merge: a plain transformers model with the adapter merged in "
-                    "(AutoModelForSequenceClassification / AutoModelForCausalLM.from_pretrained(DIR)).")
+                    "(AutoModelForSequenceClassification / AutoModelForCausalLM.from_pretrained(DIR)); a mean-pooling classifier "
+                    "(model.pooling) as an AutoModel folder plus classifier.safetensors, loaded by "
+                    "fedlora.mean_pooling.load_exported(DIR) (docs/deployment.md).")
     e.add_argument("run_dir", type=Path, metavar="RUN_DIR")
     e.add_argument("--out", type=Path, required=True, metavar="DIR", help="where to write (must not exist or be empty)")
     e.add_argument("--merge", action="store_true", help="merge the adapter into the base model")
