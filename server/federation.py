@@ -33,7 +33,7 @@ from server.progress import Progress
 from server.run_directory import RunDirectory
 from server.site_replies import MalformedReply, metrics_or_empty, number
 from strategies import ClientUpdate, Strategy, get_strategy, trained_part
-from strategies.lora_rank import to_rank
+from strategies.lora_rank import lora_rank, to_rank
 from strategies.update_validation import reason_category, screen_updates
 
 log = logging.getLogger("fedlora.server")
@@ -352,14 +352,22 @@ def train_attempt(grid: Grid, envelope: Envelope, site_ranks: SiteRanks, strateg
 
 def aggregate(strategy: Strategy, global_adapter: Adapter, state: RoundTraining, config: Config,
               central_history: list[tuple[float, float, int]]) -> tuple[Adapter, dict[str, Any]]:
-    """The strategy's aggregate; under central DP, of clipped unweighted updates plus noise."""
-    updates = list(state.updates.values())
+    """The strategy's aggregate; under central DP, of clipped unweighted updates plus noise.
+    Each update carries what its site was sent, so that strategies aggregate changes
+    (sites of another LoRA rank start from a truncated or padded copy). The global
+    adapter grows to the largest LoRA rank sent this round (the largest declared rank
+    when every site is asked) and never shrinks: no site's rank is lost to it."""
+    ranks = [r for r in [lora_rank(global_adapter), *(lora_rank(a) for a in state.sent.values())] if r is not None]
+    if ranks:
+        global_adapter = to_rank(global_adapter, max(ranks), config.run.seed)
+    updates = [replace(u, sent=state.sent.get(u.node_id)) for u in state.updates.values()]
     if not config.privacy.central:
         return strategy.aggregate(global_adapter, updates), {}
     privacy = config.privacy
     expected = {n: trained_part(a, strategy.frozen_factors) for n, a in state.sent.items()}
     # Every site weighs the same and moves the mean by at most clip_norm / n.
-    clipped = [ClientUpdate(u.node_id, clip_update(u.adapter, expected[u.node_id], privacy.central_clip_norm), 1) for u in updates]
+    clipped = [ClientUpdate(u.node_id, clip_update(u.adapter, expected[u.node_id], privacy.central_clip_norm), 1, u.sent)
+               for u in updates]
     std = privacy.central_noise_multiplier * privacy.central_clip_norm / len(clipped)
     new_adapter = add_noise(strategy.aggregate(global_adapter, clipped), sorted(clipped[0].adapter), std)
     rate = min(1.0, len(state.asked) / max(1, state.connected))  # sites asked / sites there were to ask

@@ -20,8 +20,15 @@ from fedlora.adapter_state import Adapter
 @dataclass
 class ClientUpdate:
     node_id: int
-    adapter: Adapter
+    adapter: Adapter  # what the site sent back: the tensors it trains
     num_examples: int
+    # What the coordinator sent that site this round (the whole adapter, at the site's
+    # LoRA rank); None = the global adapter itself. A site's change is adapter - sent.
+    sent: Adapter | None = None
+
+    def start(self, global_adapter: Adapter) -> Adapter:
+        """The adapter this site started from."""
+        return self.sent if self.sent is not None else global_adapter
 
 
 class Strategy(Protocol):
@@ -72,6 +79,6 @@ class Stateless(StrategyDefaults):
             raise ValueError(f"strategy {self.name!r} is stateless but the checkpoint holds {sorted(state)[:3]}")  # type: ignore[attr-defined]
 
 
-def stacked(updates: list[ClientUpdate], key: str) -> torch.Tensor:
-    """The clients' tensors for `key`, stacked on a new first dimension, in float64."""
-    return torch.stack([u.adapter[key].to(torch.float64) for u in updates])
+def stacked_changes(updates: list[ClientUpdate], global_adapter: Adapter, key: str) -> torch.Tensor:
+    """The clients' changes (update - what each was sent) for `key`, stacked, in float64."""
+    return torch.stack([u.adapter[key].to(torch.float64) - u.start(global_adapter)[key].to(torch.float64) for u in updates])

@@ -11,6 +11,7 @@ from fedlora.adapter_state import adapter_of
 from fedlora.config import Config, LoraSection, ModelSection, StrategySection, TrainSection
 from fedlora.text_data import encode
 from strategies import ClientUpdate, get_strategy, trained_part
+from strategies.lora_rank import row_scale, seeded_a_rows
 
 A_KEY, B_KEY, HEAD = "m.q.lora_A.weight", "m.q.lora_B.weight", "m.classifier.weight"
 
@@ -68,11 +69,40 @@ def test_exact_returns_the_best_rank_r_approximation_of_the_mean_update():
     energy = float((s[:rank] ** 2).sum() / (s**2).sum())
     assert abs(strategy.round_metrics()["exact_energy_kept"] - energy) < 1e-9
     assert 0 < energy < 1
-    # Singular values are split evenly between the factors.
-    assert torch.allclose(out[B_KEY].norm(dim=0), out[A_KEY].norm(dim=1), atol=1e-5)
+    # A keeps the scale of PEFT's initial A (rows of norm 1/sqrt(3); here the global A
+    # is zero, so that is the fallback): orthogonal rows of norm c, and B = U·S/c.
+    c = 3**-0.5
+    assert torch.allclose(out[A_KEY].double() @ out[A_KEY].double().T, c**2 * torch.eye(rank, dtype=torch.float64), atol=1e-6)
+    assert torch.allclose(out[B_KEY].double().norm(dim=0), s[:rank] / c, rtol=1e-5)
     # Non-LoRA tensors (a classifier head) are num-examples-weighted means.
     total = sum(u.num_examples for u in ups)
     assert torch.allclose(out[HEAD], sum(u.num_examples / total * u.adapter[HEAD] for u in ups), atol=1e-6)
+
+
+def test_exact_keeps_a_at_its_initial_scale_and_the_product_exact():
+    """After a round, A's rows keep the norm of PEFT's initial A (about 0.58), so the
+    next round's SGD step on B (which scales with A^T·A) keeps its size; an even split
+    of the singular values would shrink A where they are small."""
+    rank, out_dim, in_dim = 8, 48, 64
+    a0 = seeded_a_rows(rank, in_dim, seed=0, key=A_KEY)  # PEFT's Kaiming-uniform A
+    global_adapter = {A_KEY: a0, B_KEY: torch.zeros(out_dim, rank), HEAD: torch.zeros(3, out_dim)}
+    gen = torch.Generator().manual_seed(0)
+    ups = [ClientUpdate(i, {A_KEY: a0 + 0.01 * torch.randn(rank, in_dim, generator=gen),
+                            B_KEY: 0.01 * torch.randn(out_dim, rank, generator=gen),
+                            HEAD: torch.zeros(3, out_dim)}, 10) for i in range(5)]
+    out = get_strategy(StrategySection(name="exact")).aggregate(global_adapter, ups)
+    c = row_scale(a0)
+    assert abs(c - 3**-0.5) < 0.05
+    assert torch.allclose(out[A_KEY].norm(dim=1), torch.full((rank,), c), rtol=1e-5)
+    mean = weighted_mean_product(ups)
+    u, s, vh = torch.linalg.svd(mean)
+    best = (u[:, :rank] * s[:rank]) @ vh[:rank]
+    err = (out[B_KEY].double() @ out[A_KEY].double() - best).norm() / best.norm()
+    assert err < 1e-6
+    # B's step for a loss gradient G on the product: G·A^T, of the same size as from A0.
+    g = torch.randn(out_dim, in_dim, generator=gen)
+    step_before, step_after = (g @ a0.T).norm(), (g @ out[A_KEY].T).norm()
+    assert 0.5 < step_after / step_before < 2
 
 
 def test_exact_is_lossless_when_the_mean_has_rank_r():

@@ -148,9 +148,9 @@ def clients_from(values: np.ndarray) -> list[ClientUpdate]:
 def test_median_and_trimmed_mean_match_numpy(n):
     rng = np.random.default_rng(n)
     values = {k: rng.normal(size=(n, *s)).astype(np.float32) for k, s in SHAPES.items()}
-    median = get_strategy(StrategySection(name="median")).aggregate({}, clients_from(values))
+    median = get_strategy(StrategySection(name="median")).aggregate(to_torch(initial_global()), clients_from(values))
     for fraction in (0.0, 0.2, 0.4):
-        trimmed = get_strategy(StrategySection(name="trimmed-mean", trim_fraction=fraction)).aggregate({}, clients_from(values))
+        trimmed = get_strategy(StrategySection(name="trimmed-mean", trim_fraction=fraction)).aggregate(to_torch(initial_global()), clients_from(values))
         cut = int(np.floor(fraction * n))
         for k in SHAPES:
             want = np.sort(values[k].astype(np.float64), axis=0)[cut : n - cut].mean(axis=0)
@@ -167,10 +167,10 @@ def test_robust_aggregates_bound_one_attackers_influence(attack):
     low = {k: v.min(axis=0) for k, v in honest.items()}
     high = {k: v.max(axis=0) for k, v in honest.items()}
     for section in (StrategySection(name="median"), StrategySection(name="trimmed-mean", trim_fraction=0.2)):
-        out = get_strategy(section).aggregate({}, clients_from(values))
+        out = get_strategy(section).aggregate(to_torch(initial_global()), clients_from(values))
         for k in SHAPES:
             assert (out[k].numpy() >= low[k]).all() and (out[k].numpy() <= high[k]).all(), section.name
-    fedavg = get_strategy(StrategySection()).aggregate({}, clients_from(values))
+    fedavg = get_strategy(StrategySection()).aggregate(to_torch(initial_global()), clients_from(values))
     assert not all(((fedavg[k].numpy() >= low[k]) & (fedavg[k].numpy() <= high[k])).all() for k in SHAPES)
 
 
@@ -242,3 +242,22 @@ def test_server_lr_zero_means_the_strategys_own_default():
     step = adam.aggregate(g, ups)["w"]
     # First fedadam step: m = (1-b1)d, v = b2*tau^2 + (1-b2)d^2, x = 0.01 * m / (sqrt(v) + tau): |x| < 0.01.
     assert torch.all(step.abs() < 0.01) and torch.all(step.sign() == ups[0].adapter["w"].sign())
+
+
+@pytest.mark.parametrize("section", [StrategySection(name="median"), StrategySection(name="trimmed-mean", trim_fraction=0.2)])
+def test_robust_aggregates_work_on_changes(section):
+    """global + robust aggregate of (update - what that site was sent)."""
+    rng = np.random.default_rng(11)
+    g = to_torch(initial_global(5))
+    sent = [to_torch({k: rng.normal(size=s) for k, s in SHAPES.items()}) for _ in range(5)]
+    changes = {k: rng.normal(size=(5, *s)) for k, s in SHAPES.items()}
+    updates = [ClientUpdate(i, {k: sent[i][k] + torch.from_numpy(changes[k][i]).float() for k in SHAPES}, 1, sent=sent[i])
+               for i in range(5)]
+    out = get_strategy(section).aggregate(g, updates)
+    for k in SHAPES:
+        moved = np.stack([(updates[i].adapter[k].double() - sent[i][k].double()).numpy() for i in range(5)])
+        robust = np.median(moved, axis=0) if section.name == "median" else np.sort(moved, axis=0)[1:4].mean(axis=0)
+        np.testing.assert_allclose(out[k].numpy(), (g[k].double().numpy() + robust).astype(np.float32), rtol=1e-6, atol=1e-7)
+    # A round in which nobody changed anything leaves the global adapter as it was.
+    still = get_strategy(section).aggregate(g, [ClientUpdate(i, dict(sent[i]), 1, sent=sent[i]) for i in range(5)])
+    assert all(torch.equal(still[k], g[k]) for k in SHAPES)
