@@ -135,7 +135,7 @@ def ratio_of_sums(replies: list[Message], key: str, max_weight_factor: float = 0
 
 
 def weighted(replies: list[Message], key: str,
-             max_weight_factor: float = site_replies.DEFAULT_MAX_WEIGHT_FACTOR) -> float | None:
+             max_weight_factor: float) -> float | None:
     """The mean of `key` weighted by num-examples, capped as aggregation weights are."""
     pairs = [(v, n) for m in replies
              if (v := number(metrics_or_empty(m), key)) is not None and (n := number(metrics_or_empty(m), "num-examples")) is not None
@@ -492,10 +492,10 @@ def run_federation(grid: Grid, config: Config) -> tuple[RunDirectory, list[dict[
             "updates_rejected": sum(state.rejected.values()),
             "max_weight_share": None if budgets_exhausted else site_replies.max_weight_share(state.updates.values(), config),
             "attempts": state.attempts,
-            "train_loss": weighted(state.trained, "train-loss"),
+            "train_loss": weighted(state.trained, "train-loss", config.strategy.max_weight_factor),
             **eval_row,
             "epsilon_max": epsilon_max,
-            "noise_multiplier": weighted(state.trained, "noise-multiplier") if config.privacy.enabled else None,
+            "noise_multiplier": weighted(state.trained, "noise-multiplier", config.strategy.max_weight_factor) if config.privacy.enabled else None,
             "site_privacy": site_privacy(state.replies) if config.privacy.enabled else [],
             **central_row,
             "bytes_up": state.bytes_up + eval_replies.bytes_up,

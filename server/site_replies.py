@@ -64,7 +64,7 @@ from flwr.app import ArrayRecord, Message, MetricRecord
 from flwr.common.constant import SType
 
 from fedlora.adapter_state import Adapter
-from fedlora.config import Config, StrategySection
+from fedlora.config import Config
 from strategies.base import ClientUpdate
 
 MALFORMED = "error: malformed reply"
@@ -75,7 +75,6 @@ FIELDS = ("metrics", "arrays", "num-examples", "epsilon", "eval-loss-sum", "eval
 MAX_LORA_RANK = 1024
 # Strategies that ignore the weights (every accepted update counts the same).
 UNWEIGHTED_STRATEGIES = ("median", "trimmed-mean")
-DEFAULT_MAX_WEIGHT_FACTOR = StrategySection.max_weight_factor
 FP32 = np.dtype("<f4")
 
 
