@@ -519,6 +519,11 @@ def run_federation(grid: Grid, config: Config) -> tuple[RunDirectory, list[dict[
         run_dir.checkpoint(server_round, global_adapter, strategy.state(),
                            {"strategy": strategy.name, "metrics": row, "central_history": central_history})
 
+    # The global adapter has the largest declared LoRA rank: export it at that rank (alpha scaled with it).
+    rank = lora_rank(global_adapter) or config.lora.rank
+    if rank != config.lora.rank:
+        lora = replace(config.lora, rank=rank, alpha=config.lora.alpha * rank / config.lora.rank)
+        model = build_peft_model(config.model, lora, num_labels=max(1, len(config.data.labels)), seed=config.run.seed)
     write_peft_dir(model, global_adapter, run_dir.path / "adapter", resolve_model_dir(config.model.path))
     progress.note(f"final adapter: {run_dir.path / 'adapter'}")
     return run_dir, rows
