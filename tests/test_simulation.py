@@ -58,10 +58,13 @@ def test_three_clients_two_rounds_write_a_complete_run_directory(tmp_path):
     # exactly the last round's global adapter.
     from peft import PeftModel, get_peft_model_state_dict
     from safetensors.torch import load_file
-    from transformers import AutoModelForSequenceClassification
+    from transformers import AutoModel
 
+    from fedlora.mean_pooling import MeanPoolingClassifier
+
+    # As README shows: the default encoder is read by a mean-pooling head (model.pooling = "auto").
     adapter_config = json.loads((out / "adapter" / "adapter_config.json").read_text())
-    base = AutoModelForSequenceClassification.from_pretrained(adapter_config["base_model_name_or_path"], num_labels=len(labels))
+    base = MeanPoolingClassifier(AutoModel.from_pretrained(adapter_config["base_model_name_or_path"]), num_labels=len(labels))
     model = PeftModel.from_pretrained(base, str(out / "adapter"))
     loaded = get_peft_model_state_dict(model)
     final = load_file(str(out / "checkpoints" / "round-0002" / "adapter.safetensors"))
