@@ -96,17 +96,18 @@ def compare(output: Path, strategies: list[str], extra: list[str], seeds: int = 
     return text
 
 
-def known_strategies(names: str) -> list[str]:
-    chosen = [n.strip() for n in names.split(",") if n.strip()] if names else sorted(STRATEGIES)
-    unknown = [n for n in chosen if n not in STRATEGIES]
+def chosen(names: str, known: list[str], option: str) -> list[str]:
+    """The comma-separated `names` (all of `known` if empty); unknown ones are a ValueError."""
+    picked = [n.strip() for n in names.split(",") if n.strip()] if names else known
+    unknown = [n for n in picked if n not in known]
     if unknown:
-        raise ValueError(f"--strategies: unknown {unknown} (known: {', '.join(sorted(STRATEGIES))})")
-    return chosen
+        raise ValueError(f"{option}: unknown {unknown} (known: {', '.join(known)})")
+    return picked
+
+
+def known_strategies(names: str) -> list[str]:
+    return chosen(names, sorted(STRATEGIES), "--strategies")
 
 
 def known_partitions(names: str) -> list[str]:
-    chosen = [n.strip() for n in names.split(",") if n.strip()] if names else list(PARTITIONS)
-    unknown = [n for n in chosen if n not in PARTITIONS]
-    if unknown:
-        raise ValueError(f"--partitions: unknown {unknown} (known: {', '.join(PARTITIONS)})")
-    return chosen
+    return chosen(names, list(PARTITIONS), "--partitions")

@@ -27,9 +27,9 @@ from __future__ import annotations
 import torch
 
 from fedlora.adapter_state import Adapter
-from fedlora.config import StrategySection
-from strategies.base import ClientUpdate, Stateless, trained_part
+from strategies.base import ClientUpdate, trained_part
 from strategies.fedavg import weighted_mean64
+from strategies.ffa import FFA
 from strategies.lora_rank import lora_pairs
 
 
@@ -45,12 +45,10 @@ def orthonormal_factors(b: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor,
     return vh @ qq.T, small @ vh.T  # small @ vh^T = U·S, columns by descending singular value
 
 
-class FedSVD(Stateless):
-    name = "fedsvd"
-    frozen_factors = ("lora_A",)  # adapter keys containing these stay at the global value
+class FedSVD(FFA):
+    """FFA's training (A frozen, B and the head sent up), then the SVD re-factorization."""
 
-    def __init__(self, section: StrategySection):
-        self.section = section
+    name = "fedsvd"
 
     def aggregate(self, global_adapter: Adapter, updates: list[ClientUpdate]) -> Adapter:
         trained = [ClientUpdate(u.node_id, trained_part(u.adapter, self.frozen_factors), u.num_examples) for u in updates]
