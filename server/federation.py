@@ -123,7 +123,7 @@ def declined_reason(reply: Message) -> str | None:
     return f"declined: {declined_key(dict(metrics))}" if "declined" in metrics else None
 
 
-def ratio_of_sums(replies: list[Message], key: str, max_weight_factor: float = 0.0) -> float | None:
+def ratio_of_sums(replies: list[Message], key: str, max_weight_factor: float) -> float | None:
     """Sum of `key` over sum of num-examples (sites release noisy sums under DP); a site
     whose count exceeds max_weight_factor x the lower median count has both its sums
     scaled down to that bound (server/site_replies.py). Non-numbers are skipped."""
