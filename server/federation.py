@@ -123,12 +123,11 @@ def declined_reason(reply: Message) -> str | None:
     return f"declined: {declined_key(dict(metrics))}" if "declined" in metrics else None
 
 
-def ratio_of_sums(replies: list[Message], key: str, max_weight_factor: float) -> float | None:
-    """Sum of `key` over sum of num-examples (sites release noisy sums under DP); a site
+def ratio_of_sums(evaluations: list[site_replies.Evaluation], field: str, max_weight_factor: float) -> float | None:
+    """Sum of `field` over sum of num_examples (sites release noisy sums under DP); a site
     whose count exceeds max_weight_factor x the lower median count has both its sums
-    scaled down to that bound (server/site_replies.py). Non-numbers are skipped."""
-    pairs = [(v, n) for m in replies
-             if (v := number(metrics_or_empty(m), key)) is not None and (n := number(metrics_or_empty(m), "num-examples")) is not None]
+    scaled down to that bound (server/site_replies.py). Sites without the field are skipped."""
+    pairs = [(v, e.num_examples) for e in evaluations if (v := getattr(e, field)) is not None]
     scales = site_replies.capped_scales([n for _, n in pairs], max_weight_factor)
     total = sum(s * n for s, (_, n) in zip(scales, pairs))
     return sum(s * v for s, (v, _) in zip(scales, pairs)) / total if pairs and total > 0 else None
@@ -240,7 +239,7 @@ def evaluate_round(grid: Grid, envelope: Envelope, adapters: dict[int, Adapter],
     config = envelope.config
     replies = exchange(grid, envelope.with_adapters(adapters, server_round), MessageType.EVALUATE, server_round,
                        config.federation.round_timeout, progress, "evaluate")
-    evaluated = []
+    evaluated, evaluations = [], []
     classification = config.model.task == "classification"
     for reply in replies.ok:
         if (reason := declined_reason(reply)) is not None:
@@ -248,19 +247,20 @@ def evaluate_round(grid: Grid, envelope: Envelope, adapters: dict[int, Adapter],
             log.warning("round %d evaluate: node %d %s", server_round, reply.metadata.src_node_id, reason)
             continue
         try:
-            site_replies.evaluation(reply, classification)
+            evaluation = site_replies.evaluation(reply, classification)
         except MalformedReply as exc:
             replies.failures[exc.category] += 1
             log.warning("round %d evaluate: node %d sent a malformed reply: %s", server_round, reply.metadata.src_node_id, exc)
         else:
             evaluated.append(reply)
+            evaluations.append(evaluation)
     replies.ok = evaluated
     # Sums over sums (noised at each site under DP), each site's share bounded: clamped to what a mean can be.
     factor = config.strategy.max_weight_factor
-    loss = ratio_of_sums(evaluated, "eval-loss-sum", factor)
+    loss = ratio_of_sums(evaluations, "loss_sum", factor)
     row: dict[str, Any] = {"eval_loss": None if loss is None else max(0.0, loss)}
     if classification:
-        accuracy = ratio_of_sums(evaluated, "eval-correct", factor)
+        accuracy = ratio_of_sums(evaluations, "correct", factor)
         row["eval_accuracy"] = None if accuracy is None else min(1.0, max(0.0, accuracy))
     else:
         row["eval_perplexity"] = None if loss is None else math.exp(min(max(0.0, loss), 50.0))

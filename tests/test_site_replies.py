@@ -209,15 +209,20 @@ def test_max_weight_share():
 def test_evaluation_sums_are_bounded_the_same_way():
     from server.federation import ratio_of_sums
 
-    replies = [eval_reply(**{"num-examples": 100.0, "eval-correct": 50.0}), eval_reply(**{"num-examples": 200.0, "eval-correct": 100.0}),
-               eval_reply(**{"num-examples": 1e9, "eval-correct": 1e9})]
+    def parsed(*counts: tuple[float, float]) -> list:
+        return [evaluation(eval_reply(**{"num-examples": n, "eval-correct": c}), True) for n, c in counts]
+
+    replies = parsed((100.0, 50.0), (200.0, 100.0), (1e9, 1e9))
     # The liar's sums are scaled by 600 / 1e9: (50 + 100 + 600) / (100 + 200 + 600).
-    assert ratio_of_sums(replies, "eval-correct", 3.0) == pytest.approx(750 / 900)
-    assert ratio_of_sums(replies, "eval-correct", 0.0) == pytest.approx((150 + 1e9) / (300 + 1e9))
-    # Noisy counts of tiny sites (a median <= 0) are not capped; non-numbers are skipped.
-    noisy = [eval_reply(**{"num-examples": -1.0, "eval-correct": 1.0}), eval_reply(**{"num-examples": 4.0, "eval-correct": 2.0}),
-             eval_reply(**{"num-examples": 10.0, "eval-correct": float("nan")})]
-    assert ratio_of_sums(noisy, "eval-correct", 3.0) == pytest.approx(3.0 / 3.0)
+    assert ratio_of_sums(replies, "correct", 3.0) == pytest.approx(750 / 900)
+    assert ratio_of_sums(replies, "correct", 0.0) == pytest.approx((150 + 1e9) / (300 + 1e9))
+    # Noisy counts of tiny sites (a median <= 0) are not capped.
+    noisy = parsed((-1.0, 1.0), (4.0, 2.0))
+    assert ratio_of_sums(noisy, "correct", 3.0) == pytest.approx(3.0 / 3.0)
+    # A causal-lm site sends no correct count: it is left out of the accuracy, not of the loss.
+    mixed = noisy + [evaluation(eval_reply(**{"eval-correct": None}), False)]
+    assert ratio_of_sums(mixed, "correct", 0.0) == pytest.approx(3.0 / 3.0)
+    assert ratio_of_sums(mixed, "loss_sum", 0.0) == pytest.approx(90.0 / 103.0)
 
 
 def test_reports_skip_what_is_not_a_number():
