@@ -6,25 +6,21 @@ evaluation sums) is capped at strategy.max_weight_factor x the round's lower med
 from __future__ import annotations
 
 import io
-import json
 import math
-import os
 import struct
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, Metadata, MetricRecord, RecordDict
-from flwr.clientapp import ClientApp
 
 from fedlora.adapter_state import to_record
 from fedlora.config import Config, StrategySection, load_config
 from server import site_replies
 from server.site_replies import MalformedReply, capped_updates, evaluation, lora_rank, max_weight_share, train_update
 from strategies.base import ClientUpdate
+from tests.client_apps import client_app_with_train, run_small_simulation
 
-ROOT = Path(__file__).resolve().parent.parent
 ADAPTER = {"x.lora_A.weight": torch.ones(2, 3), "x.lora_B.weight": torch.full((3, 2), 0.5)}
 
 
@@ -359,38 +355,12 @@ def misbehaving_evaluate(msg: Message, context: Context) -> Message:
     return Message(content=RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
 
 
-def misbehaving_query(msg: Message, context: Context) -> Message:
-    from client.client_app import query as honest_query
-
-    return honest_query(msg, context)
-
-
-# As tests/client_apps.py builds them, with evaluate replaced as well.
-misbehaving = ClientApp()
-misbehaving.train()(misbehaving_train)
-misbehaving.evaluate()(misbehaving_evaluate)
-misbehaving.query()(misbehaving_query)
+misbehaving = client_app_with_train(misbehaving_train, evaluate=misbehaving_evaluate)
 
 
 @pytest.mark.slow
 def test_malformed_replies_in_a_real_simulation_the_round_completes_with_the_others(tmp_path, monkeypatch):
-    from flwr.simulation import run_simulation
-
-    from fedlora.flower_env import FLOWER_OFFLINE_ENV
-    from server.server_app import make_server_app
-    from simulations.runner import prepare
-
-    for k, v in FLOWER_OFFLINE_ENV.items():
-        monkeypatch.setenv(k, v)
-    # Ray workers import this module by name: make the checkout importable there.
-    monkeypatch.setenv("PYTHONPATH", str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    config = prepare(load_config(None, {
-        "run.output_dir": str(tmp_path / "run"), "simulation.clients": 5, "federation.rounds": 1, "federation.min_clients": 3,
-        "simulation.dataset_size": 300, "train.local_steps": 1, "train.batch_size": 16, "simulation.cpus_per_client": 1,
-    }))
-    run_simulation(make_server_app(config), misbehaving, num_supernodes=5,
-                   backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}, "init_args": {"num_cpus": 2}})
-    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    rows = run_small_simulation(misbehaving, tmp_path / "run", monkeypatch, 5, {"federation.rounds": 1, "federation.min_clients": 3})
     row = rows[1]
     assert row["clients_ok"] == 3 and row["clients_failed"] == 2 and row["updates_rejected"] == 0 and row["attempts"] == 1
     assert row["failures"] == {"error: malformed reply: num-examples": 1, "error: malformed reply: arrays": 1,
