@@ -33,3 +33,26 @@ def test_more_noise_less_epsilon_and_empty_history_is_zero():
 def test_sample_rate_is_batch_over_examples_capped_at_one():
     assert sample_rate(64, 640) == pytest.approx(0.1)
     assert sample_rate(64, 10) == 1.0
+
+
+@pytest.mark.parametrize("accountant", ["prv", "rdp"])
+def test_the_memoised_rdp_terms_give_the_same_epsilons_as_opacus_own(accountant):
+    from opacus.accountants.analysis import rdp as opacus_rdp
+
+    from privacy import accounting
+
+    histories = [[(0.72, 0.15, 4)], [(13.05, 1.0, 3), (0.72, 0.15, 4), (13.05, 1.0, 3)], [(1.1, 0.01, 200), (0.9, 0.2, 3)]]
+    try:
+        accounting.clear_caches()
+        accounting.set_rdp_memo(False)
+        assert opacus_rdp._compute_rdp is accounting._opacus_one_step_rdp
+        plain = [accounting.epsilon_of(h, 1e-5, accountant) for h in histories]
+        accounting.clear_caches()
+        accounting.set_rdp_memo(True)
+        memoised = [accounting.epsilon_of(h, 1e-5, accountant) for h in histories]
+        accounting._epsilon.cache_clear()  # the epsilons again, now from the warm RDP memo
+        again = [accounting.epsilon_of(h, 1e-5, accountant) for h in histories]
+    finally:
+        accounting.set_rdp_memo(True)
+    assert memoised == plain and again == plain
+    assert accounting._memoised_one_step_rdp.cache_info().hits > 0
