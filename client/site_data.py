@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from fedlora.config import Config
-from fedlora.text_data import DataError, Example, check_columns, encode, read_rows, split_train_validation
+from fedlora.text_data import DataError, Example, check_columns, encode, read_rows, row_place, split_train_validation
 
 
 @dataclass
@@ -38,11 +38,11 @@ def load_site_data(config: Config, labels: list[str], node_config: dict, tokeniz
     check_columns(rows, config, source)
     if config.model.task == "classification":
         known = set(labels)
-        for number, row in enumerate(rows, 1):
+        for index, row in enumerate(rows):
             if str(row[config.data.label_column]) not in known:
                 # Named by position and column, never by value: the value could be a patient's name.
-                raise DataError(f"data file {source}: row {number}: the value of column {config.data.label_column!r} "
-                                "is not one of data.labels")
+                raise DataError(f"data file {source}: {row_place(rows, index)}: the value of column "
+                                f"{config.data.label_column!r} is not one of data.labels")
     train_rows, val_rows = split_train_validation(rows, config.data.validation_fraction, seed=config.run.seed + site_number)
     return SiteData(
         train=encode(train_rows, tokenizer, config, labels, source),

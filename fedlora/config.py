@@ -368,6 +368,8 @@ def validate(config: Config, where: str = "config") -> None:
         raise ConfigError(f"{where}: key 'simulation.client_ranks' with ranks other than lora.rank needs strategy.name = 'exact'")
     if len(set(config.data.labels)) != len(config.data.labels):
         raise ConfigError(f"{where}: key 'data.labels' has duplicate names")
+    if config.model.task == "classification" and len(config.data.labels) == 1:
+        raise ConfigError(f"{where}: key 'data.labels' lists one label; classification needs at least 2")
 
 
 def parse_override(item: str) -> tuple[str, Any]:

@@ -8,6 +8,7 @@ or `prompt` + `response`, in which case only response tokens carry loss.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import random
 from dataclasses import dataclass
@@ -24,33 +25,89 @@ class DataError(ValueError):
     """A data problem, as one line naming the file and what is wrong."""
 
 
+class Rows(list):
+    """A data file's rows, with the line of the file each one starts on, so that an error
+    can name the line (a plain list of rows works everywhere too: errors then say "row N")."""
+
+    def __init__(self, rows: list[dict[str, str]], lines: list[int]):
+        super().__init__(rows)
+        self.lines = lines
+
+
+def row_place(rows: list[dict], index: int) -> str:
+    """'row N' (1-based), with ' (line L)' where the file's line is known."""
+    lines = getattr(rows, "lines", None)
+    return f"row {index + 1}" + (f" (line {lines[index]})" if lines and index < len(lines) else "")
+
+
 def read_rows(path: str | Path) -> list[dict[str, str]]:
-    """Rows of a local .jsonl/.json (one object per line) or .csv file."""
+    """Rows of a local .jsonl/.json (one object per line) or .csv file, as `Rows`.
+    Errors are one line naming the file and the line, never a value from it."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"data file {path}: does not exist")
     suffix = path.suffix.lower()
-    rows: list[dict[str, str]] = []
-    if suffix in (".jsonl", ".json"):
-        with path.open(encoding="utf-8") as fh:
-            for number, line in enumerate(fh, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise DataError(f"data file {path}: line {number} is not valid JSON ({exc.msg})") from None
-                if not isinstance(row, dict):
-                    raise DataError(f"data file {path}: line {number} is not a JSON object")
-                rows.append(row)
-    elif suffix == ".csv":
-        with path.open(encoding="utf-8", newline="") as fh:
-            rows = list(csv.DictReader(fh))
-    else:
+    if suffix not in (".jsonl", ".json", ".csv"):
         raise DataError(f"data file {path}: unknown format {suffix!r} (use .jsonl or .csv)")
+    text = _utf8_text(path)
+    rows = _jsonl_rows(text, path) if suffix in (".jsonl", ".json") else _csv_rows(text, path)
     if not rows:
         raise DataError(f"data file {path}: is empty")
     return rows
+
+
+def _utf8_text(path: Path) -> str:
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise DataError(f"data file {path}: line {line} is not UTF-8 text (a binary file, or another encoding?)") from None
+    if "\x00" in text:  # valid UTF-8, but no text file holds NUL characters
+        line = text.count("\n", 0, text.index("\x00")) + 1
+        raise DataError(f"data file {path}: line {line} holds a NUL byte (a binary file?)")
+    return text.removeprefix("\ufeff")  # a byte-order mark, as some spreadsheet programs write
+
+
+def _jsonl_rows(text: str, path: Path) -> Rows:
+    rows, lines = [], []
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"data file {path}: line {number} is not valid JSON ({exc.msg})") from None
+        if not isinstance(row, dict):
+            raise DataError(f"data file {path}: line {number} is not a JSON object")
+        rows.append(row)
+        lines.append(number)
+    return Rows(rows, lines)
+
+
+def _csv_rows(text: str, path: Path) -> Rows:
+    # strict: an unterminated quote is an error, not one giant field swallowing the rest of the file.
+    reader = csv.reader(io.StringIO(text, newline=""), strict=True)
+    rows, lines = [], []
+    header: list[str] | None = None
+    start = 1
+    try:
+        for fields in reader:
+            if header is None:
+                header = fields
+                if len(set(header)) != len(header) or not all(h.strip() for h in header):
+                    raise DataError(f"data file {path}: line 1: the header has an empty or repeated column name")
+            elif fields:  # csv gives [] for a blank line
+                if len(fields) > len(header):
+                    raise DataError(f"data file {path}: line {start} has {len(fields)} fields, the header has {len(header)}")
+                # A short row's missing fields are None, as csv.DictReader reads them (an empty value).
+                rows.append({**dict.fromkeys(header), **dict(zip(header, fields))})
+                lines.append(start)
+            start = reader.line_num + 1
+    except csv.Error as exc:
+        # csv's messages name the problem ("unexpected end of data"), never the field's text.
+        raise DataError(f"data file {path}: line {start}: not valid CSV ({exc})") from None
+    return Rows(rows, lines)
 
 
 def required_columns(config: Config, rows: list[dict]) -> list[str]:
@@ -65,15 +122,28 @@ def required_columns(config: Config, rows: list[dict]) -> list[str]:
 
 
 def check_columns(rows: list[dict], config: Config, source: str) -> None:
+    """Every row has the task's columns, each with a non-empty value (JSON null and
+    blank strings are empty). Errors name the row and column, never a value."""
     for column in required_columns(config, rows):
-        for number, row in enumerate(rows, 1):
+        for index, row in enumerate(rows):
             if column not in row:
                 present = ", ".join(sorted(rows[0]))
-                raise DataError(f"data file {source}: column {column!r} not found in row {number} (columns: {present})")
+                raise DataError(f"data file {source}: {row_place(rows, index)}: column {column!r} not found (columns: {present})")
+            value = row[column]
+            if value is None or not str(value).strip():
+                raise DataError(f"data file {source}: {row_place(rows, index)}: column {column!r} is empty")
 
 
 def label_names(rows: list[dict], column: str) -> list[str]:
     return sorted({str(row[column]) for row in rows})
+
+
+def classification_labels(rows: list[dict], column: str, source: str) -> list[str]:
+    """The label names of a classification dataset, which needs at least two."""
+    names = label_names(rows, column)
+    if len(names) < 2:
+        raise DataError(f"data file {source}: column {column!r} has {len(names)} distinct value(s); classification needs at least 2")
+    return names
 
 
 def split_train_validation(rows: list, fraction: float, seed: int) -> tuple[list, list]:

@@ -10,27 +10,32 @@ from __future__ import annotations
 from functools import lru_cache
 
 from fedlora.config import Config
-from fedlora.text_data import DataError, check_columns, label_names, read_rows
+from fedlora.text_data import DataError, Rows, check_columns, classification_labels, read_rows
 from simulations.partitioners import dirichlet_partition, iid_partition
 from simulations.triage_notes import generate_notes
 
 
 @lru_cache(maxsize=2)
-def _dataset(dataset: str, size: int, seed: int) -> tuple[dict, ...]:
+def _dataset(dataset: str, size: int, seed: int) -> list[dict]:
     if dataset == "default":
-        return tuple(generate_notes(size, seed))
-    return tuple(read_rows(dataset))
+        return generate_notes(size, seed)
+    return read_rows(dataset)  # Rows: errors name the file's lines
 
 
 def dataset_rows(config: Config) -> list[dict]:
-    rows = list(_dataset(config.simulation.dataset, config.simulation.dataset_size, config.run.seed))
-    check_columns(rows, config, "default" if config.simulation.dataset == "default" else config.simulation.dataset)
+    cached = _dataset(config.simulation.dataset, config.simulation.dataset_size, config.run.seed)
+    rows = Rows(list(cached), getattr(cached, "lines", []))  # a copy: callers must not change the cache
+    check_columns(rows, config, _source(config))
     return rows
+
+
+def _source(config: Config) -> str:
+    return "default" if config.simulation.dataset == "default" else config.simulation.dataset
 
 
 def dataset_labels(config: Config) -> list[str]:
     """The label names of the simulation dataset, in class-id (sorted) order."""
-    return label_names(dataset_rows(config), config.data.label_column)
+    return classification_labels(dataset_rows(config), config.data.label_column, _source(config))
 
 
 @lru_cache(maxsize=4)
