@@ -137,7 +137,11 @@ def run_bench(args: argparse.Namespace) -> int:
 
 def run_privacy(args: argparse.Namespace) -> int:
     import json
+    from pathlib import Path
 
+    # Said before the accountant (Opacus, and with it torch) is imported: seconds.
+    if not Path(args.state_dir).is_dir():
+        raise ConfigError(f"{args.state_dir}: no such folder (a site's state dir: node config `state-dir`)")
     from privacy.ledger_report import ledger_summary, ledger_table
     from privacy.site_ledger import LedgerError
 
@@ -179,18 +183,18 @@ def run_simulate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _known_errors() -> tuple[tuple[type[BaseException], ...], type[BaseException]]:
-    """The errors shown as one line (exit 2), and the one that stops a run (exit 1).
-    Imported only once a command failed: their modules pull in torch and PEFT, which
-    quick commands (`fedlora site-key`, `certs`, `register-site`, `app-hash`) never need."""
-    from client.site_agent import SiteError
-    from fedlora.app_hash import AppHashError
-    from fedlora.base_model import ModelError
-    from fedlora.text_data import DataError
-    from server.coordinator_service import CoordinatorError
-    from server.federation import FederationError
+# (module, class): errors shown as one line (exit 2); FederationError stops a run (exit 1).
+ONE_LINE_ERRORS = [("fedlora.config", "ConfigError"), ("fedlora.text_data", "DataError"), ("fedlora.base_model", "ModelError"),
+                   ("client.site_agent", "SiteError"), ("fedlora.app_hash", "AppHashError"),
+                   ("server.coordinator_service", "CoordinatorError"), ("builtins", "FileExistsError")]
+RUN_STOPPED_ERRORS = [("server.federation", "FederationError")]
 
-    return (ConfigError, DataError, ModelError, SiteError, AppHashError, CoordinatorError, FileExistsError), FederationError
+
+def _loaded(errors: list[tuple[str, str]]) -> tuple[type[BaseException], ...]:
+    """The classes among `errors` whose modules are imported. An exception raised here is
+    an instance of a class whose module was imported, so the others cannot match, and
+    importing them would cost seconds (several pull in torch and PEFT)."""
+    return tuple(getattr(sys.modules[module], name) for module, name in errors if module in sys.modules)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -207,11 +211,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.command in DEPLOYMENT_COMMANDS:
             return DEPLOYMENT_COMMANDS[args.command](args)
     except Exception as exc:  # pylint: disable=broad-except
-        one_line, run_stopped = _known_errors()
-        if isinstance(exc, one_line):
+        if isinstance(exc, _loaded(ONE_LINE_ERRORS)):
             print(f"fedlora: error: {exc}", file=sys.stderr)
             return 2
-        if isinstance(exc, run_stopped):
+        if isinstance(exc, _loaded(RUN_STOPPED_ERRORS)):
             print(f"fedlora: run stopped: {exc}", file=sys.stderr)
             return 1
         raise

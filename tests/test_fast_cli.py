@@ -1,0 +1,47 @@
+"""Commands that need no model import no torch, transformers, PEFT or Opacus, on
+success and on error, so that they answer in a fraction of a second (the times are
+measured by `python -m simulations.bench_cli`, not here)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+
+HEAVY = ("torch", "transformers", "peft", "opacus")
+PROBE = """
+import json, sys
+from fedlora.cli import main
+try:
+    code = main(sys.argv[1:])
+except SystemExit as exc:  # argparse's --help
+    code = exc.code
+print(json.dumps({"code": code, "heavy": sorted(m for m in %r if m in sys.modules)}))
+""" % (HEAVY,)
+
+
+def run_quietly(*args: str, cwd) -> dict:
+    """The exit code of `fedlora ARGS` run in a fresh interpreter, and the heavy modules it imported."""
+    proc = subprocess.run([sys.executable, "-c", PROBE, *args], capture_output=True, text=True, cwd=cwd, timeout=120)
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+QUICK = [
+    (["--help"], 0),
+    (["privacy", "--help"], 0),
+    (["privacy", "no-such-state-dir"], 2),
+    (["certs", "--out", "certs"], 0),
+    (["site-key", "--out", "keys", "--name", "site-a"], 0),
+    (["sites", "--coordinator-dir", "no-coordinator-here"], 2),
+    (["register-site", "keys/site-a.pub", "--coordinator-dir", "no-coordinator-here"], 2),
+    (["sample-data", "--out", "data", "--sites", "2", "--notes", "12"], 0),
+]
+
+
+def test_quick_commands_import_no_model_libraries(tmp_path):
+    for args, code in QUICK:
+        result = run_quietly(*args, cwd=tmp_path)
+        assert result == {"code": code, "heavy": []}, (args, result)
+    assert (tmp_path / "certs" / "ca.pem").is_file() and (tmp_path / "keys" / "site-a.pub").is_file()
+    assert len(list((tmp_path / "data").glob("*.jsonl"))) == 2
