@@ -177,9 +177,13 @@ def run_simulate(args: argparse.Namespace) -> int:
             overrides[key] = value
     config = load_config(args.config, overrides)
 
+    from fedlora.run_outcome import EXIT_ENDED_EARLY, ended_early
     from simulations.runner import simulate
 
-    simulate(config)
+    _, rows = simulate(config)
+    if (message := ended_early(rows, config.federation.rounds)) is not None:
+        print(f"fedlora: {message}", file=sys.stderr)
+        return EXIT_ENDED_EARLY
     return 0
 
 

@@ -5,6 +5,7 @@ and exporting a run's adapter. Each implementation is imported only when run."""
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -184,9 +185,14 @@ def run_run_cmd(args: argparse.Namespace) -> int:
     if args.config and args.resume:
         raise ConfigError("give either --config FILE (a new run) or --resume RUN_DIR, not both")
     config = resolved_config(args.config, dict(parse_override(item) for item in args.set), args.resume)
+    from fedlora.run_outcome import EXIT_ENDED_EARLY, ended_early, metrics_rows
+
     code = submit(config, _home(args), stream=not args.detach)
     adapter = Path(config.run.output_dir) / "adapter" / "adapter_model.safetensors"
     if not args.detach and code == 0 and adapter.is_file():
+        if (message := ended_early(metrics_rows(config.run.output_dir), config.federation.rounds)) is not None:
+            print(f"[fedlora] {message}", file=sys.stderr)
+            return EXIT_ENDED_EARLY
         print(f"[fedlora] run finished: {config.run.output_dir}")
     return code
 

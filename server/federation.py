@@ -487,6 +487,9 @@ def run_federation(grid: Grid, config: Config) -> tuple[RunDirectory, list[dict[
             # Failures over all attempts, declines and rejected updates included (see "failures").
             "clients_failed": sum(failures.values()),
             "clients_declined": len(state.declined),
+            # Sites that trained (and spent privacy budget) in a round too few others could join: their updates were dropped.
+            "clients_discarded": len(state.updates) if budgets_exhausted else 0,
+            "ended_early": budgets_exhausted,
             # Evaluation failures are listed too, but a site is counted once (as failed in training).
             "failures": {**dict(failures), **{f"evaluate: {k}": v for k, v in eval_replies.failures.items()}},
             "updates_rejected": sum(state.rejected.values()),
@@ -510,9 +513,12 @@ def run_federation(grid: Grid, config: Config) -> tuple[RunDirectory, list[dict[
             # No checkpoint: nothing was trained, and a resume (after sites raise their limits) redoes this round.
             reasons = sorted({declined_reason(m) for m in state.declined.values()} | {
                 k for k in state.failures if k in (REFUSED_APP, REFUSED_BASE_MODEL)})
-            progress.note(f"run ended after round {server_round - 1}: {len(state.declined) + len(state.refused)} sites declined or "
-                          f"refused round {server_round} ({', '.join(reasons)}) and fewer than federation.min_clients = "
-                          f"{config.federation.min_clients} could train")
+            progress.note(f"run ended after round {server_round - 1} of {config.federation.rounds}, early: "
+                          f"{len(state.declined) + len(state.refused)} sites declined or refused round {server_round} "
+                          f"({', '.join(reasons)}) and fewer than federation.min_clients = {config.federation.min_clients} could train")
+            if state.updates:
+                progress.note(f"round {server_round}: node(s) {', '.join(str(n) for n in sorted(state.updates))} trained and spent "
+                              "privacy budget, but their updates were discarded (too few sites to aggregate)")
             break
         # The row first, then the checkpoint: a crash between them is resumed from the
         # previous checkpoint, and the resume drops this row before redoing the round.
@@ -525,5 +531,7 @@ def run_federation(grid: Grid, config: Config) -> tuple[RunDirectory, list[dict[
         lora = replace(config.lora, rank=rank, alpha=config.lora.alpha * rank / config.lora.rank)
         model = build_peft_model(config.model, lora, num_labels=max(1, len(config.data.labels)), seed=config.run.seed)
     write_peft_dir(model, global_adapter, run_dir.path / "adapter", resolve_model_dir(config.model.path))
-    progress.note(f"final adapter: {run_dir.path / 'adapter'}")
+    trained = rows[-1]["round"] - (1 if rows[-1].get("ended_early") else 0)
+    planned = "" if trained == config.federation.rounds else f" (after round {trained} of the planned {config.federation.rounds})"
+    progress.note(f"final adapter{planned}: {run_dir.path / 'adapter'}")
     return run_dir, rows

@@ -96,3 +96,19 @@ def test_replies_can_only_carry_whitelisted_metrics():
     assert dict(record) == {"num-examples": 3, "train-loss": 0.5, "epsilon": 1.0}
     with pytest.raises(ValueError, match="whitelist"):
         metric_record({"num-examples": 3, "first-note": 1.0}, TRAIN_METRICS)
+
+
+def test_a_run_that_ends_early_exits_3_and_says_what_was_trained(monkeypatch, capsys):
+    import simulations.runner
+    from fedlora.run_outcome import EXIT_ENDED_EARLY, ended_early
+
+    done = [{"round": 0, "ended_early": False}, {"round": 1, "ended_early": False}]
+    early = done + [{"round": 2, "ended_early": True, "clients_discarded": 1, "failures": {"declined: privacy budget": 2}}]
+    assert ended_early(done, 1) is None and ended_early(early[:1], 3) is None
+    assert ended_early(early, 3) == ("run ended early: 1 of 3 rounds trained; too few sites could train round 2 "
+                                     "(declined: privacy budget); 1 site(s) trained in round 2 and their updates were discarded")
+    for rows, code in ((done, 0), (early, EXIT_ENDED_EARLY)):
+        monkeypatch.setattr(simulations.runner, "simulate", lambda config, rows=rows: (None, rows))
+        assert main(["simulate", "--rounds", "3"]) == code
+        err = capsys.readouterr().err
+        assert ("run ended early: 1 of 3 rounds trained" in err) == (code == EXIT_ENDED_EARLY)

@@ -117,6 +117,9 @@ def test_sites_decline_at_the_round_their_limits_say_or_calibrate_to_them(tmp_pa
     assert [r["clients_ok"] for r in rows] == [0, 4, 4, 0]
     assert [r["clients_declined"] for r in rows] == [0, 0, 0, 3]
     assert rows[3]["failures"] == {"declined: privacy budget": 3}
+    # The run says it ended early, and that partition 0 trained round 3 (spending budget) for nothing.
+    assert [r["ended_early"] for r in rows[1:]] == [False, False, True]
+    assert [r["clients_discarded"] for r in rows[1:]] == [0, 0, 1]
     assert len(rows) == 4 and (tmp_path / "run" / "adapter" / "adapter_model.safetensors").is_file()
     for pid in (1, 2, 3):
         (site_run,) = ledgers[pid]["runs"]
