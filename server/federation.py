@@ -51,6 +51,7 @@ class RoundReplies:
     ok: list[Message] = field(default_factory=list)
     failures: Counter = field(default_factory=Counter)  # reason -> count
     refused: set[int] = field(default_factory=set)  # sites that refuse this run (app, base model): for good
+    status: dict[int, str] = field(default_factory=dict)  # node -> "ok" or why not (metrics.jsonl's "sites")
     bytes_down: int = 0
     bytes_up: int = 0
 
@@ -73,27 +74,37 @@ def exchange(
     """Send each node its content and collect replies until all answered or `timeout`."""
     out = RoundReplies()
     messages = [Message(content=c, dst_node_id=n, message_type=message_type, group_id=str(server_round)) for n, c in contents.items()]
-    pending = set(grid.push_messages(messages))
+    # Who a reply is from, by the message it answers: an error reply made by the SuperLink for
+    # a site that went away carries the SuperLink's node id as its source, not the site's.
+    pushed = list(zip(grid.push_messages(messages), contents))
+    node_of = {message_id: node for message_id, node in pushed if message_id is not None}
+    for node in [node for message_id, node in pushed if message_id is None]:  # Flower could not push it
+        out.failures["not sent"] += 1
+        out.status[node] = "not sent"
+    pending = set(node_of)
     out.bytes_down = sum(record_nbytes(c["arrays"]) for c in contents.values() if "arrays" in c.array_records)
     deadline = time.monotonic() + timeout
     progress.phase(server_round, phase, 0, len(messages))
     while pending and time.monotonic() < deadline:
         for reply in grid.pull_messages(pending):
             pending.discard(reply.metadata.reply_to_message_id)
-            node = reply.metadata.src_node_id
+            node = node_of.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
             if reply.has_error():
                 reason = reply.error.reason if isinstance(reply.error.reason, str) else ""
                 category = error_category(reason)
                 out.failures[category] += 1
+                out.status[node] = category
                 if category == REFUSED_APP:
                     out.refused.add(node)
                 log.warning("round %d %s: node %d failed: %s", server_round, phase, node, reason[:500])
             elif "refused-base-model" in metrics_or_empty(reply):
                 out.failures[REFUSED_BASE_MODEL] += 1
+                out.status[node] = REFUSED_BASE_MODEL
                 out.refused.add(node)
                 log.error("round %d %s: node %d refused: it holds a different base model than model.path", server_round, phase, node)
             else:
                 out.ok.append(reply)
+                out.status[node] = "ok"
                 if "arrays" in reply.content.array_records:
                     out.bytes_up += record_nbytes(reply.content["arrays"])
             progress.phase(server_round, phase, len(out.ok) + sum(out.failures.values()), len(messages))
@@ -101,7 +112,9 @@ def exchange(
             time.sleep(0.2)
     if pending:
         out.failures["timeout"] += len(pending)
-        log.warning("round %d %s: %d nodes did not reply within %.0fs", server_round, phase, len(pending), timeout)
+        late = sorted(node_of[m] for m in pending)
+        out.status.update(dict.fromkeys(late, "timeout"))
+        log.warning("round %d %s: node(s) %s did not reply within %.0fs", server_round, phase, ", ".join(map(str, late)), timeout)
     return out
 
 
@@ -143,6 +156,20 @@ def weighted(replies: list[Message], key: str,
     pairs = [(v, n if cap is None else min(n, cap)) for v, n in pairs]
     total = sum(n for _, n in pairs)
     return sum(v * n for v, n in pairs) / total if total else None
+
+
+def site_statuses(train: dict[int, str], evaluate: dict[int, str]) -> list[dict[str, Any]]:
+    """metrics.jsonl's per-site rows: each node asked this round, with "ok" or why not for
+    each phase (None: not asked in that phase)."""
+    return [{"node": n, "train": train.get(n), "evaluate": evaluate.get(n)} for n in sorted(set(train) | set(evaluate))]
+
+
+def note_site_problems(progress: Progress, row: dict[str, Any]) -> None:
+    """One line naming every site that did not deliver this round, and why."""
+    problems = [f"node {s['node']} {phase}: {s[phase]}" for s in row["sites"] for phase in ("train", "evaluate")
+                if s[phase] not in (None, "ok")]
+    if problems:
+        progress.note(f"round {row['round']}: " + "; ".join(problems))
 
 
 def site_epsilons(replies: list[Message]) -> list[float]:
@@ -203,31 +230,35 @@ class SiteRanks:
         self.ranks: dict[int, int] = {}
         self.refused: set[int] = set()  # sites that refused this run (they are asked again, and refuse again)
 
-    def learn(self, grid: Grid, nodes: list[int], server_round: int, progress: Progress) -> tuple[list[int], Counter]:
-        """Ask sites not yet known for their rank; returns the nodes whose rank is known
-        and the failures of this query (refusals, errors, timeouts)."""
+    def learn(self, grid: Grid, nodes: list[int], server_round: int, progress: Progress) -> tuple[list[int], Counter, dict[int, str]]:
+        """Ask sites not yet known for their rank; returns the nodes whose rank is known,
+        the failures of this query (refusals, errors, timeouts) and each failed node's reason."""
         unknown = [n for n in nodes if n not in self.ranks]
         failures: Counter = Counter()
+        status: dict[int, str] = {}
         if unknown:
             replies = exchange(grid, {n: self.envelope.content(server_round) for n in unknown}, MessageType.QUERY,
                                server_round, self.config.federation.round_timeout, progress, "rank query")
             failures = replies.failures
+            status = {n: s for n, s in replies.status.items() if s != "ok"}
             self.refused |= replies.refused
             for reply in replies.ok:
                 if (reason := declined_reason(reply)) is not None:
                     failures[reason] += 1
+                    status[reply.metadata.src_node_id] = reason
                     log.warning("round %d: node %d %s", server_round, reply.metadata.src_node_id, reason)
                 else:
                     try:
                         self.ranks[reply.metadata.src_node_id] = site_replies.lora_rank(reply)
                     except MalformedReply as exc:
                         failures[exc.category] += 1
+                        status[reply.metadata.src_node_id] = exc.category
                         log.warning("round %d rank query: node %d sent a malformed reply: %s", server_round,
                                     reply.metadata.src_node_id, exc)
             declared = sorted(set(self.ranks.values()))
             if declared and declared != [self.config.lora.rank] and self.config.strategy.name != "exact":
                 raise FederationError(f"sites declare LoRA ranks {declared}; heterogeneous ranks need strategy.name = 'exact'")
-        return [n for n in nodes if n in self.ranks], failures
+        return [n for n in nodes if n in self.ranks], failures, status
 
     def adapters(self, global_adapter: Adapter, nodes: list[int]) -> dict[int, Adapter]:
         by_rank = {r: to_rank(global_adapter, r, self.config.run.seed) for r in {self.ranks[n] for n in nodes}}
@@ -244,12 +275,14 @@ def evaluate_round(grid: Grid, envelope: Envelope, adapters: dict[int, Adapter],
     for reply in replies.ok:
         if (reason := declined_reason(reply)) is not None:
             replies.failures[reason] += 1
+            replies.status[reply.metadata.src_node_id] = reason
             log.warning("round %d evaluate: node %d %s", server_round, reply.metadata.src_node_id, reason)
             continue
         try:
             evaluation = site_replies.evaluation(reply, classification)
         except MalformedReply as exc:
             replies.failures[exc.category] += 1
+            replies.status[reply.metadata.src_node_id] = exc.category
             log.warning("round %d evaluate: node %d sent a malformed reply: %s", server_round, reply.metadata.src_node_id, exc)
         else:
             evaluated.append(reply)
@@ -292,6 +325,7 @@ class RoundTraining:
     replies: list[Message] = field(default_factory=list)  # every non-error reply (trained or declined)
     failures: Counter = field(default_factory=Counter)  # over all attempts, declines included
     rejected: Counter = field(default_factory=Counter)  # screened-out updates, by category
+    status: dict[int, str] = field(default_factory=dict)  # node -> "ok" or why not, as of its last attempt
     bytes_up: int = 0
     bytes_down: int = 0
     attempts: int = 0
@@ -309,10 +343,11 @@ def train_attempt(grid: Grid, envelope: Envelope, site_ranks: SiteRanks, strateg
     """Send the round's adapter to `nodes`, screen what comes back, add it to `state`."""
     config = envelope.config
     state.attempts += 1
-    known, failures = site_ranks.learn(grid, nodes, server_round, progress)
+    known, failures, query_status = site_ranks.learn(grid, nodes, server_round, progress)
     sent = site_ranks.adapters(global_adapter, known)
     replies = exchange(grid, envelope.with_adapters(sent, server_round), MessageType.TRAIN, server_round,
                        config.federation.round_timeout, progress, "train")
+    state.status.update({**query_status, **replies.status})
     state.sent.update(sent)
     state.refused |= (site_ranks.refused | replies.refused) & set(nodes)
     state.failures += failures + replies.failures
@@ -325,6 +360,7 @@ def train_attempt(grid: Grid, envelope: Envelope, site_ranks: SiteRanks, strateg
         if (reason := declined_reason(m)) is not None:
             state.declined[m.metadata.src_node_id] = m
             state.failures[reason] += 1
+            state.status[m.metadata.src_node_id] = reason
             log.info("round %d: node %d %s", server_round, m.metadata.src_node_id, reason)
 
     # Sites send back the tensors they train (all, or all but the frozen factors).
@@ -337,12 +373,14 @@ def train_attempt(grid: Grid, envelope: Envelope, site_ranks: SiteRanks, strateg
             received.append(site_replies.train_update(m))
         except MalformedReply as exc:
             state.failures[exc.category] += 1
+            state.status[m.metadata.src_node_id] = exc.category
             log.warning("round %d: node %d sent a malformed reply: %s", server_round, m.metadata.src_node_id, exc)
     # Under central DP a site's update must not decide whether another's is kept (that would
     # break the sensitivity bound): only the per-update checks apply, not the outlier rule.
     section = replace(config.strategy, outlier_factor=0.0) if config.privacy.central else config.strategy
     updates, refused = screen_updates(received, expected, section)
     for node_id, reason in refused:
+        state.status[node_id] = f"rejected: {reason_category(reason)}"
         log.warning("round %d: update from node %d rejected: %s", server_round, node_id, reason)
     state.rejected += Counter(reason_category(reason) for _, reason in refused)
     state.updates.update({u.node_id: u for u in updates})
@@ -452,7 +490,7 @@ def run_federation(grid: Grid, config: Config) -> tuple[RunDirectory, list[dict[
     if not rows:
         # Round 0: the initial adapter, evaluated before any training.
         start = time.monotonic()
-        nodes, query_failures = site_ranks.learn(grid, sample_sites(nodes, config, 0), 0, progress)
+        nodes, query_failures, query_status = site_ranks.learn(grid, sample_sites(nodes, config, 0), 0, progress)
         eval_row, eval_replies = evaluate_round(grid, envelope, site_ranks.adapters(global_adapter, nodes), 0, progress)
         failures = query_failures + eval_replies.failures
         epsilon_max = max([0.0] + site_epsilons(eval_replies.ok))  # evaluations are accounted too
@@ -461,9 +499,11 @@ def run_federation(grid: Grid, config: Config) -> tuple[RunDirectory, list[dict[
             "failures": dict(failures), "updates_rejected": 0, "train_loss": None, **eval_row, "epsilon_max": epsilon_max,
             "noise_multiplier": None, "site_privacy": [], "bytes_up": eval_replies.bytes_up,
             "bytes_down": eval_replies.bytes_down, "seconds": time.monotonic() - start,
+            "sites": site_statuses(query_status, eval_replies.status),
         }]
         run_dir.append_metrics(rows[0])
         progress.round_done(rows[0])
+        note_site_problems(progress, rows[0])
 
     for server_round in range(last_round + 1, config.federation.rounds + 1):
         start = time.monotonic()
@@ -504,10 +544,13 @@ def run_federation(grid: Grid, config: Config) -> tuple[RunDirectory, list[dict[
             "bytes_up": state.bytes_up + eval_replies.bytes_up,
             "bytes_down": state.bytes_down + eval_replies.bytes_down,
             "seconds": time.monotonic() - start,
+            "sites": site_statuses({**state.status, **(dict.fromkeys(state.updates, "discarded") if budgets_exhausted else {})},
+                                   eval_replies.status),
             **strategy.round_metrics(),
         }
         run_dir.append_metrics(row)
         progress.round_done(row)
+        note_site_problems(progress, row)
         rows.append(row)
         if budgets_exhausted:
             # No checkpoint: nothing was trained, and a resume (after sites raise their limits) redoes this round.

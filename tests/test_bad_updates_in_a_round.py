@@ -37,4 +37,7 @@ def test_nan_and_huge_norm_updates_are_rejected_and_the_round_completes(tmp_path
     rows = run_small_simulation(attacked, tmp_path / "run", monkeypatch, 5, {"federation.rounds": 1, "federation.min_clients": 3})
     assert rows[1]["clients_ok"] == 3 and rows[1]["updates_rejected"] == 2 and rows[1]["clients_failed"] == 2
     assert rows[1]["failures"] == {"rejected: non-finite": 1, "rejected: outlier": 1}
+    sites = rows[1]["sites"]
+    assert sorted(s["train"] for s in sites) == ["ok", "ok", "ok", "rejected: non-finite", "rejected: outlier"]
+    assert all((s["evaluate"] == "ok") == (s["train"] == "ok") for s in sites)  # only the aggregated sites evaluate
     assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").is_file()

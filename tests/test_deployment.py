@@ -187,6 +187,10 @@ def test_three_tls_sites_with_node_auth_refusals_and_a_site_killed_mid_run(deplo
     assert rows[2]["clients_failed"] == 2  # the killed site and the refusing one
     assert rows[2]["failures"].get("refused: different base model") == 1
     assert rows[2]["failures"].get("node unavailable", 0) + rows[2]["failures"].get("timeout", 0) == 1
+    # The per-site rows name the killed site by its own node id (one that trained round 1), not the SuperLink's.
+    lost = [s for s in rows[2]["sites"] if s["train"] in ("node unavailable", "timeout")]
+    assert len(lost) == 1 and lost[0]["node"] in {s["node"] for s in rows[1]["sites"] if s["train"] == "ok"}
+    assert sorted(s["train"] for s in rows[2]["sites"]) == sorted(["ok", "ok", lost[0]["train"], "refused: different base model"])
 
     # A complete run directory, with an adapter PEFT loads.
     from peft import PeftModel

@@ -365,6 +365,9 @@ def test_malformed_replies_in_a_real_simulation_the_round_completes_with_the_oth
     assert row["clients_ok"] == 3 and row["clients_failed"] == 2 and row["updates_rejected"] == 0 and row["attempts"] == 1
     assert row["failures"] == {"error: malformed reply: num-examples": 1, "error: malformed reply: arrays": 1,
                                "evaluate: error: malformed reply: epsilon": 1}
+    assert sorted(s["train"] for s in row["sites"]) == ["error: malformed reply: arrays", "error: malformed reply: num-examples",
+                                                        "ok", "ok", "ok"]
+    assert sorted(s["evaluate"] for s in row["sites"] if s["evaluate"]) == ["error: malformed reply: epsilon", "ok", "ok"]
     # The site claiming 1e9 examples weighs 3 x the lower median of the three claims, which is the larger
     # honest one (m): 3m / (3m + m + the smaller one), between 3/5 and 3/4 (and not ~1).
     assert 0.6 - 1e-9 <= row["max_weight_share"] <= 0.75
