@@ -136,11 +136,11 @@ def declined_reason(reply: Message) -> str | None:
     return f"declined: {declined_key(dict(metrics))}" if "declined" in metrics else None
 
 
-def ratio_of_sums(evaluations: list[site_replies.Evaluation], field: str, max_weight_factor: float) -> float | None:
-    """Sum of `field` over sum of num_examples (sites release noisy sums under DP); a site
+def ratio_of_sums(evaluations: list[site_replies.Evaluation], attribute: str, max_weight_factor: float) -> float | None:
+    """Sum of `attribute` over sum of num_examples (sites release noisy sums under DP); a site
     whose count exceeds max_weight_factor x the lower median count has both its sums
-    scaled down to that bound (server/site_replies.py). Sites without the field are skipped."""
-    pairs = [(v, e.num_examples) for e in evaluations if (v := getattr(e, field)) is not None]
+    scaled down to that bound (server/site_replies.py). Sites without the attribute are skipped."""
+    pairs = [(v, e.num_examples) for e in evaluations if (v := getattr(e, attribute)) is not None]
     scales = site_replies.capped_scales([n for _, n in pairs], max_weight_factor)
     total = sum(s * n for s, (_, n) in zip(scales, pairs))
     return sum(s * v for s, (v, _) in zip(scales, pairs)) / total if pairs and total > 0 else None
