@@ -190,7 +190,12 @@ def run_run_cmd(args: argparse.Namespace) -> int:
     code = submit(config, _home(args), stream=not args.detach)
     adapter = Path(config.run.output_dir) / "adapter" / "adapter_model.safetensors"
     if not args.detach and code == 0 and adapter.is_file():
-        if (message := ended_early(metrics_rows(config.run.output_dir), config.federation.rounds)) is not None:
+        from server.progress import summary_table
+
+        rows = metrics_rows(config.run.output_dir)
+        if rows:
+            print(summary_table(rows), flush=True)
+        if (message := ended_early(rows, config.federation.rounds)) is not None:
             print(f"[fedlora] {message}", file=sys.stderr)
             return EXIT_ENDED_EARLY
         print(f"[fedlora] run finished: {config.run.output_dir}")

@@ -182,6 +182,8 @@ def test_three_tls_sites_with_node_auth_refusals_and_a_site_killed_mid_run(deplo
 
     rows = metrics_rows(run_dir)
     assert [r["round"] for r in rows] == [0, 1, 2]
+    run_log = (d.root / "run.log").read_text()  # `fedlora run` ends with the summary table, as simulate does
+    assert "eval_accuracy  epsilon_max" in run_log and "[fedlora] run finished" in run_log
     assert rows[1]["clients_ok"] == 3 and rows[1]["failures"] == {"refused: different base model": 1}
     assert rows[2]["clients_ok"] == 2
     assert rows[2]["clients_failed"] == 2  # the killed site and the refusing one
