@@ -195,15 +195,59 @@ def _check_key(key: Path) -> None:
         raise SiteError(f"--key {key}: Flower node authentication needs an EC (NIST P-384) key")
 
 
-def _check_root_cert(cert: Path) -> None:
+def _check_root_cert(cert: Path, superlink: str) -> None:
+    """A readable CA certificate, valid today; and, when the coordinator is reachable
+    now, the certificate it presents is signed by this CA for the address dialled (what
+    the SuperNode would otherwise find out later, in a multi-line gRPC error)."""
+    import datetime
+
     from cryptography import x509
 
     try:
-        x509.load_pem_x509_certificate(cert.read_bytes())
+        ca = x509.load_pem_x509_certificate(cert.read_bytes())
     except OSError as exc:
         raise SiteError(f"--root-cert {cert}: not readable ({exc.strerror})") from None
     except ValueError:
         raise SiteError(f"--root-cert {cert}: not a PEM certificate") from None
+    now = datetime.datetime.now(datetime.timezone.utc)
+    if now > ca.not_valid_after_utc:
+        raise SiteError(f"--root-cert {cert}: expired on {ca.not_valid_after_utc:%Y-%m-%d %H:%M} UTC")
+    if now < ca.not_valid_before_utc:
+        raise SiteError(f"--root-cert {cert}: not valid before {ca.not_valid_before_utc:%Y-%m-%d %H:%M} UTC")
+    try:
+        is_ca = ca.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    except x509.ExtensionNotFound:
+        is_ca = False
+    if not is_ca:
+        raise SiteError(f"--root-cert {cert}: not a CA certificate (give the CA's certificate, ca.pem, not the coordinator's own)")
+    _check_coordinator_tls(cert, superlink)
+
+
+def _check_coordinator_tls(cert: Path, superlink: str) -> None:
+    """A TLS handshake with the coordinator, verified against `cert`. Skipped when the
+    coordinator does not answer now: the SuperNode keeps trying to reach it."""
+    import socket
+    import ssl
+
+    host, _, port = superlink.rpartition(":")
+    host = host.strip("[]")
+    context = ssl.create_default_context(cafile=str(cert))
+    context.set_alpn_protocols(["h2"])  # gRPC's
+    try:
+        raw = socket.create_connection((host, int(port)), timeout=5)
+    except (OSError, ValueError):
+        return
+    try:
+        with context.wrap_socket(raw, server_hostname=host):
+            pass
+    except ssl.SSLCertVerificationError as exc:
+        raise SiteError(f"--root-cert {cert}: the coordinator at {superlink} presents a certificate this CA does not "
+                        f"vouch for ({exc.verify_message}; a CA from another `fedlora certs` run, or an address the "
+                        "certificate does not name?)") from None
+    except (OSError, ssl.SSLError):
+        return  # not a TLS server answering, or gone again: the SuperNode's own connection decides
+    finally:
+        raw.close()
 
 
 def _check_policy(site: SiteSettings) -> None:
@@ -255,7 +299,7 @@ def validate_site(site: SiteSettings) -> None:
     if site.key is not None:
         _check_key(site.key)
     if site.root_cert is not None:
-        _check_root_cert(site.root_cert)
+        _check_root_cert(site.root_cert, site.superlink)
 
 
 def supernode_command(site: SiteSettings) -> list[str]:

@@ -157,3 +157,77 @@ def test_fingerprint_covers_the_weights_not_files_saved_beside_them(tiny_models,
     data[-1] ^= 1  # one bit of one weight
     weights.write_bytes(bytes(data))
     assert model_fingerprint(copy) != model_fingerprint(tiny_models["bert"])
+
+
+def tls_server(certs: dict[str, Path]):
+    """A TLS server on 127.0.0.1 with a coordinator certificate, as the SuperLink presents
+    it; returns (address, stop). It completes handshakes and closes."""
+    import socket
+    import ssl
+    import threading
+
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(certs["server.pem"], certs["server.key"])
+    context.set_alpn_protocols(["h2"])
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(0.2)
+    stopped = threading.Event()
+
+    def serve() -> None:
+        while not stopped.is_set():
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                continue
+            try:
+                with context.wrap_socket(conn, server_side=True):
+                    pass
+            except (OSError, ssl.SSLError):
+                pass  # the client refused our certificate
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+
+    def stop() -> None:
+        stopped.set()
+        thread.join()
+        listener.close()
+
+    return f"127.0.0.1:{listener.getsockname()[1]}", stop
+
+
+def test_root_cert_must_be_a_valid_ca_that_signed_the_coordinators_certificate(site, tmp_path):
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    ours = create_certificates(tmp_path / "ours", ["localhost", "127.0.0.1"])
+    other = create_certificates(tmp_path / "other", ["localhost", "127.0.0.1"])
+    address, stop = tls_server(ours)
+    try:
+        site.superlink, site.root_cert = address, ours["ca.pem"]
+        validate_site(site)  # the coordinator's certificate is signed by the CA given
+        site.root_cert = other["ca.pem"]  # a CA from another `fedlora certs` run
+        with pytest.raises(SiteError, match=rf"the coordinator at {address} presents a certificate this CA does not vouch for"):
+            validate_site(site)
+    finally:
+        stop()
+
+    site.root_cert = ours["server.pem"]  # the coordinator's own certificate, not the CA's
+    with pytest.raises(SiteError, match="not a CA certificate"):
+        validate_site(site)
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "old CA")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    expired = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+               .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(days=400))
+               .not_valid_after(now - datetime.timedelta(days=35))
+               .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True).sign(key, hashes.SHA256()))
+    site.root_cert = tmp_path / "expired-ca.pem"
+    site.root_cert.write_bytes(expired.public_bytes(serialization.Encoding.PEM))
+    with pytest.raises(SiteError, match=r"expired-ca\.pem: expired on \d{4}-\d\d-\d\d"):
+        validate_site(site)
