@@ -119,15 +119,17 @@ def exchange(
 
 
 def error_category(reason: str) -> str:
-    """A short, stable key for a failure reason in metrics.jsonl (the log has it whole).
-    fedlora sites send only fixed categories (client/reply_guard.py)."""
+    """A key from a fixed set for a failure reason in metrics.jsonl (the log has it whole).
+    fedlora sites send only fixed categories (client/reply_guard.py); any other text (a
+    site running other code, Flower's own errors) is "error: other": it is the replier's
+    free text, and a metrics key should neither carry it nor grow without bound."""
     if "Node Unavailable" in reason:
         return "node unavailable"  # the site stopped sending heartbeats (killed, network down)
     if reason == REFUSED_APP:
         return REFUSED_APP
     if reason in SITE_ERROR_CATEGORIES:
         return f"error: {reason}"
-    return f"error: {reason.splitlines()[0][:80]}" if reason else "error"
+    return "error: other"
 
 
 def declined_reason(reply: Message) -> str | None:

@@ -383,3 +383,13 @@ def test_max_weight_factor_is_0_or_at_least_1():
     for bad in (0.5, -1.0, float("inf")):
         with pytest.raises(ConfigError, match="max_weight_factor"):
             load_config(None, {"strategy.max_weight_factor": bad})
+
+
+def test_error_replies_count_under_a_fixed_set_of_keys():
+    from server.federation import REFUSED_APP, error_category
+
+    assert error_category("data error") == "error: data error" and error_category(REFUSED_APP) == REFUSED_APP
+    assert error_category("Error: Node Unavailable - the SuperNode stopped sending heartbeats") == "node unavailable"
+    # Free text (another implementation's site, Flower's own tracebacks) never becomes a metrics key.
+    for text in ("Jane Doe, 1970-01-01, MRN 12345 not found", "Traceback (most recent call last):\n  File ...", ""):
+        assert error_category(text) == "error: other"
