@@ -129,7 +129,7 @@ def error_category(reason: str) -> str:
         return REFUSED_APP
     if reason in SITE_ERROR_CATEGORIES:
         return f"error: {reason}"
-    return "error: other"
+    return "error: other" if reason else "error"
 
 
 def declined_reason(reply: Message) -> str | None:

@@ -391,5 +391,6 @@ def test_error_replies_count_under_a_fixed_set_of_keys():
     assert error_category("data error") == "error: data error" and error_category(REFUSED_APP) == REFUSED_APP
     assert error_category("Error: Node Unavailable - the SuperNode stopped sending heartbeats") == "node unavailable"
     # Free text (another implementation's site, Flower's own tracebacks) never becomes a metrics key.
-    for text in ("Jane Doe, 1970-01-01, MRN 12345 not found", "Traceback (most recent call last):\n  File ...", ""):
+    for text in ("Jane Doe, 1970-01-01, MRN 12345 not found", "Traceback (most recent call last):\n  File ..."):
         assert error_category(text) == "error: other"
+    assert error_category("") == "error"  # no reason at all
