@@ -192,9 +192,14 @@ def run_run_cmd(args: argparse.Namespace) -> int:
     if not args.detach and code == 0 and adapter.is_file():
         from server.progress import summary_table
 
+        from server import site_names
+
         rows = metrics_rows(config.run.output_dir)
         if rows:
             print(summary_table(rows), flush=True)
+        names = site_names.load(args.coordinator_dir.resolve()) if args.coordinator_dir else {}
+        for line in site_names.problem_lines(rows, names):  # which site did not deliver, by the operator's name
+            print(f"[fedlora] {line}", flush=True)
         if (message := ended_early(rows, config.federation.rounds)) is not None:
             print(f"[fedlora] {message}", file=sys.stderr)
             return EXIT_ENDED_EARLY
@@ -220,16 +225,25 @@ def run_site_key_cmd(args: argparse.Namespace) -> int:
 
 
 def run_register_cmd(args: argparse.Namespace) -> int:
+    from server import site_names
     from server.coordinator_service import register_site
 
-    print(f"registered {args.public_key}: node id {register_site(_home(args), args.public_key, args.name)}")
+    name = args.name or (site_names.key_comment(args.public_key) if args.public_key.is_file() else None)
+    node_id = register_site(_home(args), args.public_key, name)
+    if args.coordinator_dir and name:
+        site_names.record(args.coordinator_dir.resolve(), node_id, name)
+    print(f"registered {args.public_key}{f' as {name}' if name else ''}: node id {node_id}")
     return 0
 
 
 def run_unregister_cmd(args: argparse.Namespace) -> int:
     from server.coordinator_service import unregister_site
 
+    from server import site_names
+
     unregister_site(_home(args), args.node_id)
+    if args.coordinator_dir:
+        site_names.forget(args.coordinator_dir.resolve(), args.node_id)
     print(f"unregistered node {args.node_id}")
     return 0
 
@@ -237,8 +251,12 @@ def run_unregister_cmd(args: argparse.Namespace) -> int:
 def run_sites_cmd(args: argparse.Namespace) -> int:
     from server.coordinator_service import list_sites
 
+    from server import site_names
+
+    names = site_names.load(args.coordinator_dir.resolve()) if args.coordinator_dir else {}
     for node in list_sites(_home(args)):
-        print(f"{node['node-id']:>22}  {node['status']:<12}  online since {node['online-at']}")
+        name = names.get(int(node["node-id"]), "-")
+        print(f"{node['node-id']:>22}  {name:<16}  {node['status']:<12}  online since {node['online-at']}")
     return 0
 
 

@@ -193,6 +193,9 @@ def test_three_tls_sites_with_node_auth_refusals_and_a_site_killed_mid_run(deplo
     lost = [s for s in rows[2]["sites"] if s["train"] in ("node unavailable", "timeout")]
     assert len(lost) == 1 and lost[0]["node"] in {s["node"] for s in rows[1]["sites"] if s["train"] == "ok"}
     assert sorted(s["train"] for s in rows[2]["sites"]) == sorted(["ok", "ok", lost[0]["train"], "refused: different base model"])
+    # `fedlora run` names the sites that did not deliver by the operator's names (the keys' comments at registration).
+    assert f"site-1 (node {lost[0]['node']}) train: {lost[0]['train']}" in run_log
+    assert "other-model (node" in run_log and "train: refused: different base model" in run_log
 
     # A complete run directory, with an adapter PEFT loads.
     from peft import PeftModel
