@@ -50,6 +50,13 @@ def build_parser() -> argparse.ArgumentParser:
     priv.add_argument("state_dir", metavar="STATE_DIR", help="the site's state directory")
     priv.add_argument("--json", action="store_true",
                       help="print one JSON object: per run accountant, delta, epsilon, history [[noise_multiplier, sample_rate, steps], ...]")
+    report = commands.add_parser(
+        "report", help="write RUN_DIR/report.html: plots of a run's rounds, privacy and participation",
+        description="Write RUN_DIR/report.html, one self-contained page (inline SVG plots, no external URL) with "
+                    "accuracy or perplexity and loss per round, each site's epsilon per round against the run's target, "
+                    "sites trained / failed / declined per round, failures by reason, bytes on the wire, the resolved "
+                    "config and the final adapter's location. `simulate` and `run` write it at the end of every run.")
+    report.add_argument("run_dir", metavar="RUN_DIR", help="a run directory (config.toml, metrics.jsonl)")
     bench = commands.add_parser("bench", help="measure training costs on this machine",
                                 description="Benchmarks that print a readable table, or JSON with --json.")
     benches = bench.add_subparsers(dest="bench", required=True, metavar="BENCH")
@@ -170,6 +177,13 @@ def run_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_report(args: argparse.Namespace) -> int:
+    from server.run_report import write_report
+
+    print(write_report(args.run_dir))
+    return 0
+
+
 def run_simulate(args: argparse.Namespace) -> int:
     overrides = dict(parse_override(item) for item in args.set)
     for key, value in (("simulation.clients", args.clients), ("federation.rounds", args.rounds), ("run.output_dir", args.output)):
@@ -180,7 +194,7 @@ def run_simulate(args: argparse.Namespace) -> int:
     from fedlora.run_outcome import EXIT_ENDED_EARLY, ended_early
     from simulations.runner import simulate
 
-    _, rows = simulate(config)
+    _, rows = simulate(config)  # it writes the report too
     if (message := ended_early(rows, config.federation.rounds)) is not None:
         print(f"fedlora: {message}", file=sys.stderr)
         return EXIT_ENDED_EARLY
@@ -210,6 +224,8 @@ def main(argv: list[str] | None = None) -> int:
             return run_compare(args)
         if args.command == "privacy":
             return run_privacy(args)
+        if args.command == "report":
+            return run_report(args)
         if args.command == "bench":
             return run_bench(args)
         if args.command in DEPLOYMENT_COMMANDS:

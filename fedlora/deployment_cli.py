@@ -200,6 +200,10 @@ def run_run_cmd(args: argparse.Namespace) -> int:
         names = site_names.load(args.coordinator_dir.resolve()) if args.coordinator_dir else {}
         for line in site_names.problem_lines(rows, names):  # which site did not deliver, by the operator's name
             print(f"[fedlora] {line}", flush=True)
+        if rows:
+            from server.run_report import write_report
+
+            print(f"[fedlora] report: {write_report(config.run.output_dir)}", flush=True)
         if (message := ended_early(rows, config.federation.rounds)) is not None:
             print(f"[fedlora] {message}", file=sys.stderr)
             return EXIT_ENDED_EARLY

@@ -70,5 +70,8 @@ def simulate(config: Config) -> tuple[RunDirectory, list[dict[str, Any]]]:
     if "rows" not in result:
         raise RuntimeError("the simulation ended without finishing its rounds (see the log above)")
     print(summary_table(result["rows"]))
-    print(f"run directory: {result['run_dir'].path}")
+    from server.run_report import write_report
+
+    print(f"report: {write_report(result['run_dir'].path)}")
+    print(f"run directory: {result['run_dir'].path}")  # the last line: `fedlora compare` reads it
     return result["run_dir"], result["rows"]

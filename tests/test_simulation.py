@@ -49,6 +49,11 @@ def test_three_clients_two_rounds_write_a_complete_run_directory(tmp_path):
     assert 0 < rows[1]["epsilon_max"] < rows[2]["epsilon_max"] <= config.privacy.target_epsilon + 1e-6
     assert rows[2]["epsilon_max"] >= config.privacy.target_epsilon - 0.1
 
+    # report.html: written at the end of the run, one figure per plot, and the run directory is the last line.
+    report = (out / "report.html").read_text()
+    assert report.count("<figure") == 5 and "all 2 planned rounds trained" in report
+    assert proc.stdout.strip().splitlines()[-1] == f"run directory: {out.resolve()}"
+
     # checkpoints/ for each round.
     for r in (1, 2):
         state = json.loads((out / "checkpoints" / f"round-{r:04d}" / "state.json").read_text())

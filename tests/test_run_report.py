@@ -1,0 +1,71 @@
+"""`fedlora report`: one self-contained HTML file per run (inline SVG, no URL at all),
+one figure per plot, each with as many points as the run has rounds for it."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+from fedlora.cli import main
+from fedlora.config import load_config, write_config
+
+
+def write_run(run_dir: Path, private: bool = True, rounds: int = 3) -> Path:
+    """A run directory as the coordinator writes it: config.toml, metrics.jsonl, adapter/."""
+    run_dir.mkdir(parents=True)
+    write_config(load_config(None, {"federation.rounds": rounds, "privacy.enabled": private}), run_dir / "config.toml")
+    rows = [{"round": 0, "clients_ok": 0, "clients_failed": 0, "clients_declined": 0, "failures": {}, "train_loss": None,
+             "eval_loss": 1.8, "eval_accuracy": 0.2, "epsilon_max": 0.4, "site_privacy": [], "bytes_up": 0, "bytes_down": 10**6,
+             "seconds": 3.0, "sites": []}]
+    for r in range(1, rounds + 1):
+        # Node 11 trains every round; node 12 declines round 3; node 13 is lost after round 1.
+        privacy = [{"node": 11, "declined": False, "epsilon": 2.0 * r}]
+        privacy.append({"node": 12, "declined": r == 3, "epsilon": None if r == 3 else 2.5 * r})
+        if r == 1:
+            privacy.append({"node": 13, "declined": False, "epsilon": 2.2})
+        failures = {"declined: privacy budget": 1} if r == 3 else {"node unavailable": 1} if r == 2 else {}
+        rows.append({"round": r, "clients_ok": 3 if r == 1 else 2 if r == 2 else 1, "clients_failed": sum(failures.values()),
+                     "clients_declined": int(r == 3), "failures": failures, "train_loss": None, "eval_loss": 1.8 - 0.3 * r,
+                     "eval_accuracy": 0.2 + 0.2 * r, "epsilon_max": 2.5 * r, "site_privacy": privacy if private else [],
+                     "bytes_up": 9 * 10**5, "bytes_down": 9 * 10**5, "seconds": 10.0, "ended_early": False})
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (run_dir / "adapter").mkdir()
+    return run_dir
+
+
+def series_points(page: str, gid: str) -> int:
+    """Markers drawn for the plotted series `gid` (matplotlib draws one <use> per point)."""
+    match = re.search(rf'<g id="{gid}">(.*?)</g>\s*</g>', page, re.S)
+    assert match, gid
+    return match.group(1).count("<use")
+
+
+def test_the_report_is_self_contained_with_one_figure_per_plot_and_every_point(tmp_path, capsys):
+    run_dir = write_run(tmp_path / "run")
+    assert main(["report", str(run_dir)]) == 0
+    page = (run_dir / "report.html").read_text()
+    assert capsys.readouterr().out.strip() == str(run_dir / "report.html")
+    # Opens on an air-gapped machine: no URL, script, stylesheet link or image; references stay in the page (#id).
+    assert not re.search(r"https?://|<script|<link|<img|url\((?!#)|href=\"(?!#)", page)
+    assert "clip-path=\"url(#" in page and "xlink:href=\"#" in page  # what the pattern above allows is really there
+    figures = re.findall(r'<figure id="([a-z]+)">.*?</figure>', page, re.S)
+    assert figures == ["quality", "loss", "epsilon", "participation", "bytes"]
+    assert page.count("<svg") == len(figures)
+    assert series_points(page, "series-eval_accuracy") == 4 and series_points(page, "series-eval_loss") == 4
+    assert series_points(page, "series-bytes_up") == 4
+    # Each site's epsilon at the rounds it trained: 3, 2 (it declined round 3) and 1 (lost after round 1).
+    assert [series_points(page, f"series-epsilon-{n}") for n in (11, 12, 13)] == [3, 2, 1]
+    assert "declined: privacy budget" in page and "node unavailable" in page  # the failure table
+    assert "all 3 planned rounds trained" in page and "[privacy]" in page and str((run_dir / "adapter").resolve()) in page
+
+
+def test_without_dp_there_is_no_epsilon_plot_and_a_bad_folder_is_one_line(tmp_path, capsys):
+    run_dir = write_run(tmp_path / "run", private=False)
+    assert main(["report", str(run_dir)]) == 0
+    page = (run_dir / "report.html").read_text()
+    assert re.findall(r'<figure id="([a-z]+)">', page) == ["quality", "loss", "participation", "bytes"]
+    capsys.readouterr()
+    assert main(["report", str(tmp_path / "nothing")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "not a run directory" in err
