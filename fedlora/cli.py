@@ -148,7 +148,7 @@ def run_privacy(args: argparse.Namespace) -> int:
 
     # Said before the accountant (Opacus, and with it torch) is imported: seconds.
     if not Path(args.state_dir).is_dir():
-        raise ConfigError(f"{args.state_dir}: no such folder (a site's state dir: node config `state-dir`)")
+        raise ConfigError(f"{args.state_dir}: no privacy ledger here (no such folder; a site's state dir is its node config `state-dir`)")
     from privacy.ledger_report import ledger_summary, ledger_table
     from privacy.site_ledger import LedgerError
 
