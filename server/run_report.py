@@ -60,14 +60,15 @@ def _quality_plot(rows: list[dict[str, Any]], key: str, label: str) -> str:
     return _svg(draw)
 
 
-def _loss_plot(rows: list[dict[str, Any]]) -> str:
+def _lines_plot(rows: list[dict[str, Any]], keys: tuple[str, ...], ylabel: str, scale: float = 1.0) -> str:
+    """One line per metrics key that the run recorded, by round (values times `scale`)."""
     def draw(ax) -> None:
-        for i, key in enumerate(("eval_loss", "train_loss")):
+        for i, key in enumerate(keys):
             x, y = _rounds(rows, key)
             if x:
-                ax.plot(x, y, marker="o", color=COLORS[i], label=key.replace("_", " "), gid=f"series-{key}")
+                ax.plot(x, [v * scale for v in y], marker="o", color=COLORS[i], label=key.replace("_", " "), gid=f"series-{key}")
         ax.set_xlabel("round")
-        ax.set_ylabel("loss")
+        ax.set_ylabel(ylabel)
         ax.legend()
     return _svg(draw)
 
@@ -109,17 +110,6 @@ def _participation_plot(rows: list[dict[str, Any]]) -> str:
     return _svg(draw)
 
 
-def _bytes_plot(rows: list[dict[str, Any]]) -> str:
-    def draw(ax) -> None:
-        for i, key in enumerate(("bytes_up", "bytes_down")):
-            x, y = _rounds(rows, key)
-            ax.plot(x, [v / 1e6 for v in y], marker="o", color=COLORS[i], label=key.replace("_", " "), gid=f"series-{key}")
-        ax.set_xlabel("round")
-        ax.set_ylabel("MB (all sites)")
-        ax.legend()
-    return _svg(draw)
-
-
 def _failure_table(rows: list[dict[str, Any]]) -> str:
     lines = [f"<tr><td>{r['round']}</td><td>{html.escape(category)}</td><td>{count}</td></tr>"
              for r in rows for category, count in sorted((r.get("failures") or {}).items())]
@@ -152,14 +142,15 @@ def write_report(run_dir: str | Path) -> Path:
         _figure("quality", "Validation accuracy per round" if classification else "Validation perplexity per round",
                 _quality_plot(rows, "eval_accuracy", "accuracy") if classification
                 else _quality_plot(rows, "eval_perplexity", "perplexity")),
-        _figure("loss", "Loss per round (the train loss stays at the sites under DP)", _loss_plot(rows)),
+        _figure("loss", "Loss per round (the train loss stays at the sites under DP)",
+                _lines_plot(rows, ("eval_loss", "train_loss"), "loss")),
     ]
     if private:
         figures.append(_figure("epsilon", "Each site's epsilon after each round, against the run's target",
                                _epsilon_plot(rows, config["privacy"]["target_epsilon"])))
     figures += [
         _figure("participation", "Sites per round: trained, failed or rejected, declined", _participation_plot(rows)),
-        _figure("bytes", "Bytes on the wire per round", _bytes_plot(rows)),
+        _figure("bytes", "Bytes on the wire per round", _lines_plot(rows, ("bytes_up", "bytes_down"), "MB (all sites)", 1e-6)),
     ]
     adapter = run_dir / "adapter"
     status = (f"{trained} of {planned} planned rounds trained" + (" (the run ended early)" if rows[-1].get("ended_early") else "")
