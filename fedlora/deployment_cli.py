@@ -9,7 +9,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from fedlora.config import parse_override
+from fedlora.config import Config, parse_override
 
 DEPLOYMENT_GUIDE = "See docs/deployment.md for a three-site TLS federation with node authentication."
 
@@ -185,30 +185,33 @@ def run_run_cmd(args: argparse.Namespace) -> int:
     if args.config and args.resume:
         raise ConfigError("give either --config FILE (a new run) or --resume RUN_DIR, not both")
     config = resolved_config(args.config, dict(parse_override(item) for item in args.set), args.resume)
-    from fedlora.run_outcome import EXIT_ENDED_EARLY, ended_early, metrics_rows
-
     code = submit(config, _home(args), stream=not args.detach)
     adapter = Path(config.run.output_dir) / "adapter" / "adapter_model.safetensors"
     if not args.detach and code == 0 and adapter.is_file():
-        from server.progress import summary_table
-
-        from server import site_names
-
-        rows = metrics_rows(config.run.output_dir)
-        if rows:
-            print(summary_table(rows), flush=True)
-        names = site_names.load(args.coordinator_dir.resolve()) if args.coordinator_dir else {}
-        for line in site_names.problem_lines(rows, names):  # which site did not deliver, by the operator's name
-            print(f"[fedlora] {line}", flush=True)
-        if rows:
-            from server.run_report import write_report
-
-            print(f"[fedlora] report: {write_report(config.run.output_dir)}", flush=True)
-        if (message := ended_early(rows, config.federation.rounds)) is not None:
-            print(f"[fedlora] {message}", file=sys.stderr)
-            return EXIT_ENDED_EARLY
-        print(f"[fedlora] run finished: {config.run.output_dir}")
+        return _show_finished_run(config, args.coordinator_dir)
     return code
+
+
+def _show_finished_run(config: Config, coordinator_dir: Path | None) -> int:
+    """After a run: the summary table, the sites that did not deliver (by the operator's
+    names), the report; exit 3 if the run ended before its planned rounds."""
+    from fedlora.run_outcome import EXIT_ENDED_EARLY, ended_early, metrics_rows
+    from server import site_names
+    from server.progress import summary_table
+    from server.run_report import write_report
+
+    rows = metrics_rows(config.run.output_dir)
+    if rows:
+        print(summary_table(rows), flush=True)
+        names = site_names.load(coordinator_dir.resolve()) if coordinator_dir else {}
+        for line in site_names.problem_lines(rows, names):
+            print(f"[fedlora] {line}", flush=True)
+        print(f"[fedlora] report: {write_report(config.run.output_dir)}", flush=True)
+    if (message := ended_early(rows, config.federation.rounds)) is not None:
+        print(f"[fedlora] {message}", file=sys.stderr)
+        return EXIT_ENDED_EARLY
+    print(f"[fedlora] run finished: {config.run.output_dir}")
+    return 0
 
 
 def run_certs_cmd(args: argparse.Namespace) -> int:

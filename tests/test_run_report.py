@@ -69,3 +69,30 @@ def test_without_dp_there_is_no_epsilon_plot_and_a_bad_folder_is_one_line(tmp_pa
     assert main(["report", str(tmp_path / "nothing")]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "not a run directory" in err
+
+
+def test_fedlora_run_ends_with_the_table_the_sites_by_name_and_the_report(tmp_path, capsys):
+    from fedlora.config import load_config
+    from fedlora.deployment_cli import _show_finished_run
+    from server import site_names
+
+    run_dir = write_run(tmp_path / "run")
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    rows[2]["sites"] = [{"node": 13, "train": "node unavailable", "evaluate": None}, {"node": 11, "train": "ok", "evaluate": "ok"}]
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    coordinator = tmp_path / "coordinator"
+    coordinator.mkdir()
+    site_names.record(coordinator, 13, "north-clinic")
+    config = load_config(run_dir / "config.toml")
+    config.run.output_dir = str(run_dir)
+
+    assert _show_finished_run(config, coordinator) == 0
+    out = capsys.readouterr().out
+    assert "eval_accuracy  epsilon_max" in out and "[fedlora] round 2: north-clinic (node 13) train: node unavailable" in out
+    assert f"[fedlora] report: {run_dir / 'report.html'}" in out and out.rstrip().endswith(f"run finished: {run_dir}")
+
+    rows[-1]["ended_early"] = True  # the last round could not be completed
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert _show_finished_run(config, None) == 3
+    captured = capsys.readouterr()
+    assert "run finished" not in captured.out and "run ended early: 2 of 3 rounds trained" in captured.err
