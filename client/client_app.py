@@ -24,13 +24,13 @@ from pathlib import Path
 from flwr.app import Context, Message, MessageType, RecordDict
 from flwr.clientapp import ClientApp
 
-from client.local_evaluation import evaluate_locally
-from client.local_training import frozen, train_locally
-from client.model_cache import cached_model
-from client.reply_guard import guarded_replies
-from client.site_data import load_site_data
-from client.site_policy import SitePolicy, site_policy, violation
-from client.site_privacy import calibrated_plan, eval_mechanism, plan_within_limit, remaining_plan, site_state_dir
+from fedlora.client.local_evaluation import evaluate_locally
+from fedlora.client.local_training import frozen, train_locally
+from fedlora.client.model_cache import cached_model
+from fedlora.client.reply_guard import guarded_replies
+from fedlora.client.site_data import load_site_data
+from fedlora.client.site_policy import SitePolicy, site_policy, violation
+from fedlora.client.site_privacy import calibrated_plan, eval_mechanism, plan_within_limit, remaining_plan, site_state_dir
 from fedlora.adapter_state import adapter_of, from_record, put_adapter, to_record
 from fedlora.base_fingerprint import model_fingerprint
 from fedlora.base_model import resolve_model_dir
@@ -39,11 +39,11 @@ from fedlora.messages import (
     DECLINED_METRICS, EVALUATE_METRICS, POLICY_METRIC_PREFIX, QUERY_METRICS, REFUSED_METRICS, TRAIN_METRICS,
     metric_record, read_config_record, sent_fingerprint,
 )
-from privacy.budget_guard import BudgetDecision, check_budget
-from privacy.noisy_release import noisy_sum
-from privacy.site_audit import append_audit, read_audit
-from privacy.site_ledger import Declined, Mechanism, open_ledger
-from strategies import get_strategy, trained_part
+from fedlora.privacy.budget_guard import BudgetDecision, check_budget
+from fedlora.privacy.noisy_release import noisy_sum
+from fedlora.privacy.site_audit import append_audit, read_audit
+from fedlora.privacy.site_ledger import Declined, Mechanism, open_ledger
+from fedlora.strategies import get_strategy, trained_part
 
 app = ClientApp(mods=[guarded_replies])
 log = logging.getLogger("fedlora.client")

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from client.local_training import forward_logits, on_device, sequence_losses
+from fedlora.client.local_training import forward_logits, on_device, sequence_losses
 from fedlora.config import Config
 from fedlora.text_data import Example, collate
 

@@ -21,8 +21,8 @@ import torch.nn.functional as F
 from fedlora.base_model import ModelError
 from fedlora.config import Config
 from fedlora.text_data import IGNORE_INDEX, Example, collate
-from privacy.dp_sgd import mark_empty_batch, private_optimizer
-from privacy.user_level import merge_rows_by_unit, unit_weights
+from fedlora.privacy.dp_sgd import mark_empty_batch, private_optimizer
+from fedlora.privacy.user_level import merge_rows_by_unit, unit_weights
 
 
 @dataclass

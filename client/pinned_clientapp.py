@@ -28,7 +28,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from client.app_pinning import REFUSED_APP, AppDecision, decide, log_decision, site_log_handler
+from fedlora.client.app_pinning import REFUSED_APP, AppDecision, decide, log_decision, site_log_handler
 
 if TYPE_CHECKING:
     from flwr.clientapp import ClientApp
@@ -37,7 +37,7 @@ log = logging.getLogger("fedlora.site")
 
 INTERNAL_ERROR = "internal error"
 # The installed fedlora's top-level packages: never served from outside the bundle.
-FEDLORA_PACKAGES = frozenset({"fedlora", "server", "client", "strategies", "privacy", "simulations"})
+FEDLORA_PACKAGES = frozenset({"fedlora"})
 
 
 class ForeignCodeError(RuntimeError):
@@ -47,7 +47,7 @@ class ForeignCodeError(RuntimeError):
 def record_decision(state_dir: Path, run: str, decision: AppDecision, approved: list[str], flower_run_id: int) -> None:
     """One "app" entry per run and decision in the site's audit log (each message of a
     run is its own process: the first one writes it)."""
-    from privacy.site_audit import append_audit, read_audit
+    from fedlora.privacy.site_audit import append_audit, read_audit
 
     fields = {"app_hash": decision.app_hash, "approved": decision.approved, "approved_hashes": list(approved)}
     for entry in read_audit(state_dir):
@@ -168,7 +168,7 @@ def run_pinned_clientapp(runtime_api_address: str, token: str, state_dir: Path, 
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m client.pinned_clientapp",
+    parser = argparse.ArgumentParser(prog="python -m fedlora.client.pinned_clientapp",
                                      description="One ClientApp task, run only if its app bundle is approved. "
                                                  "The task token is read from stdin.")
     parser.add_argument("--runtime-api-address", required=True)

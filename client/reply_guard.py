@@ -17,15 +17,15 @@ from flwr.app import Context, Error, Message, MessageType
 from flwr.clientapp.typing import ClientAppCallable
 from flwr.common.constant import ErrorCode
 
-from client.site_policy import PolicyError
+from fedlora.client.site_policy import PolicyError
 from fedlora.base_model import ModelError
 from fedlora.config import ConfigError
 from fedlora.messages import (
     DECLINED_METRICS, EVALUATE_METRICS, QUERY_METRICS, REFUSED_METRICS, SITE_ERROR_CATEGORIES, TRAIN_METRICS,
 )
 from fedlora.text_data import DataError
-from privacy.site_audit import AuditError
-from privacy.site_ledger import LedgerError
+from fedlora.privacy.site_audit import AuditError
+from fedlora.privacy.site_ledger import LedgerError
 
 log = logging.getLogger("fedlora.client")
 

@@ -166,7 +166,7 @@ def _check_model(model_path: str) -> None:
 
 
 def _check_state_dir(state_dir: Path) -> None:
-    from privacy.site_ledger import LedgerError, SiteLedger
+    from fedlora.privacy.site_ledger import LedgerError, SiteLedger
 
     try:
         state_dir.mkdir(parents=True, exist_ok=True)
@@ -275,7 +275,7 @@ def _check_policy(site: SiteSettings) -> None:
 
 def approved_apps(site: SiteSettings) -> list[str]:
     """The installed release's app hash, then --allow-app and --allow-apps hashes."""
-    from client.app_pinning import AppPinningError, approved_hashes
+    from fedlora.client.app_pinning import AppPinningError, approved_hashes
 
     try:
         return approved_hashes(site.allow_app, site.allow_apps_file)
@@ -320,7 +320,7 @@ def supernode_command(site: SiteSettings) -> list[str]:
 def executor_command(site: SiteSettings, approved: list[str]) -> list[str]:
     """The site's executor (client/site_executor.py), isolated from the working
     directory and PYTHONPATH; it exits with the SuperNode (this process, after exec)."""
-    command = [sys.executable, "-I", "-m", "client.site_executor", "--runtime-api-address",
+    command = [sys.executable, "-I", "-m", "fedlora.client.site_executor", "--runtime-api-address",
                f"127.0.0.1:{site.runtime_port}", "--superexec-auth-secret-file", str(site.superexec_secret_file),
                "--state-dir", str(site.state_dir), "--parent-pid", str(os.getpid())]
     for app_hash in approved:

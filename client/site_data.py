@@ -26,7 +26,7 @@ def site_rows(config: Config, node_config: dict) -> tuple[list[dict], str, int]:
         path = str(node_config["data-path"])
         return read_rows(path), path, 0
     if "partition-id" in node_config:
-        from simulations.virtual_sites import partition_rows  # the simulation owns partitioning
+        from fedlora.simulations.virtual_sites import partition_rows  # the simulation owns partitioning
 
         pid, count = int(node_config["partition-id"]), int(node_config["num-partitions"])
         return partition_rows(config, pid, count), f"{config.simulation.dataset} (partition {pid} of {count})", pid

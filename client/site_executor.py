@@ -6,7 +6,7 @@ process.
 launches nothing itself) and a SuperExec auth secret, and starts this loop next to
 it. The loop asks the SuperNode's Runtime API for ClientApp tasks (signed with the
 secret, so no other local process can take them) and starts one
-`client.pinned_clientapp` process per task, which checks the run's app bundle
+`fedlora.client.pinned_clientapp` process per task, which checks the run's app bundle
 against the site's approved hashes before any of its code is imported.
 
 Both run as `python -I` (isolated mode): neither the working directory nor
@@ -30,7 +30,7 @@ POLL_SECONDS = 0.5
 
 
 def pinned_clientapp_command(runtime_api_address: str, state_dir: Path, approved: list[str]) -> list[str]:
-    command = [sys.executable, "-I", "-m", "client.pinned_clientapp", "--runtime-api-address", runtime_api_address,
+    command = [sys.executable, "-I", "-m", "fedlora.client.pinned_clientapp", "--runtime-api-address", runtime_api_address,
                "--state-dir", str(state_dir), "--parent-pid", str(os.getpid())]
     for app_hash in approved:
         command += ["--approved", app_hash]
@@ -83,7 +83,7 @@ def serve(runtime_api_address: str, secret: bytes, state_dir: Path, approved: li
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m client.site_executor",
+    parser = argparse.ArgumentParser(prog="python -m fedlora.client.site_executor",
                                      description="The site's executor for a SuperNode with --isolation process.")
     parser.add_argument("--runtime-api-address", required=True, help="the SuperNode's Runtime API, host:port")
     parser.add_argument("--superexec-auth-secret-file", required=True, type=Path, help="the secret the SuperNode checks")
@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> None:
     from flwr.supercore.app_utils import start_parent_process_monitor
     from flwr.supercore.auth import load_superexec_auth_secret
 
-    from client.app_pinning import site_log_handler
+    from fedlora.client.app_pinning import site_log_handler
 
     site_log_handler()
 

@@ -19,13 +19,13 @@ import math
 from dataclasses import replace
 from pathlib import Path
 
-from client.local_training import DPPlan, privacy_units
-from client.site_policy import SitePolicy
+from fedlora.client.local_training import DPPlan, privacy_units
+from fedlora.client.site_policy import SitePolicy
 from fedlora.config import Config
 from fedlora.disk_cache import cached_in_file
 from fedlora.text_data import Example
-from privacy.accounting import History, calibrate_noise, sample_rate
-from privacy.site_ledger import SiteLedger
+from fedlora.privacy.accounting import History, calibrate_noise, sample_rate
+from fedlora.privacy.site_ledger import SiteLedger
 
 # An evaluation releases three sums, each of sensitivity 1 (clip-normalised): units,
 # correct predictions and clipped losses; as a mechanism, three Gaussian releases.

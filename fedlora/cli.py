@@ -110,8 +110,8 @@ def run_bench(args: argparse.Namespace) -> int:
     import json
 
     if args.bench == "deployment":
-        from simulations.bench_deployment import bench_deployment
-        from simulations.bench_deployment import format_table as deployment_table
+        from fedlora.simulations.bench_deployment import bench_deployment
+        from fedlora.simulations.bench_deployment import format_table as deployment_table
 
         if args.repeats < 1:
             raise ConfigError("--repeats must be >= 1")
@@ -119,8 +119,8 @@ def run_bench(args: argparse.Namespace) -> int:
         print(json.dumps(result, indent=1) if args.json else deployment_table(result))
         return 0
     if args.bench == "simulation":
-        from simulations.bench_simulation import SimulationBenchOptions, bench_simulation
-        from simulations.bench_simulation import format_table as simulation_table
+        from fedlora.simulations.bench_simulation import SimulationBenchOptions, bench_simulation
+        from fedlora.simulations.bench_simulation import format_table as simulation_table
 
         modes = tuple(m.strip() for m in args.modes.split(",") if m.strip())
         if not modes or set(modes) - {"cached", "reload"}:
@@ -132,7 +132,7 @@ def run_bench(args: argparse.Namespace) -> int:
         print(json.dumps(results, indent=1) if args.json else simulation_table(results))
         return 0
 
-    from simulations.bench_dp import BenchOptions, bench_dp, format_table
+    from fedlora.simulations.bench_dp import BenchOptions, bench_dp, format_table
 
     options = BenchOptions(model=args.model, batch=args.batch, seq=args.seq, rank=args.rank, targets=args.targets,
                            task=args.task, device=args.device, dtype=args.dtype, dp_impl=args.dp_impl,
@@ -149,8 +149,8 @@ def run_privacy(args: argparse.Namespace) -> int:
     # Said before the accountant (Opacus, and with it torch) is imported: seconds.
     if not Path(args.state_dir).is_dir():
         raise ConfigError(f"{args.state_dir}: no privacy ledger here (no such folder; a site's state dir is its node config `state-dir`)")
-    from privacy.ledger_report import ledger_summary, ledger_table
-    from privacy.site_ledger import LedgerError
+    from fedlora.privacy.ledger_report import ledger_summary, ledger_table
+    from fedlora.privacy.site_ledger import LedgerError
 
     try:
         summary = ledger_summary(args.state_dir)
@@ -163,7 +163,7 @@ def run_privacy(args: argparse.Namespace) -> int:
 def run_compare(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from simulations.compare_strategies import compare, known_partitions, known_strategies
+    from fedlora.simulations.compare_strategies import compare, known_partitions, known_strategies
 
     for item in args.set:
         parse_override(item)  # fail now, not in every run
@@ -178,7 +178,7 @@ def run_compare(args: argparse.Namespace) -> int:
 
 
 def run_report(args: argparse.Namespace) -> int:
-    from server.run_report import write_report
+    from fedlora.server.run_report import write_report
 
     print(write_report(args.run_dir))
     return 0
@@ -192,7 +192,7 @@ def run_simulate(args: argparse.Namespace) -> int:
     config = load_config(args.config, overrides)
 
     from fedlora.run_outcome import EXIT_ENDED_EARLY, ended_early
-    from simulations.runner import simulate
+    from fedlora.simulations.runner import simulate
 
     _, rows = simulate(config)  # it writes the report too
     if (message := ended_early(rows, config.federation.rounds)) is not None:
@@ -203,9 +203,9 @@ def run_simulate(args: argparse.Namespace) -> int:
 
 # (module, class): errors shown as one line (exit 2); FederationError stops a run (exit 1).
 ONE_LINE_ERRORS = [("fedlora.config", "ConfigError"), ("fedlora.text_data", "DataError"), ("fedlora.base_model", "ModelError"),
-                   ("client.site_agent", "SiteError"), ("fedlora.app_hash", "AppHashError"),
-                   ("server.coordinator_service", "CoordinatorError"), ("builtins", "FileExistsError")]
-RUN_STOPPED_ERRORS = [("server.federation", "FederationError")]
+                   ("fedlora.client.site_agent", "SiteError"), ("fedlora.app_hash", "AppHashError"),
+                   ("fedlora.server.coordinator_service", "CoordinatorError"), ("builtins", "FileExistsError")]
+RUN_STOPPED_ERRORS = [("fedlora.server.federation", "FederationError")]
 
 
 def _loaded(errors: list[tuple[str, str]]) -> tuple[type[BaseException], ...]:

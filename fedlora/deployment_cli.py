@@ -142,20 +142,20 @@ def add_deployment_commands(commands: argparse._SubParsersAction) -> None:
 
 
 def _home(args: argparse.Namespace) -> Path:
-    from server.coordinator_service import connection_home
+    from fedlora.server.coordinator_service import connection_home
 
     return connection_home(args.coordinator_dir and args.coordinator_dir.resolve(), args.superlink, args.root_cert, args.insecure)
 
 
 def run_coordinator_cmd(args: argparse.Namespace) -> int:
-    from server.coordinator_service import CoordinatorSettings, run_coordinator
+    from fedlora.server.coordinator_service import CoordinatorSettings, run_coordinator
 
     run_coordinator(CoordinatorSettings(args.state_dir.resolve(), args.certs and args.certs.resolve(), args.host, args.port, args.insecure))
     return 0  # not reached: the process became the SuperLink
 
 
 def run_client_cmd(args: argparse.Namespace) -> int:
-    from client.site_agent import SiteSettings, run_site
+    from fedlora.client.site_agent import SiteSettings, run_site
 
     model = args.model_path if args.model_path == "default" else str(Path(args.model_path).expanduser().resolve())
     run_site(SiteSettings(
@@ -180,7 +180,7 @@ def run_app_hash_cmd(args: argparse.Namespace) -> int:
 
 def run_run_cmd(args: argparse.Namespace) -> int:
     from fedlora.config import ConfigError
-    from server.run_submission import resolved_config, submit
+    from fedlora.server.run_submission import resolved_config, submit
 
     if args.config and args.resume:
         raise ConfigError("give either --config FILE (a new run) or --resume RUN_DIR, not both")
@@ -196,9 +196,9 @@ def _show_finished_run(config: Config, coordinator_dir: Path | None) -> int:
     """After a run: the summary table, the sites that did not deliver (by the operator's
     names), the report; exit 3 if the run ended before its planned rounds."""
     from fedlora.run_outcome import EXIT_ENDED_EARLY, ended_early, metrics_rows
-    from server import site_names
-    from server.progress import summary_table
-    from server.run_report import write_report
+    from fedlora.server import site_names
+    from fedlora.server.progress import summary_table
+    from fedlora.server.run_report import write_report
 
     rows = metrics_rows(config.run.output_dir)
     if rows:
@@ -215,7 +215,7 @@ def _show_finished_run(config: Config, coordinator_dir: Path | None) -> int:
 
 
 def run_certs_cmd(args: argparse.Namespace) -> int:
-    from server.certificates import create_certificates
+    from fedlora.server.certificates import create_certificates
 
     paths = create_certificates(args.out.resolve(), args.host or ["localhost", "127.0.0.1"], args.days)
     print("\n".join(f"{name}: {path}" for name, path in paths.items()))
@@ -224,7 +224,7 @@ def run_certs_cmd(args: argparse.Namespace) -> int:
 
 
 def run_site_key_cmd(args: argparse.Namespace) -> int:
-    from client.site_keys import create_site_key
+    from fedlora.client.site_keys import create_site_key
 
     private, public = create_site_key(args.out.resolve(), args.name)
     print(f"private key (stays at the site): {private}\npublic key (for `fedlora register-site`): {public}")
@@ -232,8 +232,8 @@ def run_site_key_cmd(args: argparse.Namespace) -> int:
 
 
 def run_register_cmd(args: argparse.Namespace) -> int:
-    from server import site_names
-    from server.coordinator_service import register_site
+    from fedlora.server import site_names
+    from fedlora.server.coordinator_service import register_site
 
     name = args.name or (site_names.key_comment(args.public_key) if args.public_key.is_file() else None)
     node_id = register_site(_home(args), args.public_key, name)
@@ -244,9 +244,9 @@ def run_register_cmd(args: argparse.Namespace) -> int:
 
 
 def run_unregister_cmd(args: argparse.Namespace) -> int:
-    from server.coordinator_service import unregister_site
+    from fedlora.server.coordinator_service import unregister_site
 
-    from server import site_names
+    from fedlora.server import site_names
 
     unregister_site(_home(args), args.node_id)
     if args.coordinator_dir:
@@ -256,9 +256,9 @@ def run_unregister_cmd(args: argparse.Namespace) -> int:
 
 
 def run_sites_cmd(args: argparse.Namespace) -> int:
-    from server.coordinator_service import list_sites
+    from fedlora.server.coordinator_service import list_sites
 
-    from server import site_names
+    from fedlora.server import site_names
 
     names = site_names.load(args.coordinator_dir.resolve()) if args.coordinator_dir else {}
     for node in list_sites(_home(args)):
@@ -268,7 +268,7 @@ def run_sites_cmd(args: argparse.Namespace) -> int:
 
 
 def run_sample_data_cmd(args: argparse.Namespace) -> int:
-    from simulations.sample_sites import LABELS, write_site_files
+    from fedlora.simulations.sample_sites import LABELS, write_site_files
 
     for path in write_site_files(args.out.resolve(), args.sites, args.notes):
         print(path)
@@ -277,7 +277,7 @@ def run_sample_data_cmd(args: argparse.Namespace) -> int:
 
 
 def run_export_cmd(args: argparse.Namespace) -> int:
-    from server.model_export import export_run
+    from fedlora.server.model_export import export_run
 
     out = export_run(args.run_dir, args.out.expanduser().resolve(), args.merge, args.model_path)
     print(f"{'merged model' if args.merge else 'adapter'} written to {out}")

@@ -26,7 +26,7 @@ ACCOUNTANTS = {"prv": PRVAccountant, "rdp": RDPAccountant}
 # Python (a few ms each), for every order and every history entry on every epsilon query:
 # PRV's domain bound goes through it too. That value depends on its arguments only and a
 # site repeats the same (q, sigma) round after round, so it is memoised, which makes a
-# query about 3x faster (python -m simulations.bench_accounting) with identical results.
+# query about 3x faster (python -m fedlora.simulations.bench_accounting) with identical results.
 _opacus_one_step_rdp = opacus_rdp._compute_rdp
 _memoised_one_step_rdp = lru_cache(maxsize=1 << 16)(_opacus_one_step_rdp)
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from privacy.accounting import History
-from privacy.site_ledger import SiteLedger
+from fedlora.privacy.accounting import History
+from fedlora.privacy.site_ledger import SiteLedger
 
 
 @dataclass

@@ -33,7 +33,7 @@ import torch
 from opacus import GradSampleModule
 from opacus.optimizers import DPOptimizer
 
-from privacy.lora_grad_sample import lora_grad_sample_hooks, uncovered_parameters
+from fedlora.privacy.lora_grad_sample import lora_grad_sample_hooks, uncovered_parameters
 
 # The frozen base's inputs never require grad, so torch warns on every backward
 # that Opacus's full backward hooks see only output gradients, which is all they need.

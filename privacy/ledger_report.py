@@ -6,9 +6,9 @@ import math
 from pathlib import Path
 from typing import Any
 
-from privacy.accounting import epsilon_of
-from privacy.site_audit import AUDIT_FILE, AuditError, read_audit
-from privacy.site_ledger import LEDGER_FILE, LedgerError, SiteLedger
+from fedlora.privacy.accounting import epsilon_of
+from fedlora.privacy.site_audit import AUDIT_FILE, AuditError, read_audit
+from fedlora.privacy.site_ledger import LEDGER_FILE, LedgerError, SiteLedger
 
 
 def audit_summary(state_dir: Path) -> list[dict[str, Any]]:

@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from privacy.accounting import History, epsilon_of
+from fedlora.privacy.accounting import History, epsilon_of
 
 LEDGER_FILE = "privacy-ledger.json"
 LOCK_FILE = ".privacy-ledger.lock"

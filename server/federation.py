@@ -26,15 +26,15 @@ from fedlora.base_fingerprint import model_fingerprint
 from fedlora.base_model import build_peft_model, resolve_model_dir
 from fedlora.config import Config, ConfigError
 from fedlora.messages import SITE_ERROR_CATEGORIES, config_record, declined_key
-from privacy.accounting import epsilon_of
-from privacy.central_dp import add_noise, clip_update
-from server import site_replies
-from server.progress import Progress
-from server.run_directory import RunDirectory
-from server.site_replies import MalformedReply, metrics_or_empty, number
-from strategies import ClientUpdate, Strategy, get_strategy, trained_part
-from strategies.lora_rank import lora_rank, to_rank
-from strategies.update_validation import reason_category, screen_updates
+from fedlora.privacy.accounting import epsilon_of
+from fedlora.privacy.central_dp import add_noise, clip_update
+from fedlora.server import site_replies
+from fedlora.server.progress import Progress
+from fedlora.server.run_directory import RunDirectory
+from fedlora.server.site_replies import MalformedReply, metrics_or_empty, number
+from fedlora.strategies import ClientUpdate, Strategy, get_strategy, trained_part
+from fedlora.strategies.lora_rank import lora_rank, to_rank
+from fedlora.strategies.update_validation import reason_category, screen_updates
 
 log = logging.getLogger("fedlora.server")
 

@@ -20,8 +20,8 @@ import tomli_w
 from fedlora.app_hash import AppHashError, app_dir_hash, installed_app_dir
 from fedlora.config import Config, ConfigError, load_config
 from fedlora.flower_env import flower_env, flower_executable
-from server.coordinator_service import CONNECTION, wait_until_listening
-from server.run_directory import free_run_dir
+from fedlora.server.coordinator_service import CONNECTION, wait_until_listening
+from fedlora.server.run_directory import free_run_dir
 
 
 def app_dir() -> Path:

@@ -10,8 +10,8 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from fedlora.config import Config, from_flat
-from server.federation import run_federation
-from server.run_directory import RunDirectory
+from fedlora.server.federation import run_federation
+from fedlora.server.run_directory import RunDirectory
 
 
 def make_server_app(config: Config, on_done: Callable[[RunDirectory, list[dict[str, Any]]], None] | None = None) -> ServerApp:

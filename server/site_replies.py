@@ -65,7 +65,7 @@ from flwr.common.constant import SType
 
 from fedlora.adapter_state import Adapter
 from fedlora.config import Config
-from strategies.base import ClientUpdate
+from fedlora.strategies.base import ClientUpdate
 
 MALFORMED = "error: malformed reply"
 # The fields a malformed-reply category can name (and nothing else: the categories stay fixed).

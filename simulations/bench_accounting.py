@@ -1,4 +1,4 @@
-"""`python -m simulations.bench_accounting`: what a site's privacy accounting costs per
+"""`python -m fedlora.simulations.bench_accounting`: what a site's privacy accounting costs per
 round, with and without the memo of Opacus's one-step RDP terms, measured in one run.
 
 A site's ledger grows by two mechanisms a round (its DP-SGD steps and its noisy
@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from privacy import accounting
+from fedlora.privacy import accounting
 
 
 def site_queries(rounds: int, sigma: float, rate: float, steps: int, eval_sigma: float) -> list[accounting.History]:
@@ -40,7 +40,7 @@ def run_queries(queries: list[accounting.History], delta: float, memo: bool) -> 
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(prog="python -m simulations.bench_accounting", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m fedlora.simulations.bench_accounting", description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--delta", type=float, default=1e-5)
     args = parser.parse_args()

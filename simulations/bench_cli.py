@@ -1,4 +1,4 @@
-"""`python -m simulations.bench_cli`: the wall time of the commands that need no model
+"""`python -m fedlora.simulations.bench_cli`: the wall time of the commands that need no model
 (`fedlora --help`, `privacy`, `certs`, `site-key`, `sites`, `register-site`,
 `sample-data`), each run as a fresh `fedlora` process, the median of --repeats runs.
 Target: under 1.5 s each on the project's 2-core machine."""
@@ -25,7 +25,7 @@ COMMANDS = [
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(prog="python -m simulations.bench_cli", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m fedlora.simulations.bench_cli", description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     fedlora = shutil.which("fedlora") or "fedlora"

@@ -30,14 +30,14 @@ def child(start_epoch: float, data_path: str, state_dir: str) -> None:
     import torch  # noqa: F401  (the imports a ClientApp process pays for)
     import transformers  # noqa: F401
 
-    import client.client_app  # noqa: F401
-    from client.local_training import frozen, train_locally
-    from client.model_cache import cached_model
-    from client.site_data import load_site_data
-    from client.site_privacy import calibrated_plan
+    import fedlora.client.client_app  # noqa: F401
+    from fedlora.client.local_training import frozen, train_locally
+    from fedlora.client.model_cache import cached_model
+    from fedlora.client.site_data import load_site_data
+    from fedlora.client.site_privacy import calibrated_plan
     from fedlora.adapter_state import adapter_of, from_record, put_adapter, to_record
     from fedlora.config import load_config
-    from simulations.triage_notes import DEPARTMENTS
+    from fedlora.simulations.triage_notes import DEPARTMENTS
 
     t_imports = time.time()
     config = load_config(None, {"data.labels": list(DEPARTMENTS), "run.output_dir": state_dir})
@@ -59,7 +59,7 @@ def child(start_epoch: float, data_path: str, state_dir: str) -> None:
 
 
 def bench_deployment(repeats: int = 3, notes: int = 1200, progress=print) -> dict[str, Any]:
-    from simulations.sample_sites import write_site_files
+    from fedlora.simulations.sample_sites import write_site_files
 
     with tempfile.TemporaryDirectory(prefix="fedlora-bench-deploy-") as tmp:
         (data_path,) = write_site_files(Path(tmp) / "data", 1, notes)
@@ -67,7 +67,7 @@ def bench_deployment(repeats: int = 3, notes: int = 1200, progress=print) -> dic
         for k in range(repeats):
             progress(f"[fedlora] bench deployment: fresh ClientApp process {k + 1}/{repeats} ...")
             start = time.time()
-            out = subprocess.run([sys.executable, "-m", "simulations.bench_deployment", str(start), str(data_path), tmp],
+            out = subprocess.run([sys.executable, "-m", "fedlora.simulations.bench_deployment", str(start), str(data_path), tmp],
                                  env=flower_env(), capture_output=True, text=True, timeout=900)
             if out.returncode != 0:
                 raise RuntimeError(f"bench deployment child failed:\n{out.stderr[-2000:]}")

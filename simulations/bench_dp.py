@@ -29,7 +29,7 @@ import torch
 
 from fedlora.base_model import enable_checkpointing
 from fedlora.config import ConfigError
-from simulations.model_presets import DTYPES, PRESETS, build_bench_model
+from fedlora.simulations.model_presets import DTYPES, PRESETS, build_bench_model
 
 DP_CHOICES = ("both", "fast", "opacus")
 
@@ -124,9 +124,9 @@ def bench_dp(options: BenchOptions) -> dict:
     """Run the benchmark; returns the JSON-ready result."""
     from opacus import __version__ as opacus_version
 
-    from client.local_training import forward_logits, sequence_losses
-    from privacy.dp_sgd import choose_impl, private_optimizer
-    from privacy.lora_grad_sample import uncovered_parameters
+    from fedlora.client.local_training import forward_logits, sequence_losses
+    from fedlora.privacy.dp_sgd import choose_impl, private_optimizer
+    from fedlora.privacy.lora_grad_sample import uncovered_parameters
 
     check_options(options)
     device = torch.device(options.device)

@@ -27,8 +27,8 @@ from typing import Any
 import psutil
 
 from fedlora.flower_env import flower_env
-from simulations.tiny_models import build_tiny_model
-from simulations.triage_notes import DEPARTMENTS
+from fedlora.simulations.tiny_models import build_tiny_model
+from fedlora.simulations.triage_notes import DEPARTMENTS
 
 
 @dataclass

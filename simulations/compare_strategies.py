@@ -16,7 +16,7 @@ import time
 from itertools import product
 from pathlib import Path
 
-from strategies import STRATEGIES
+from fedlora.strategies import STRATEGIES
 
 PARTITIONS = {"non-IID": ("dirichlet", 0.5), "IID": ("iid", 0.5)}
 DP_CHOICES = {"both": (True, False), "yes": (True,), "no": (False,)}

@@ -48,7 +48,7 @@ def _triage_batch(batch: int, seq: int, device: torch.device, seed: int) -> dict
     from fedlora.base_model import load_tokenizer
     from fedlora.config import Config
     from fedlora.text_data import collate, encode
-    from simulations.triage_notes import DEPARTMENTS, generate_notes
+    from fedlora.simulations.triage_notes import DEPARTMENTS, generate_notes
 
     config = Config(model=ModelSection(max_length=seq))
     tokenizer = load_tokenizer(resolve_model_dir("default"))

@@ -1,6 +1,6 @@
 """Which sequence features should a classifier read? A measurement on the default task.
 
-`python -m simulations.pooling_probe` encodes the default dataset once with the frozen
+`python -m fedlora.simulations.pooling_probe` encodes the default dataset once with the frozen
 embedded all-MiniLM-L6-v2 and compares three features for a linear head:
 - "pooler": tanh(pooler.dense([CLS])), what AutoModelForSequenceClassification reads;
 - "cls": the last hidden state of [CLS];
@@ -24,8 +24,8 @@ from fedlora.base_model import default_model_dir, load_tokenizer
 from fedlora.config import Config
 from fedlora.mean_pooling import masked_mean
 from fedlora.text_data import split_train_validation
-from privacy.accounting import calibrate_noise, sample_rate
-from simulations.virtual_sites import _partition, dataset_labels, dataset_rows
+from fedlora.privacy.accounting import calibrate_noise, sample_rate
+from fedlora.simulations.virtual_sites import _partition, dataset_labels, dataset_rows
 
 FEATURES = ("pooler", "cls", "mean")
 

@@ -14,10 +14,10 @@ from typing import Any
 from fedlora.base_model import resolve_device, resolve_model_dir
 from fedlora.config import Config, ConfigError
 from fedlora.flower_env import FLOWER_OFFLINE_ENV
-from server.progress import summary_table
-from server.run_directory import RunDirectory
-from simulations.virtual_sites import dataset_labels, dataset_rows
-from strategies import get_strategy
+from fedlora.server.progress import summary_table
+from fedlora.server.run_directory import RunDirectory
+from fedlora.simulations.virtual_sites import dataset_labels, dataset_rows
+from fedlora.strategies import get_strategy
 
 
 
@@ -46,8 +46,8 @@ def simulate(config: Config) -> tuple[RunDirectory, list[dict[str, Any]]]:
 
     logging.getLogger("flwr").propagate = False  # one copy of Flower's log lines, not two
 
-    from client.client_app import app as client_app
-    from server.server_app import make_server_app
+    from fedlora.client.client_app import app as client_app
+    from fedlora.server.server_app import make_server_app
 
     result: dict[str, Any] = {}
 
@@ -70,7 +70,7 @@ def simulate(config: Config) -> tuple[RunDirectory, list[dict[str, Any]]]:
     if "rows" not in result:
         raise RuntimeError("the simulation ended without finishing its rounds (see the log above)")
     print(summary_table(result["rows"]))
-    from server.run_report import write_report
+    from fedlora.server.run_report import write_report
 
     print(f"report: {write_report(result['run_dir'].path)}")
     print(f"run directory: {result['run_dir'].path}")  # the last line: `fedlora compare` reads it

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from simulations.triage_notes import DEPARTMENTS, generate_notes
+from fedlora.simulations.triage_notes import DEPARTMENTS, generate_notes
 
 
 def write_site_files(out: Path, sites: int, notes_per_site: int, seed: int = 0) -> list[Path]:

@@ -11,8 +11,8 @@ from functools import lru_cache
 
 from fedlora.config import Config
 from fedlora.text_data import DataError, Rows, check_columns, classification_labels, read_rows
-from simulations.partitioners import dirichlet_partition, iid_partition
-from simulations.triage_notes import generate_notes
+from fedlora.simulations.partitioners import dirichlet_partition, iid_partition
+from fedlora.simulations.triage_notes import generate_notes
 
 
 @lru_cache(maxsize=2)

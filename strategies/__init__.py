@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 from fedlora.config import StrategySection
-from strategies.base import ClientUpdate, Strategy, trained_part
-from strategies.exact import Exact
-from strategies.fedadam import FedAdam
-from strategies.fedavg import FedAvg
-from strategies.fedavgm import FedAvgM
-from strategies.fedsvd import FedSVD
-from strategies.fedyogi import FedYogi
-from strategies.ffa import FFA
-from strategies.median import Median
-from strategies.trimmed_mean import TrimmedMean
+from fedlora.strategies.base import ClientUpdate, Strategy, trained_part
+from fedlora.strategies.exact import Exact
+from fedlora.strategies.fedadam import FedAdam
+from fedlora.strategies.fedavg import FedAvg
+from fedlora.strategies.fedavgm import FedAvgM
+from fedlora.strategies.fedsvd import FedSVD
+from fedlora.strategies.fedyogi import FedYogi
+from fedlora.strategies.ffa import FFA
+from fedlora.strategies.median import Median
+from fedlora.strategies.trimmed_mean import TrimmedMean
 
 STRATEGIES: dict[str, type] = {cls.name: cls for cls in (FedAvg, FFA, FedSVD, Exact, FedAvgM, FedAdam, FedYogi, Median, TrimmedMean)}
 

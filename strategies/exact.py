@@ -30,8 +30,8 @@ import torch
 
 from fedlora.adapter_state import Adapter
 from fedlora.config import StrategySection
-from strategies.base import ClientUpdate, Stateless
-from strategies.lora_rank import factorize, lora_pairs
+from fedlora.strategies.base import ClientUpdate, Stateless
+from fedlora.strategies.lora_rank import factorize, lora_pairs
 
 
 def change_factors(update: ClientUpdate, global_adapter: Adapter, a_key: str, b_key: str, weight: float

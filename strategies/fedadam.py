@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from fedlora.adapter_state import Adapter
-from strategies.server_optimizer import ServerOptimizer
+from fedlora.strategies.server_optimizer import ServerOptimizer
 
 
 class FedAdam(ServerOptimizer):

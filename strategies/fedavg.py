@@ -10,7 +10,7 @@ import torch
 
 from fedlora.adapter_state import Adapter
 from fedlora.config import StrategySection
-from strategies.base import ClientUpdate, Stateless
+from fedlora.strategies.base import ClientUpdate, Stateless
 
 
 def weighted_mean64(updates: list[ClientUpdate]) -> Adapter:

@@ -9,7 +9,7 @@ With momentum = 0 and server_lr = 1 this is FedAvg.
 from __future__ import annotations
 
 from fedlora.adapter_state import Adapter
-from strategies.server_optimizer import ServerOptimizer
+from fedlora.strategies.server_optimizer import ServerOptimizer
 
 
 class FedAvgM(ServerOptimizer):

@@ -27,10 +27,10 @@ from __future__ import annotations
 import torch
 
 from fedlora.adapter_state import Adapter
-from strategies.base import ClientUpdate, trained_part
-from strategies.fedavg import weighted_mean64
-from strategies.ffa import FFA
-from strategies.lora_rank import lora_pairs
+from fedlora.strategies.base import ClientUpdate, trained_part
+from fedlora.strategies.fedavg import weighted_mean64
+from fedlora.strategies.ffa import FFA
+from fedlora.strategies.lora_rank import lora_pairs
 
 
 def orthonormal_factors(b: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

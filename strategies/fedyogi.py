@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from strategies.fedadam import FedAdam
+from fedlora.strategies.fedadam import FedAdam
 
 
 class FedYogi(FedAdam):

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from fedlora.adapter_state import Adapter
 from fedlora.config import StrategySection
-from strategies.base import ClientUpdate, Stateless
-from strategies.fedavg import weighted_mean
+from fedlora.strategies.base import ClientUpdate, Stateless
+from fedlora.strategies.fedavg import weighted_mean
 
 
 class FFA(Stateless):

@@ -21,8 +21,8 @@ import torch
 
 from fedlora.adapter_state import Adapter
 from fedlora.config import StrategySection
-from strategies.base import ClientUpdate, StrategyDefaults
-from strategies.fedavg import weighted_mean64
+from fedlora.strategies.base import ClientUpdate, StrategyDefaults
+from fedlora.strategies.fedavg import weighted_mean64
 
 
 class ServerOptimizer(StrategyDefaults):

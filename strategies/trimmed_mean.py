@@ -15,7 +15,7 @@ import torch
 
 from fedlora.adapter_state import Adapter
 from fedlora.config import StrategySection
-from strategies.base import ClientUpdate, Stateless, stacked_changes
+from fedlora.strategies.base import ClientUpdate, Stateless, stacked_changes
 
 
 def trimmed_count(n: int, trim_fraction: float) -> int:

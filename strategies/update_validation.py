@@ -14,7 +14,7 @@ import torch
 
 from fedlora.adapter_state import Adapter
 from fedlora.config import StrategySection
-from strategies.base import ClientUpdate
+from fedlora.strategies.base import ClientUpdate
 
 
 def reason_category(reason: str) -> str:

@@ -25,13 +25,13 @@ def client_app_with_train(train: Handler, evaluate: Handler | None = None) -> Cl
 
     @app.evaluate()
     def real_or_given_evaluate(msg: Message, context: Context) -> Message:
-        from client.client_app import evaluate as real_evaluate
+        from fedlora.client.client_app import evaluate as real_evaluate
 
         return (evaluate or real_evaluate)(msg, context)
 
     @app.query()
     def query(msg: Message, context: Context) -> Message:
-        from client.client_app import query as real_query
+        from fedlora.client.client_app import query as real_query
 
         return real_query(msg, context)
 
@@ -47,8 +47,8 @@ def run_small_simulation(app: ClientApp, run_dir: Path, monkeypatch: pytest.Monk
 
     from fedlora.config import load_config
     from fedlora.flower_env import FLOWER_OFFLINE_ENV
-    from server.server_app import make_server_app
-    from simulations.runner import prepare
+    from fedlora.server.server_app import make_server_app
+    from fedlora.simulations.runner import prepare
 
     for k, v in FLOWER_OFFLINE_ENV.items():
         monkeypatch.setenv(k, v)

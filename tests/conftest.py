@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from simulations.tiny_models import build_tiny_model
+from fedlora.simulations.tiny_models import build_tiny_model
 
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")

@@ -21,7 +21,7 @@ from fedlora.messages import config_record
 
 def train_once(config: Config, server_round: int, node_config: dict[str, Any], node_id: int = 7) -> Message:
     """The reply of client_app.train to the round's message carrying the initial adapter."""
-    from client.client_app import train
+    from fedlora.client.client_app import train
 
     TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, node_id
     model = build_peft_model(config.model, config.lora, num_labels=len(config.data.labels), seed=config.run.seed)

@@ -8,7 +8,7 @@ import logging
 import pytest
 from dp_accounting import dp_event, pld, rdp
 
-from privacy.accounting import calibrate_noise, epsilon_of
+from fedlora.privacy.accounting import calibrate_noise, epsilon_of
 
 OPACUS_RDP_ORDERS = [1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64))
 HISTORIES = [
@@ -57,7 +57,7 @@ def test_merging_repeated_mechanisms_does_not_change_epsilon(accountant):
     """epsilon_of merges entries with equal (sigma, q); Opacus on the raw history agrees."""
     import numpy as np
 
-    from privacy.accounting import ACCOUNTANTS
+    from fedlora.privacy.accounting import ACCOUNTANTS
 
     history = [(0.6, 0.08, 4), (1.1, 0.05, 3), (0.6, 0.08, 4), (0.6, 0.08, 4), (1.1, 0.05, 3)]
     raw = ACCOUNTANTS[accountant]()

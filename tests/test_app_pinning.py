@@ -27,8 +27,8 @@ from pathlib import Path
 import pytest
 import tomli_w
 
-from client.app_pinning import REFUSED_APP, AppPinningError, approved_hashes, decide, parse_app_hash, read_allowed_apps
-from client.site_agent import SiteError, SiteSettings, validate_site
+from fedlora.client.app_pinning import REFUSED_APP, AppPinningError, approved_hashes, decide, parse_app_hash, read_allowed_apps
+from fedlora.client.site_agent import SiteError, SiteSettings, validate_site
 from fedlora.app_hash import AppHashError, app_dir_hash, build_app_fab, fab_code_hash, installed_app_dir
 from fedlora.cli import main
 from fedlora.flower_env import flower_env, flower_executable
@@ -97,8 +97,8 @@ def test_a_changed_byte_an_added_file_or_another_clientapp_change_the_hash(app_c
     (app / "pyproject.toml").write_text(pyproject.replace('"train.lr" = 2.0', '"train.lr" = 3.0'))
     assert app_dir_hash(app) == base
     # ... but not which ClientApp Flower loads.
-    (app / "pyproject.toml").write_text(pyproject.replace('clientapp = "client.client_app:app"',
-                                                          'clientapp = "client.client_app:other"'))
+    (app / "pyproject.toml").write_text(pyproject.replace('clientapp = "fedlora.client.client_app:app"',
+                                                          'clientapp = "fedlora.client.client_app:other"'))
     assert app_dir_hash(app) != base
 
 
@@ -257,23 +257,23 @@ def test_the_data_check_names_missing_columns_never_values(site, tmp_path):
 LOADER_CHECK = textwrap.dedent("""
     import json, sys
     from pathlib import Path
-    import client.pinned_clientapp as pinned  # the trusted process imports the installed client package
+    import fedlora.client.pinned_clientapp as pinned  # the trusted process imports the installed fedlora
     from fedlora.app_hash import installed_files_hash
 
     app, decoy = Path(sys.argv[1]), sys.argv[2]
-    sys.path.insert(0, decoy)  # something else named `client` lies first on sys.path
-    assert sys.modules["client"].__file__.startswith(sys.argv[3])  # installed, so far
+    sys.path.insert(0, decoy)  # another fedlora, with its own client floor, lies first on sys.path
+    assert sys.modules["fedlora.client"].__file__.startswith(sys.argv[3])  # installed, so far
     client_app, packages = pinned.load_approved_clientapp(app, installed_files_hash(app))
-    module = sys.modules["client.client_app"]
-    result = {"file": module.__file__, "mark": module.MARK, "client": sys.modules["client"].__file__,
-              "foreign": pinned.foreign_modules(packages, app)}
+    module = sys.modules["fedlora.client.client_app"]
+    result = {"file": module.__file__, "mark": module.MARK, "client": sys.modules["fedlora.client"].__file__,
+              "fedlora": sys.modules["fedlora"].__file__, "foreign": pinned.foreign_modules(packages, app)}
 
-    class Hijack:  # a finder ahead of everything that serves `client` from elsewhere
+    class Hijack:  # a finder ahead of everything that serves `fedlora.client` from elsewhere
         @classmethod
         def find_spec(cls, name, path=None, target=None):
-            if name.partition(".")[0] == "client":
+            if name == "fedlora.client" or name.startswith("fedlora.client."):
                 from importlib.machinery import PathFinder
-                return PathFinder.find_spec(name, [decoy] if name == "client" else [decoy + "/client"])
+                return PathFinder.find_spec(name, [decoy] if name == "fedlora.client" else [decoy + "/client"])
             return None
 
     sys.meta_path.insert(0, Hijack)
@@ -286,19 +286,22 @@ LOADER_CHECK = textwrap.dedent("""
 """)
 
 
+def app_folder(folder: Path, mark: str) -> Path:
+    """A Flower App laid out as fedlora's bundle is: fedlora/ and the floors beside it."""
+    (folder / "fedlora").mkdir(parents=True)
+    (folder / "client").mkdir()
+    (folder / "pyproject.toml").write_text(tomli_w.dumps(
+        {"tool": {"flwr": {"app": {"components": {"clientapp": "fedlora.client.client_app:app"}}}}}))
+    (folder / "fedlora" / "__init__.py").write_text((ROOT / "fedlora" / "__init__.py").read_text())
+    (folder / "client" / "__init__.py").write_text("")
+    (folder / "client" / "client_app.py").write_text(
+        f"from flwr.clientapp import ClientApp\nMARK = {mark!r}\napp = ClientApp()\n")
+    return folder
+
+
 def test_the_approved_bundle_is_what_is_imported_whatever_lies_first_on_sys_path(tmp_path):
-    app = tmp_path / "apps" / "fedlora.fedlora.0.1.0.12345678"
-    (app / "client").mkdir(parents=True)
-    (app / "pyproject.toml").write_text(tomli_w.dumps(
-        {"tool": {"flwr": {"app": {"components": {"clientapp": "client.client_app:app"}}}}}))
-    (app / "client" / "__init__.py").write_text("")
-    (app / "client" / "client_app.py").write_text(
-        "from flwr.clientapp import ClientApp\nMARK = 'bundle'\napp = ClientApp()\n")
-    decoy = tmp_path / "decoy"
-    (decoy / "client").mkdir(parents=True)
-    (decoy / "client" / "__init__.py").write_text("")
-    (decoy / "client" / "client_app.py").write_text(
-        "from flwr.clientapp import ClientApp\nMARK = 'decoy'\napp = ClientApp()\n")
+    app = app_folder(tmp_path / "apps" / "fedlora.fedlora.0.1.0.12345678", "bundle")
+    decoy = app_folder(tmp_path / "decoy", "decoy")
 
     out = subprocess.run([sys.executable, "-I", "-c", LOADER_CHECK, str(app), str(decoy), str(ROOT)],
                          capture_output=True, text=True, timeout=120, env=flower_env())
@@ -306,7 +309,8 @@ def test_the_approved_bundle_is_what_is_imported_whatever_lies_first_on_sys_path
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["mark"] == "bundle" and result["file"] == str(app / "client" / "client_app.py")
     assert result["client"] == str(app / "client" / "__init__.py") and result["foreign"] == []
-    assert result["hijack"].startswith("modules loaded from outside the approved bundle: client")
+    assert result["fedlora"] == str(app / "fedlora" / "__init__.py")
+    assert result["hijack"].startswith("modules loaded from outside the approved bundle: fedlora.client")
 
 
 # --- A deployment: a changed bundle is refused everywhere, the release then runs --------
@@ -314,7 +318,7 @@ def test_the_approved_bundle_is_what_is_imported_whatever_lies_first_on_sys_path
 
 @pytest.mark.slow
 def test_a_bundle_with_one_changed_line_is_refused_at_every_site_then_the_release_runs(tmp_path, tiny_models):
-    from server.run_submission import resolved_config, run_config_values
+    from fedlora.server.run_submission import resolved_config, run_config_values
     from tests.test_deployment import FEDLORA, Deployment, metrics_rows
 
     d = Deployment(tmp_path, tiny_models["bert"])

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from client.site_data import load_site_data
+from fedlora.client.site_data import load_site_data
 from fedlora.cli import main
 from fedlora.config import ConfigError, load_config
 from fedlora.text_data import DataError, read_rows

@@ -14,7 +14,7 @@ pytestmark = pytest.mark.slow
 
 
 def train(msg: Message, context: Context) -> Message:
-    from client.client_app import train as honest_train
+    from fedlora.client.client_app import train as honest_train
     from fedlora.adapter_state import from_record, to_record
 
     reply = honest_train(msg, context)

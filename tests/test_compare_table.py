@@ -8,7 +8,7 @@ import statistics
 import pytest
 
 from fedlora.cli import main
-from simulations.compare_strategies import table
+from fedlora.simulations.compare_strategies import table
 
 
 def run(seed: int, accuracy: float, wall: float) -> dict:

@@ -99,7 +99,7 @@ def test_replies_can_only_carry_whitelisted_metrics():
 
 
 def test_a_run_that_ends_early_exits_3_and_says_what_was_trained(monkeypatch, capsys):
-    import simulations.runner
+    import fedlora.simulations.runner
     from fedlora.run_outcome import EXIT_ENDED_EARLY, ended_early
 
     done = [{"round": 0, "ended_early": False}, {"round": 1, "ended_early": False}]
@@ -108,7 +108,7 @@ def test_a_run_that_ends_early_exits_3_and_says_what_was_trained(monkeypatch, ca
     assert ended_early(early, 3) == ("run ended early: 1 of 3 rounds trained; too few sites could train round 2 "
                                      "(declined: privacy budget); 1 site(s) trained in round 2 and their updates were discarded")
     for rows, code in ((done, 0), (early, EXIT_ENDED_EARLY)):
-        monkeypatch.setattr(simulations.runner, "simulate", lambda config, rows=rows: (None, rows))
+        monkeypatch.setattr(fedlora.simulations.runner, "simulate", lambda config, rows=rows: (None, rows))
         assert main(["simulate", "--rounds", "3"]) == code
         err = capsys.readouterr().err
         assert ("run ended early: 1 of 3 rounds trained" in err) == (code == EXIT_ENDED_EARLY)

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import torch
 
-from client.local_training import DPPlan, forward_logits, sequence_losses, train_locally
-from client.model_cache import cached_model
+from fedlora.client.local_training import DPPlan, forward_logits, sequence_losses, train_locally
+from fedlora.client.model_cache import cached_model
 from fedlora.adapter_state import adapter_of
 from fedlora.config import Config, DataSection, LoraSection, ModelSection, TrainSection
 from fedlora.text_data import IGNORE_INDEX, collate, encode
-from privacy.dp_sgd import private_optimizer
+from fedlora.privacy.dp_sgd import private_optimizer
 
 
 def causal_config(path) -> Config:

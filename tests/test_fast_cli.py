@@ -1,6 +1,6 @@
 """Commands that need no model import no torch, transformers, PEFT or Opacus, on
 success and on error, so that they answer in a fraction of a second (the times are
-measured by `python -m simulations.bench_cli`, not here)."""
+measured by `python -m fedlora.simulations.bench_cli`, not here)."""
 
 from __future__ import annotations
 

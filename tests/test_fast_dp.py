@@ -10,12 +10,12 @@ import logging
 import pytest
 import torch
 
-from client.local_training import forward_logits, sequence_losses
-from client.model_cache import cached_model
+from fedlora.client.local_training import forward_logits, sequence_losses
+from fedlora.client.model_cache import cached_model
 from fedlora.config import Config, DataSection, LoraSection, ModelSection
 from fedlora.text_data import collate, encode
-from privacy.dp_sgd import choose_impl, mark_empty_batch, private_optimizer
-from privacy.user_level import merge_rows_by_unit
+from fedlora.privacy.dp_sgd import choose_impl, mark_empty_batch, private_optimizer
+from fedlora.privacy.user_level import merge_rows_by_unit
 from tests.test_dp_training import ROWS as DP_TRAINING_ROWS
 
 ROWS = [*DP_TRAINING_ROWS, {"prompt": "knee swelling after a run", "response": "orthopedics"}]  # lengths vary

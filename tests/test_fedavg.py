@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from fedlora.config import StrategySection
-from strategies import ClientUpdate, get_strategy
-from strategies.update_validation import update_problem
+from fedlora.strategies import ClientUpdate, get_strategy
+from fedlora.strategies.update_validation import update_problem
 
 
 def test_fedavg_equals_hand_computed_weighted_mean():

@@ -13,9 +13,9 @@ from safetensors.torch import load_file
 
 from fedlora.adapter_state import record_nbytes, to_record
 from fedlora.config import StrategySection
-from strategies import ClientUpdate, get_strategy, trained_part
-from strategies.fedsvd import orthonormal_factors
-from strategies.lora_rank import seeded_a_rows
+from fedlora.strategies import ClientUpdate, get_strategy, trained_part
+from fedlora.strategies.fedsvd import orthonormal_factors
+from fedlora.strategies.lora_rank import seeded_a_rows
 
 A1, B1, A2, B2, HEAD = "m.q.lora_A.weight", "m.q.lora_B.weight", "m.v.lora_A.weight", "m.v.lora_B.weight", "m.classifier.weight"
 

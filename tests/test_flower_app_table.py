@@ -7,7 +7,7 @@ import tomllib
 from pathlib import Path
 
 from fedlora.config import Config, from_flat
-from simulations.virtual_sites import dataset_labels
+from fedlora.simulations.virtual_sites import dataset_labels
 
 PYPROJECT = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
 

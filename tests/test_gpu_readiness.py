@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from client.local_training import DPPlan, train_locally
-from client.model_cache import cached_model
+from fedlora.client.local_training import DPPlan, train_locally
+from fedlora.client.model_cache import cached_model
 from fedlora.adapter_state import adapter_of
 from fedlora.base_model import ModelError, resolve_device
 from fedlora.config import load_config

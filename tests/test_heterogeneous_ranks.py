@@ -15,13 +15,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from client import model_cache
-from client.model_cache import cached_model
+from fedlora.client import model_cache
+from fedlora.client.model_cache import cached_model
 from fedlora.adapter_state import adapter_of
 from fedlora.config import Config, LoraSection, ModelSection, PrivacySection, StrategySection
-from server.federation import RoundTraining, aggregate
-from strategies import ClientUpdate, get_strategy, trained_part
-from strategies.lora_rank import row_scale, to_rank
+from fedlora.server.federation import RoundTraining, aggregate
+from fedlora.strategies import ClientUpdate, get_strategy, trained_part
+from fedlora.strategies.lora_rank import row_scale, to_rank
 
 A, B, HEAD = "m.q.lora_A.weight", "m.q.lora_B.weight", "m.score.weight"
 
@@ -132,7 +132,7 @@ def test_only_a_sites_change_moves_the_global_product():
 
 
 def test_central_dp_clips_changes_against_what_each_site_was_sent(monkeypatch):
-    monkeypatch.setattr("server.federation.add_noise", lambda adapter, keys, std: adapter)  # the clipping alone
+    monkeypatch.setattr("fedlora.server.federation.add_noise", lambda adapter, keys, std: adapter)  # the clipping alone
     g = adapter(8, seed=5)
     config = Config(strategy=StrategySection(name="fedavg"),
                     privacy=PrivacySection(central=True, central_noise_multiplier=1.0, central_clip_norm=0.1))

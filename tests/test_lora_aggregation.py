@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import torch
 
-from client.local_training import DPPlan, frozen, train_locally
-from client.model_cache import cached_model
+from fedlora.client.local_training import DPPlan, frozen, train_locally
+from fedlora.client.model_cache import cached_model
 from fedlora.adapter_state import adapter_of
 from fedlora.config import Config, LoraSection, ModelSection, StrategySection, TrainSection
 from fedlora.text_data import encode
-from strategies import ClientUpdate, get_strategy, trained_part
-from strategies.lora_rank import row_scale, seeded_a_rows
+from fedlora.strategies import ClientUpdate, get_strategy, trained_part
+from fedlora.strategies.lora_rank import row_scale, seeded_a_rows
 
 A_KEY, B_KEY, HEAD = "m.q.lora_A.weight", "m.q.lora_B.weight", "m.classifier.weight"
 

@@ -10,15 +10,15 @@ import shutil
 import pytest
 import torch
 
-from client.local_training import DPPlan, forward_logits, train_locally
-from client.model_cache import cached_model
+from fedlora.client.local_training import DPPlan, forward_logits, train_locally
+from fedlora.client.model_cache import cached_model
 from fedlora.adapter_state import adapter_of, write_peft_dir
 from fedlora.base_model import ModelError, build_peft_model, default_model_dir, load_base_model, resolved_pooling
 from fedlora.cli import main
 from fedlora.config import ModelSection, load_config, write_config
 from fedlora.mean_pooling import MeanPoolingClassifier, load_exported, masked_mean
 from fedlora.text_data import collate, encode
-from privacy.dp_sgd import choose_impl
+from fedlora.privacy.dp_sgd import choose_impl
 
 
 @pytest.fixture

@@ -7,10 +7,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-import client.local_training as local_training
-from client.local_training import DPPlan, NoOpTrainingError, train_locally
-from client.model_cache import cached_model
-from client.reply_guard import error_category
+import fedlora.client.local_training as local_training
+from fedlora.client.local_training import DPPlan, NoOpTrainingError, train_locally
+from fedlora.client.model_cache import cached_model
+from fedlora.client.reply_guard import error_category
 from fedlora.adapter_state import adapter_of
 from fedlora.text_data import encode
 from tests.test_dp_training import ROWS, causal_config

@@ -6,7 +6,7 @@ from collections import Counter
 
 import pytest
 
-from simulations.partitioners import dirichlet_partition, iid_partition
+from fedlora.simulations.partitioners import dirichlet_partition, iid_partition
 
 
 def covers_exactly_once(parts: list[list[int]], n: int) -> bool:

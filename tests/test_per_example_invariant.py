@@ -14,10 +14,10 @@ import pytest
 import torch
 from torch import nn
 
-from client.local_training import DPPlan, forward_logits, sequence_losses, train_locally
+from fedlora.client.local_training import DPPlan, forward_logits, sequence_losses, train_locally
 from fedlora.config import Config, PrivacySection, TrainSection
 from fedlora.text_data import Example, collate
-from privacy.dp_sgd import (
+from fedlora.privacy.dp_sgd import (
     CheckedDPOptimizer,
     PerExampleError,
     check_at_most,
@@ -25,7 +25,7 @@ from privacy.dp_sgd import (
     grad_sample_rows,
     private_optimizer,
 )
-from privacy.user_level import merge_rows_by_unit
+from fedlora.privacy.user_level import merge_rows_by_unit
 
 IMPLS = ["fast", "opacus"]
 B, T, D, CLASSES = 4, 5, 6, 3

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from privacy.accounting import calibrate_noise, epsilon_of, sample_rate
+from fedlora.privacy.accounting import calibrate_noise, epsilon_of, sample_rate
 
 
 @pytest.mark.parametrize("accountant", ["prv", "rdp"])
@@ -39,7 +39,7 @@ def test_sample_rate_is_batch_over_examples_capped_at_one():
 def test_the_memoised_rdp_terms_give_the_same_epsilons_as_opacus_own(accountant):
     from opacus.accountants.analysis import rdp as opacus_rdp
 
-    from privacy import accounting
+    from fedlora.privacy import accounting
 
     histories = [[(0.72, 0.15, 4)], [(13.05, 1.0, 3), (0.72, 0.15, 4), (13.05, 1.0, 3)], [(1.1, 0.01, 200), (0.9, 0.2, 3)]]
     try:

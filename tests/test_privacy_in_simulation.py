@@ -14,7 +14,7 @@ import pytest
 from flwr.app import Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
-from privacy.accounting import epsilon_of
+from fedlora.privacy.accounting import epsilon_of
 from tests.client_apps import client_app_with_train
 
 pytestmark = pytest.mark.slow
@@ -32,7 +32,7 @@ def _with_node_config(context: Context) -> Context:
 
 
 def strict_train(msg: Message, context: Context) -> Message:
-    from client.client_app import train
+    from fedlora.client.client_app import train
 
     return train(msg, _with_node_config(context))
 
@@ -61,8 +61,8 @@ def record_outgoing(msg: Message, context: Context, call_next) -> Message:
 
 def audited_app() -> ClientApp:
     """The real handlers behind the real reply guard; the recorder sees what leaves it."""
-    from client.client_app import evaluate, query, train
-    from client.reply_guard import guarded_replies
+    from fedlora.client.client_app import evaluate, query, train
+    from fedlora.client.reply_guard import guarded_replies
 
     app = ClientApp(mods=[record_outgoing, guarded_replies])
     app.train()(train)
@@ -79,8 +79,8 @@ def run(tmp_path, monkeypatch, client_app, overrides: dict, clients: int):
 
     from fedlora.config import load_config
     from fedlora.flower_env import FLOWER_OFFLINE_ENV
-    from server.server_app import make_server_app
-    from simulations.runner import prepare
+    from fedlora.server.server_app import make_server_app
+    from fedlora.simulations.runner import prepare
 
     for k, v in FLOWER_OFFLINE_ENV.items():
         monkeypatch.setenv(k, v)
@@ -210,7 +210,7 @@ def test_a_label_column_of_patient_names_never_reaches_the_coordinator(tmp_path,
     audit = tmp_path / "audit"
     audit.mkdir()
     monkeypatch.setenv("FEDLORA_AUDIT_DIR", str(audit))
-    from server.federation import FederationError
+    from fedlora.server.federation import FederationError
 
     with pytest.raises(FederationError, match="fewer than federation.min_clients"):  # no site can train
         run(tmp_path, monkeypatch, own_label_column_site, {
@@ -236,8 +236,8 @@ def _own_label_column(msg: Message, context: Context, call_next) -> Message:
 
 
 def own_label_column_app() -> ClientApp:
-    from client.client_app import evaluate, query, train
-    from client.reply_guard import guarded_replies
+    from fedlora.client.client_app import evaluate, query, train
+    from fedlora.client.reply_guard import guarded_replies
 
     app = ClientApp(mods=[record_outgoing, guarded_replies, _own_label_column])
     app.train()(train)

@@ -14,7 +14,7 @@ pytestmark = pytest.mark.slow
 
 
 def train(msg: Message, context: Context) -> Message:
-    from client.client_app import train as honest_train
+    from fedlora.client.client_app import train as honest_train
 
     if int(context.node_config["partition-id"]) in (1, 2):
         raise RuntimeError("disk full")  # becomes an error reply at the coordinator
@@ -25,7 +25,7 @@ failing = client_app_with_train(train)
 
 
 def test_a_round_short_of_min_clients_is_retried_then_the_run_stops(tmp_path, monkeypatch):
-    from server.federation import FederationError
+    from fedlora.server.federation import FederationError
 
     overrides = {"federation.rounds": 2, "federation.min_clients": 2, "federation.round_retries": 1}
     with pytest.raises(FederationError, match=r"round 1: fewer than federation.min_clients = 2 usable updates in 2 attempts"):

@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from client.site_agent import SiteError, SiteSettings, supernode_command, validate_site
-from client.site_keys import create_site_key
+from fedlora.client.site_agent import SiteError, SiteSettings, supernode_command, validate_site
+from fedlora.client.site_keys import create_site_key
 from fedlora.cli import main
-from server.certificates import create_certificates
+from fedlora.server.certificates import create_certificates
 from tests.test_site_ledger import write_site_data
 
 

@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 
 from fedlora.config import load_config, write_config
-from privacy.accounting import epsilon_of
-from privacy.site_ledger import LEDGER_FILE, LOCK_FILE, LedgerError, Mechanism, SiteLedger
+from fedlora.privacy.accounting import epsilon_of
+from fedlora.privacy.site_ledger import LEDGER_FILE, LOCK_FILE, LedgerError, Mechanism, SiteLedger
 from tests.site_process import train_once
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -68,7 +68,7 @@ def test_ledger_written_across_process_restarts_matches_one_uninterrupted_run(si
     assert reply.content["metrics"]["epsilon"] == pytest.approx(eps, rel=1e-9)
     # Calibrated for 4 rounds and 5 evaluations: after 3 rounds the site is below its target, and
     # expects to end at it once the 4th round and the evaluations (none were asked here) are spent.
-    from client.site_privacy import eval_mechanism
+    from fedlora.client.site_privacy import eval_mechanism
 
     assert eps < config.privacy.target_epsilon
     evaluations = [eval_mechanism(config)] * (config.federation.rounds + 1)
@@ -194,7 +194,7 @@ def test_a_deployed_site_without_state_dir_refuses_to_train_under_dp(site):
 
 
 def test_noise_calibration_is_kept_in_the_state_dir_for_the_next_process(site, monkeypatch):
-    import client.site_privacy as site_privacy
+    import fedlora.client.site_privacy as site_privacy
     from fedlora.text_data import Example
 
     config, _, node = site

@@ -3,8 +3,8 @@ registration (default: the key's comment), used to name sites that did not deliv
 
 from __future__ import annotations
 
-from client.site_keys import create_site_key
-from server import site_names
+from fedlora.client.site_keys import create_site_key
+from fedlora.server import site_names
 
 
 def test_names_are_recorded_forgotten_and_label_the_sites_that_did_not_deliver(tmp_path):

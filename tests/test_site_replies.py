@@ -16,9 +16,9 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, Message
 
 from fedlora.adapter_state import to_record
 from fedlora.config import Config, StrategySection, load_config
-from server import site_replies
-from server.site_replies import MalformedReply, capped_updates, evaluation, lora_rank, max_weight_share, train_update
-from strategies.base import ClientUpdate
+from fedlora.server import site_replies
+from fedlora.server.site_replies import MalformedReply, capped_updates, evaluation, lora_rank, max_weight_share, train_update
+from fedlora.strategies.base import ClientUpdate
 from tests.client_apps import client_app_with_train, run_small_simulation
 
 ADAPTER = {"x.lora_A.weight": torch.ones(2, 3), "x.lora_B.weight": torch.full((3, 2), 0.5)}
@@ -82,7 +82,7 @@ def test_a_wrong_type_or_value_is_a_malformed_reply(metrics, category):
 
 
 def test_zero_or_negative_num_examples_is_left_to_the_screen_as_before():
-    from strategies.update_validation import screen_updates
+    from fedlora.strategies.update_validation import screen_updates
 
     update = train_update(reply(good_train(**{"num-examples": -5})))
     accepted, rejected = screen_updates([update], {update.node_id: ADAPTER}, StrategySection())
@@ -203,7 +203,7 @@ def test_max_weight_share():
 
 
 def test_evaluation_sums_are_bounded_the_same_way():
-    from server.federation import ratio_of_sums
+    from fedlora.server.federation import ratio_of_sums
 
     def parsed(*counts: tuple[float, float]) -> list:
         return [evaluation(eval_reply(**{"num-examples": n, "eval-correct": c}), True) for n, c in counts]
@@ -222,7 +222,7 @@ def test_evaluation_sums_are_bounded_the_same_way():
 
 
 def test_reports_skip_what_is_not_a_number():
-    from server.federation import site_epsilons, site_privacy, weighted
+    from fedlora.server.federation import site_epsilons, site_privacy, weighted
 
     replies = [reply(good_train(**{"train-loss": 1.0}), node=1), reply(good_train(**{"train-loss": float("nan"), "epsilon": float("nan")}), node=2),
                reply({"arrays": to_record(ADAPTER)}, node=3), reply(good_train(**{"train-loss": 3.0, "num-examples": 10**9}), node=4)]
@@ -271,9 +271,9 @@ def coordinator(monkeypatch):
 
 
 def test_a_round_with_an_inflating_site_and_malformed_replies(coordinator):
-    from server.federation import Envelope, RoundTraining, SiteRanks, evaluate_round, train_attempt
-    from server.progress import Progress
-    from strategies import get_strategy
+    from fedlora.server.federation import Envelope, RoundTraining, SiteRanks, evaluate_round, train_attempt
+    from fedlora.server.progress import Progress
+    from fedlora.strategies import get_strategy
 
     config = load_config(None, {"federation.min_clients": 3})
     global_adapter = {"head.weight": torch.zeros(2, 3)}
@@ -312,8 +312,8 @@ def test_a_round_with_an_inflating_site_and_malformed_replies(coordinator):
 def test_a_reply_error_without_a_reason_is_counted(coordinator):
     from flwr.app import Error
 
-    from server.federation import exchange
-    from server.progress import Progress
+    from fedlora.server.federation import exchange
+    from fedlora.server.progress import Progress
 
     class ErrorGrid(ScriptedGrid):
         def pull_messages(self, ids):
@@ -327,7 +327,7 @@ def test_a_reply_error_without_a_reason_is_counted(coordinator):
 
 
 def misbehaving_train(msg: Message, context: Context) -> Message:
-    from client.client_app import train as honest_train
+    from fedlora.client.client_app import train as honest_train
 
     reply = honest_train(msg, context)
     partition = int(context.node_config["partition-id"])
@@ -345,7 +345,7 @@ def misbehaving_train(msg: Message, context: Context) -> Message:
 
 
 def misbehaving_evaluate(msg: Message, context: Context) -> Message:
-    from client.client_app import evaluate as honest_evaluate
+    from fedlora.client.client_app import evaluate as honest_evaluate
 
     reply = honest_evaluate(msg, context)
     if int(context.node_config["partition-id"]) != 3:
@@ -386,7 +386,7 @@ def test_max_weight_factor_is_0_or_at_least_1():
 
 
 def test_error_replies_count_under_a_fixed_set_of_keys():
-    from server.federation import REFUSED_APP, error_category
+    from fedlora.server.federation import REFUSED_APP, error_category
 
     assert error_category("data error") == "error: data error" and error_category(REFUSED_APP) == REFUSED_APP
     assert error_category("Error: Node Unavailable - the SuperNode stopped sending heartbeats") == "node unavailable"

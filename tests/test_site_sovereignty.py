@@ -1,7 +1,7 @@
 """The site is sovereign: its own policy decides before any data is read, nothing but
 fixed error categories leaves on failure, and every released number is accounted.
 
-Each message goes through the real ClientApp object (`client.client_app.app`, with
+Each message goes through the real ClientApp object (`fedlora.client.client_app.app`, with
 its reply guard), as Flower calls it in a site's ClientApp process.
 """
 
@@ -21,9 +21,9 @@ from fedlora.adapter_state import adapter_of, to_record
 from fedlora.base_model import build_peft_model
 from fedlora.config import Config, load_config
 from fedlora.messages import config_record
-from privacy.accounting import epsilon_of
-from privacy.site_audit import read_audit
-from privacy.site_ledger import SiteLedger
+from fedlora.privacy.accounting import epsilon_of
+from fedlora.privacy.site_audit import read_audit
+from fedlora.privacy.site_ledger import SiteLedger
 from tests.test_site_ledger import write_site_data
 
 NAMES = ["Jane Doe", "John Roe", "Ada Lovelace"]
@@ -32,7 +32,7 @@ NAMES = ["Jane Doe", "John Roe", "Ada Lovelace"]
 def send(config: Config, node_config: dict, message_type: str = MessageType.TRAIN, server_round: int = 1, app=None) -> Message:
     """One message through the site's ClientApp (handlers and mods), as Flower delivers it."""
     if app is None:
-        from client.client_app import app
+        from fedlora.client.client_app import app
 
     TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 7
     model = build_peft_model(config.model, config.lora, num_labels=max(1, len(config.data.labels)), seed=config.run.seed)
@@ -133,7 +133,7 @@ def test_a_reply_outside_the_whitelist_or_an_exception_leaves_only_as_a_category
     from flwr.app import ConfigRecord, MetricRecord
     from flwr.clientapp import ClientApp
 
-    from client.reply_guard import guarded_replies
+    from fedlora.client.reply_guard import guarded_replies
 
     app = ClientApp(mods=[guarded_replies])
 
@@ -156,7 +156,7 @@ def test_a_reply_outside_the_whitelist_or_an_exception_leaves_only_as_a_category
 
 
 def test_evaluation_releases_noisy_sums_charged_to_the_ledger(site):
-    from client.site_privacy import EVAL_RELEASES, eval_mechanism
+    from fedlora.client.site_privacy import EVAL_RELEASES, eval_mechanism
 
     config, node = site
     sigma, rate, releases = eval_mechanism(config)
@@ -171,7 +171,7 @@ def test_evaluation_releases_noisy_sums_charged_to_the_ledger(site):
 
 
 def test_release_noise_has_the_accounted_scale():
-    from privacy.noisy_release import noisy_sum
+    from fedlora.privacy.noisy_release import noisy_sum
 
     draws = [noisy_sum(10.0, 5.0, 2.0) for _ in range(20000)]
     assert statistics.fmean(draws) == pytest.approx(10.0, abs=0.25)
@@ -190,8 +190,8 @@ def gaussian_events(history):
 def test_the_planned_run_spends_the_target_by_an_independent_count(site, tmp_path):
     """Training and the planned evaluations together spend privacy.target_epsilon, and the
     evaluations alone privacy.eval_epsilon, by Google's dp-accounting (PLD)."""
-    from client.local_training import DPPlan
-    from client.site_privacy import calibrated_plan, eval_mechanism
+    from fedlora.client.local_training import DPPlan
+    from fedlora.client.site_privacy import calibrated_plan, eval_mechanism
     from fedlora.text_data import Example
 
     config, _ = site

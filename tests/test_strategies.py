@@ -10,8 +10,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from fedlora.config import ConfigError, StrategySection, load_config
-from strategies import STRATEGIES, ClientUpdate, get_strategy
-from strategies.update_validation import reason_category, screen_updates
+from fedlora.strategies import STRATEGIES, ClientUpdate, get_strategy
+from fedlora.strategies.update_validation import reason_category, screen_updates
 
 SHAPES = {"q.lora_A.weight": (2, 3), "q.lora_B.weight": (3, 2), "head.bias": (4,)}
 # Per-coordinate scales spanning 1e-3 .. 1, so that Yogi's sign(v - delta^2) takes both signs.

@@ -8,7 +8,7 @@ from collections import Counter, defaultdict
 
 import pytest
 
-from simulations.triage_notes import DEPARTMENTS, _generate, generate_notes
+from fedlora.simulations.triage_notes import DEPARTMENTS, _generate, generate_notes
 
 N = 3000
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from client.local_training import DPPlan, privacy_units, train_locally
+from fedlora.client.local_training import DPPlan, privacy_units, train_locally
 from fedlora.adapter_state import adapter_of, put_adapter
 from fedlora.base_model import build_peft_model
 from fedlora.config import load_config
