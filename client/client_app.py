@@ -23,6 +23,7 @@ from pathlib import Path
 
 from flwr.app import Context, Message, MessageType, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.clientapp.typing import Mod
 
 from fedlora.client.local_evaluation import evaluate_locally
 from fedlora.client.local_training import frozen, train_locally
@@ -45,7 +46,6 @@ from fedlora.privacy.site_audit import append_audit, read_audit
 from fedlora.privacy.site_ledger import Declined, Mechanism, open_ledger
 from fedlora.strategies import get_strategy, trained_part
 
-app = ClientApp(mods=[guarded_replies])
 log = logging.getLogger("fedlora.client")
 
 
@@ -139,7 +139,6 @@ def budget_declined(msg: Message, config: Config, server_round: int, decision: B
     return Message(content=RecordDict({"metrics": metrics}), reply_to=msg)
 
 
-@app.train()
 def train(msg: Message, context: Context) -> Message:
     start = time.perf_counter()
     config, server_round = site_config(msg, context)
@@ -195,7 +194,6 @@ def train(msg: Message, context: Context) -> Message:
     return Message(content=content, reply_to=msg)
 
 
-@app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     config, server_round = site_config(msg, context)
     refusal, policy, state_dir = screen_request(msg, context, config, server_round)
@@ -232,7 +230,6 @@ def evaluate(msg: Message, context: Context) -> Message:
     return Message(content=RecordDict({"metrics": metric_record(values, EVALUATE_METRICS)}), reply_to=msg)
 
 
-@app.query()
 def query(msg: Message, context: Context) -> Message:
     """The site's declaration before training: its LoRA rank."""
     config, server_round = site_config(msg, context)
@@ -241,3 +238,16 @@ def query(msg: Message, context: Context) -> Message:
         return refusal
     metrics = metric_record({"lora-rank": config.lora.rank}, QUERY_METRICS)
     return Message(content=RecordDict({"metrics": metrics}), reply_to=msg)
+
+
+def site_app(*mods: Mod) -> ClientApp:
+    """A ClientApp with the handlers above behind the reply guard, plus `mods` inside
+    it (the simulation adds its virtual sites' data source, client/site_data.py)."""
+    composed = ClientApp(mods=[guarded_replies, *mods])
+    composed.train()(train)
+    composed.evaluate()(evaluate)
+    composed.query()(query)
+    return composed
+
+
+app = site_app()  # a deployed site's ClientApp: its data is its own `data-path`

@@ -2,15 +2,39 @@
 
 A deployed node names its file with the node config key `data-path`. A virtual
 node of the simulation engine has `partition-id` instead and takes its share of
-`simulation.dataset` (the virtual sites are built in simulations/).
+`simulation.dataset` from the data source that the simulation composes into its
+ClientApp (`virtual_sites`, a mod): the client knows nothing of how the simulation
+builds and partitions its dataset.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from contextvars import ContextVar
 from dataclasses import dataclass
+
+from flwr.app import Context, Message
+from flwr.clientapp.typing import ClientAppCallable, Mod
 
 from fedlora.config import Config
 from fedlora.text_data import DataError, Example, check_columns, encode, read_rows, row_place, split_train_validation
+
+
+VirtualSiteRows = Callable[[Config, int, int], list[dict]]  # (config, partition id, partitions) -> rows
+_virtual_site_rows: ContextVar[VirtualSiteRows | None] = ContextVar("virtual_site_rows", default=None)
+
+
+def virtual_sites(rows: VirtualSiteRows) -> Mod:
+    """A ClientApp mod that serves virtual nodes (node config `partition-id`) their rows
+    while it handles a message."""
+    def serve_virtual_sites(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+        token = _virtual_site_rows.set(rows)
+        try:
+            return call_next(msg, context)
+        finally:
+            _virtual_site_rows.reset(token)
+
+    return serve_virtual_sites
 
 
 @dataclass
@@ -26,8 +50,9 @@ def site_rows(config: Config, node_config: dict) -> tuple[list[dict], str, int]:
         path = str(node_config["data-path"])
         return read_rows(path), path, 0
     if "partition-id" in node_config:
-        from fedlora.simulations.virtual_sites import partition_rows  # the simulation owns partitioning
-
+        partition_rows = _virtual_site_rows.get()
+        if partition_rows is None:
+            raise ValueError("node config has 'partition-id' but this ClientApp serves no virtual sites")
         pid, count = int(node_config["partition-id"]), int(node_config["num-partitions"])
         return partition_rows(config, pid, count), f"{config.simulation.dataset} (partition {pid} of {count})", pid
     raise ValueError("node config has neither 'data-path' nor 'partition-id': this site has no data")

@@ -5,7 +5,7 @@ installed, or any folder with a pyproject.toml holding [tool.flwr.app]).
 Definition (format "fedlora-app-code/1"). Take every file the bundle holds except
 `pyproject.toml` and Flower's `.info/` manifest, each as its path relative to the app
 root (POSIX separators) and the SHA-256 of its bytes; and the ClientApp reference
-(`[tool.flwr.app.components] clientapp`, e.g. "fedlora.client.client_app:app") of the
+(`[tool.flwr.app.components] clientapp`, e.g. "fedlora.cli.flower_app:client_app") of the
 bundle's pyproject.toml. The app hash is
 
     "sha256:" + hex(SHA-256( "fedlora-app-code/1\\n"

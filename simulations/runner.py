@@ -16,7 +16,7 @@ from fedlora.config import Config, ConfigError
 from fedlora.flower_env import FLOWER_OFFLINE_ENV
 from fedlora.server.progress import summary_table
 from fedlora.server.run_directory import RunDirectory
-from fedlora.simulations.virtual_sites import dataset_labels, dataset_rows
+from fedlora.simulations.virtual_sites import dataset_labels, dataset_rows, simulated_site_app
 from fedlora.strategies import get_strategy
 
 
@@ -46,7 +46,6 @@ def simulate(config: Config) -> tuple[RunDirectory, list[dict[str, Any]]]:
 
     logging.getLogger("flwr").propagate = False  # one copy of Flower's log lines, not two
 
-    from fedlora.client.client_app import app as client_app
     from fedlora.server.server_app import make_server_app
 
     result: dict[str, Any] = {}
@@ -63,7 +62,7 @@ def simulate(config: Config) -> tuple[RunDirectory, list[dict[str, Any]]]:
     }
     run_simulation(
         server_app=make_server_app(config, on_done),
-        client_app=client_app,
+        client_app=simulated_site_app(),
         num_supernodes=config.simulation.clients,
         backend_config=backend_config,
     )

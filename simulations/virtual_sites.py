@@ -8,11 +8,15 @@ same partition from the seed, so nothing is shipped to the workers.
 from __future__ import annotations
 
 from functools import lru_cache
+from typing import TYPE_CHECKING
 
 from fedlora.config import Config
 from fedlora.text_data import DataError, Rows, check_columns, classification_labels, read_rows
 from fedlora.simulations.partitioners import dirichlet_partition, iid_partition
 from fedlora.simulations.triage_notes import generate_notes
+
+if TYPE_CHECKING:
+    from flwr.clientapp import ClientApp
 
 
 @lru_cache(maxsize=2)
@@ -54,3 +58,11 @@ def partition_rows(config: Config, partition_id: int, num_partitions: int) -> li
     sim = config.simulation
     parts = _partition(sim.dataset, sim.dataset_size, config.run.seed, sim.partition, sim.alpha, num_partitions, config.data.label_column)
     return [rows[i] for i in parts[partition_id]]
+
+
+def simulated_site_app() -> ClientApp:
+    """The site's ClientApp, serving each virtual node its partition of the dataset."""
+    from fedlora.client.client_app import site_app
+    from fedlora.client.site_data import virtual_sites
+
+    return site_app(virtual_sites(partition_rows))

@@ -97,8 +97,8 @@ def test_a_changed_byte_an_added_file_or_another_clientapp_change_the_hash(app_c
     (app / "pyproject.toml").write_text(pyproject.replace('"train.lr" = 2.0', '"train.lr" = 3.0'))
     assert app_dir_hash(app) == base
     # ... but not which ClientApp Flower loads.
-    (app / "pyproject.toml").write_text(pyproject.replace('clientapp = "fedlora.client.client_app:app"',
-                                                          'clientapp = "fedlora.client.client_app:other"'))
+    (app / "pyproject.toml").write_text(pyproject.replace('clientapp = "fedlora.cli.flower_app:client_app"',
+                                                          'clientapp = "fedlora.cli.flower_app:other"'))
     assert app_dir_hash(app) != base
 
 

@@ -73,7 +73,7 @@ def test_without_dp_there_is_no_epsilon_plot_and_a_bad_folder_is_one_line(tmp_pa
 
 def test_fedlora_run_ends_with_the_table_the_sites_by_name_and_the_report(tmp_path, capsys):
     from fedlora.config import load_config
-    from fedlora.deployment_cli import _show_finished_run
+    from fedlora.cli.deployment import _show_finished_run
     from fedlora.server import site_names
 
     run_dir = write_run(tmp_path / "run")

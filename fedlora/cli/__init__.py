@@ -1,4 +1,11 @@
-"""The `fedlora` command line. Each command's module is imported only when run."""
+"""The `fedlora` command line: the top of the house.
+
+fedlora.cli is the composition root. It and the Flower App's components
+(fedlora/cli/flower_app.py) are the only modules that wire the floors together
+(server, client, simulations, strategies, privacy); the rest of the `fedlora`
+package is the shared core and imports no floor (tests/test_layering.py). Each
+command's module is imported only when run, so the commands that need no model stay
+fast."""
 
 from __future__ import annotations
 
@@ -6,7 +13,7 @@ import argparse
 import sys
 
 from fedlora.config import ConfigError, load_config, parse_override
-from fedlora.deployment_cli import DEPLOYMENT_COMMANDS, add_deployment_commands
+from fedlora.cli.deployment import DEPLOYMENT_COMMANDS, add_deployment_commands
 
 SIMULATE_HELP = """\
 Run a whole federation on this machine: virtual sites (Flower's simulation
@@ -239,7 +246,3 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         raise
     return 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())
