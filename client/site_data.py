@@ -3,7 +3,7 @@
 A deployed node names its file with the node config key `data-path`. A virtual
 node of the simulation engine has `partition-id` instead and takes its share of
 `simulation.dataset` from the data source that the simulation composes into its
-ClientApp (`virtual_sites`, a mod): the client knows nothing of how the simulation
+ClientApp (`VirtualSites`, a mod): the client knows nothing of how the simulation
 builds and partitions its dataset.
 """
 
@@ -14,9 +14,10 @@ from contextvars import ContextVar
 from dataclasses import dataclass
 
 from flwr.app import Context, Message
-from flwr.clientapp.typing import ClientAppCallable, Mod
+from flwr.clientapp.typing import ClientAppCallable
 
 from fedlora.config import Config
+from fedlora.flower_env import quiet_flower_notices
 from fedlora.text_data import DataError, Example, check_columns, encode, read_rows, row_place, split_train_validation
 
 
@@ -24,17 +25,21 @@ VirtualSiteRows = Callable[[Config, int, int], list[dict]]  # (config, partition
 _virtual_site_rows: ContextVar[VirtualSiteRows | None] = ContextVar("virtual_site_rows", default=None)
 
 
-def virtual_sites(rows: VirtualSiteRows) -> Mod:
+@dataclass(frozen=True)
+class VirtualSites:
     """A ClientApp mod that serves virtual nodes (node config `partition-id`) their rows
-    while it handles a message."""
-    def serve_virtual_sites(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
-        token = _virtual_site_rows.set(rows)
+    while it handles a message. A module-level class, so that the simulation engine can
+    ship the composed ClientApp to its worker processes (by reference, like `rows`)."""
+
+    rows: VirtualSiteRows
+
+    def __call__(self, msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+        quiet_flower_notices()  # in the simulation's worker process, once
+        token = _virtual_site_rows.set(self.rows)
         try:
             return call_next(msg, context)
         finally:
             _virtual_site_rows.reset(token)
-
-    return serve_virtual_sites
 
 
 @dataclass

@@ -35,3 +35,31 @@ def flower_env(flwr_home: Path | None = None) -> dict[str, str]:
     if flwr_home is not None:
         env["FLWR_HOME"] = str(flwr_home)
     return env
+
+
+# Flower notices that are routine for fedlora, not something for its user to act on:
+# `fedlora simulate` keeps Flower's `run_simulation` (the Python API of the simulation
+# engine) on purpose, because the `flwr run` path would need a SuperLink and an app
+# bundle for every local run; and each simulation worker logs its ordinary shutdown as
+# a warning. Only these exact messages are dropped: every other Flower line still shows.
+QUIET_FLOWER_MESSAGES = (
+    "The `run_simulation` function is deprecated",
+    "Manually terminating %s",
+)
+
+
+class QuietFlowerNotices:
+    """A filter for the `flwr` logger that drops QUIET_FLOWER_MESSAGES."""
+
+    def filter(self, record) -> bool:  # noqa: ANN001 (logging's protocol)
+        text = str(record.msg) + " " + " ".join(str(a) for a in (record.args or ()) if isinstance(a, str))
+        return not any(message in text for message in QUIET_FLOWER_MESSAGES)
+
+
+def quiet_flower_notices() -> None:
+    """Install the filter in this process (once)."""
+    import logging
+
+    logger = logging.getLogger("flwr")
+    if not any(isinstance(f, QuietFlowerNotices) for f in logger.filters):
+        logger.addFilter(QuietFlowerNotices())

@@ -13,7 +13,7 @@ from typing import Any
 
 from fedlora.base_model import resolve_device, resolve_model_dir
 from fedlora.config import Config, ConfigError
-from fedlora.flower_env import FLOWER_OFFLINE_ENV
+from fedlora.flower_env import FLOWER_OFFLINE_ENV, quiet_flower_notices
 from fedlora.server.progress import summary_table
 from fedlora.server.run_directory import RunDirectory
 from fedlora.simulations.virtual_sites import dataset_labels, dataset_rows, simulated_site_app
@@ -45,6 +45,7 @@ def simulate(config: Config) -> tuple[RunDirectory, list[dict[str, Any]]]:
     from flwr.simulation import run_simulation
 
     logging.getLogger("flwr").propagate = False  # one copy of Flower's log lines, not two
+    quiet_flower_notices()  # run_simulation stays on purpose: fedlora/flower_env.py says why
 
     from fedlora.server.server_app import make_server_app
 

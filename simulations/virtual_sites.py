@@ -63,6 +63,6 @@ def partition_rows(config: Config, partition_id: int, num_partitions: int) -> li
 def simulated_site_app() -> ClientApp:
     """The site's ClientApp, serving each virtual node its partition of the dataset."""
     from fedlora.client.client_app import site_app
-    from fedlora.client.site_data import virtual_sites
+    from fedlora.client.site_data import VirtualSites
 
-    return site_app(virtual_sites(partition_rows))
+    return site_app(VirtualSites(partition_rows))

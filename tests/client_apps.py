@@ -20,10 +20,10 @@ Handler = Callable[[Message, Context], Message]
 
 
 def client_app_with_train(train: Handler, evaluate: Handler | None = None) -> ClientApp:
-    from fedlora.client.site_data import virtual_sites
+    from fedlora.client.site_data import VirtualSites
     from fedlora.simulations.virtual_sites import partition_rows
 
-    app = ClientApp(mods=[virtual_sites(partition_rows)])
+    app = ClientApp(mods=[VirtualSites(partition_rows)])
     app.train()(train)
 
     @app.evaluate()

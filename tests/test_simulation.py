@@ -53,6 +53,9 @@ def test_three_clients_two_rounds_write_a_complete_run_directory(tmp_path):
     report = (out / "report.html").read_text()
     assert report.count("<figure") == 5 and "all 2 planned rounds trained" in report
     assert proc.stdout.strip().splitlines()[-1] == f"run directory: {out.resolve()}"
+    # A clean terminal: no deprecation notice, no warning from Flower or its workers.
+    terminal = proc.stdout + proc.stderr
+    assert "DEPRECATED" not in terminal and "WARNING" not in terminal and "Warning" not in terminal, terminal[-3000:]
 
     # checkpoints/ for each round.
     for r in (1, 2):
