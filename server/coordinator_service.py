@@ -28,6 +28,7 @@ from pathlib import Path
 import tomli_w
 
 from fedlora.flower_env import flower_env, flower_executable
+from fedlora.process_tree import supervise
 
 CONNECTION = "fedlora"
 
@@ -81,8 +82,10 @@ def check_coordinator(c: CoordinatorSettings) -> None:
 
 
 def run_coordinator(c: CoordinatorSettings) -> None:
-    """Write the operator connection, then replace this process with the SuperLink,
-    started in the state dir (the ServerApp's working directory)."""
+    """Write the operator connection, then run the SuperLink in the state dir (the
+    ServerApp's working directory) until it exits or this process gets SIGTERM or
+    SIGINT; its whole process tree goes down with it (fedlora/process_tree.py). Exits
+    the process with the SuperLink's code, or 128+N when stopped by signal N."""
     check_coordinator(c)
     address = f"{'127.0.0.1' if c.host in ('0.0.0.0', '::') else c.host}:{c.port}"
     flwr_home = c.state_dir / "flwr-home"
@@ -92,7 +95,7 @@ def run_coordinator(c: CoordinatorSettings) -> None:
     print(f"[fedlora] coordinator: SuperLink on {c.host}:{c.port}, "
           f"{'INSECURE (no TLS, no node authentication)' if c.insecure else 'TLS and node authentication on'}, "
           f"state in {c.state_dir}", flush=True)
-    os.execve(command[0], command, flower_env(flwr_home))
+    raise SystemExit(supervise([command], env=flower_env(flwr_home)))
 
 
 def connection_home(coordinator_dir: Path | None, superlink: str | None, root_cert: Path | None, insecure: bool) -> Path:

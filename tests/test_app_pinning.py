@@ -52,7 +52,7 @@ def change_one_line(app: Path, marker: Path) -> None:
     """The attack: one line of client/ changed to do something at import (here, leave a marker)."""
     path = app / "client" / "client_app.py"
     lines = path.read_text().splitlines(keepends=True)
-    index = next(i for i, line in enumerate(lines) if line.startswith("app = ClientApp("))
+    index = next(i for i, line in enumerate(lines) if line.startswith("app = site_app("))
     lines[index] = lines[index].rstrip("\n") + f"; __import__('pathlib').Path({str(marker)!r}).write_text('ran')\n"
     path.write_text("".join(lines))
 

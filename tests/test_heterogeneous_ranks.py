@@ -19,7 +19,9 @@ from fedlora.client import model_cache
 from fedlora.client.model_cache import cached_model
 from fedlora.adapter_state import adapter_of
 from fedlora.config import Config, LoraSection, ModelSection, PrivacySection, StrategySection
-from fedlora.server.federation import RoundTraining, aggregate
+from fedlora.server.federation import aggregate
+from fedlora.server.round_policy import RoundTraining
+from fedlora.strategies.central_dp import CentralDP
 from fedlora.strategies import ClientUpdate, get_strategy, trained_part
 from fedlora.strategies.lora_rank import row_scale, to_rank
 
@@ -112,7 +114,7 @@ def test_a_round_without_training_leaves_the_global_product_unchanged():
     g = adapter(8, out=24, inp=20, seed=3)
     ranks = [2, 8, 16]
     config = Config(strategy=StrategySection(name="exact"))
-    out, _ = aggregate(get_strategy(config.strategy), g, round_of(g, ranks), config, [])
+    out = aggregate(get_strategy(config.strategy), g, round_of(g, ranks), config.run.seed)
     assert out[A].shape == (16, 20)  # the largest declared rank
     assert torch.allclose(product(out), product(g), rtol=0, atol=1e-5 * float(product(g).abs().max()))
     assert torch.allclose(out[HEAD], g[HEAD])
@@ -125,19 +127,22 @@ def test_only_a_sites_change_moves_the_global_product():
     g = adapter(8, out=24, inp=20, seed=4)
     config = Config(strategy=StrategySection(name="exact"))
     state = round_of(g, [2, 8, 16], trains={0: 7})  # only the rank-2 site learned something
-    out, _ = aggregate(get_strategy(config.strategy), g, state, config, [])
+    out = aggregate(get_strategy(config.strategy), g, state, config.run.seed)
     change = product(state.updates[0].adapter) - product(state.sent[0])
     # rank(g) + rank(change) <= 8 + 4 <= 16: nothing is truncated.
     assert torch.allclose(product(out), product(g) + 10 / 60 * change, atol=1e-5)
 
 
 def test_central_dp_clips_changes_against_what_each_site_was_sent(monkeypatch):
-    monkeypatch.setattr("fedlora.server.federation.add_noise", lambda adapter, keys, std: adapter)  # the clipping alone
+    monkeypatch.setattr("fedlora.strategies.central_dp.add_noise", lambda adapter, keys, std: adapter)  # the clipping alone
     g = adapter(8, seed=5)
     config = Config(strategy=StrategySection(name="fedavg"),
                     privacy=PrivacySection(central=True, central_noise_multiplier=1.0, central_clip_norm=0.1))
     state = round_of(g, [8, 8, 8], trains={0: 1, 1: 2, 2: 3})
-    out, metrics = aggregate(get_strategy(config.strategy), g, state, config, [])
+    strategy = get_strategy(config.strategy)
+    central = CentralDP(strategy, config.privacy)
+    out = aggregate(strategy, g, state, config.run.seed, central)
+    metrics = central.round_metrics()
     assert metrics["central_noise_std"] == pytest.approx(0.1 / 3) and metrics["central_epsilon"] > 0
     for node, update in state.updates.items():
         norm = torch.sqrt(sum(((update.adapter[k] - g[k]).double() ** 2).sum() for k in g))

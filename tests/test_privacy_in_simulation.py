@@ -210,7 +210,7 @@ def test_a_label_column_of_patient_names_never_reaches_the_coordinator(tmp_path,
     audit = tmp_path / "audit"
     audit.mkdir()
     monkeypatch.setenv("FEDLORA_AUDIT_DIR", str(audit))
-    from fedlora.server.federation import FederationError
+    from fedlora.server.message_exchange import FederationError
 
     with pytest.raises(FederationError, match="fewer than federation.min_clients"):  # no site can train
         run(tmp_path, monkeypatch, own_label_column_site, {

@@ -25,7 +25,7 @@ failing = client_app_with_train(train)
 
 
 def test_a_round_short_of_min_clients_is_retried_then_the_run_stops(tmp_path, monkeypatch):
-    from fedlora.server.federation import FederationError
+    from fedlora.server.message_exchange import FederationError
 
     overrides = {"federation.rounds": 2, "federation.min_clients": 2, "federation.round_retries": 1}
     with pytest.raises(FederationError, match=r"round 1: fewer than federation.min_clients = 2 usable updates in 2 attempts"):

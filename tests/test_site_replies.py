@@ -203,7 +203,7 @@ def test_max_weight_share():
 
 
 def test_evaluation_sums_are_bounded_the_same_way():
-    from fedlora.server.federation import ratio_of_sums
+    from fedlora.server.evaluation_round import ratio_of_sums
 
     def parsed(*counts: tuple[float, float]) -> list:
         return [evaluation(eval_reply(**{"num-examples": n, "eval-correct": c}), True) for n, c in counts]
@@ -222,7 +222,7 @@ def test_evaluation_sums_are_bounded_the_same_way():
 
 
 def test_reports_skip_what_is_not_a_number():
-    from fedlora.server.federation import site_epsilons, site_privacy, weighted
+    from fedlora.server.round_rows import site_epsilons, site_privacy, weighted
 
     replies = [reply(good_train(**{"train-loss": 1.0}), node=1), reply(good_train(**{"train-loss": float("nan"), "epsilon": float("nan")}), node=2),
                reply({"arrays": to_record(ADAPTER)}, node=3), reply(good_train(**{"train-loss": 3.0, "num-examples": 10**9}), node=4)]
@@ -271,7 +271,10 @@ def coordinator(monkeypatch):
 
 
 def test_a_round_with_an_inflating_site_and_malformed_replies(coordinator):
-    from fedlora.server.federation import Envelope, RoundTraining, SiteRanks, evaluate_round, train_attempt
+    from fedlora.server.evaluation_round import evaluate_round
+    from fedlora.server.message_exchange import Envelope
+    from fedlora.server.round_policy import RoundTraining, train_attempt
+    from fedlora.server.site_ranks import SiteRanks
     from fedlora.server.progress import Progress
     from fedlora.strategies import get_strategy
 
@@ -312,7 +315,7 @@ def test_a_round_with_an_inflating_site_and_malformed_replies(coordinator):
 def test_a_reply_error_without_a_reason_is_counted(coordinator):
     from flwr.app import Error
 
-    from fedlora.server.federation import exchange
+    from fedlora.server.message_exchange import exchange
     from fedlora.server.progress import Progress
 
     class ErrorGrid(ScriptedGrid):
@@ -386,7 +389,7 @@ def test_max_weight_factor_is_0_or_at_least_1():
 
 
 def test_error_replies_count_under_a_fixed_set_of_keys():
-    from fedlora.server.federation import REFUSED_APP, error_category
+    from fedlora.server.message_exchange import REFUSED_APP, error_category
 
     assert error_category("data error") == "error: data error" and error_category(REFUSED_APP) == REFUSED_APP
     assert error_category("Error: Node Unavailable - the SuperNode stopped sending heartbeats") == "node unavailable"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from fedlora.config import ConfigError, load_config
-from fedlora.server.federation import sample_sites
+from fedlora.server.round_policy import sample_sites
 
 
 def test_a_round_asks_clients_per_round_sites_reproducibly_from_the_seed():

@@ -212,7 +212,7 @@ def run_simulate(args: argparse.Namespace) -> int:
 ONE_LINE_ERRORS = [("fedlora.config", "ConfigError"), ("fedlora.text_data", "DataError"), ("fedlora.base_model", "ModelError"),
                    ("fedlora.client.site_agent", "SiteError"), ("fedlora.app_hash", "AppHashError"),
                    ("fedlora.server.coordinator_service", "CoordinatorError"), ("builtins", "FileExistsError")]
-RUN_STOPPED_ERRORS = [("fedlora.server.federation", "FederationError")]
+RUN_STOPPED_ERRORS = [("fedlora.server.message_exchange", "FederationError")]
 
 
 def _loaded(errors: list[tuple[str, str]]) -> tuple[type[BaseException], ...]:
