@@ -81,7 +81,7 @@ def build_bench_model(name: str, *, batch: int, seq: int, rank: int, targets: st
             raise ConfigError(f"--model {name!r}: neither a preset ({', '.join(['default', *PRESETS])}) nor a local folder")
         base = load_base_model(ModelSection(path=name, task=task, max_length=seq), num_labels, seed).to(torch_dtype)
         model_type, vocab = base.config.model_type, base.config.vocab_size
-    base.to(dev)  # on its device before LoRA goes on (LIBRARY-NOTES: Opacus #820)
+    base.to(dev)  # on its device before LoRA goes on (docs/architecture.md: Opacus #820)
     target_list: str | list[str] = targets if targets in ("qv", "auto") else [t.strip() for t in targets.split(",")]
     model = get_peft_model(base, lora_config(LoraSection(rank=rank, alpha=2.0 * rank, target_modules=target_list),
                                              task, model_type))

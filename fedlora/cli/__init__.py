@@ -31,7 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sim = commands.add_parser("simulate", help="run a federation of virtual sites on this machine", description=SIMULATE_HELP,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
-    sim.add_argument("--config", metavar="FILE", help="TOML run configuration (keys as in ARCHITECTURE.md); defaults otherwise")
+    sim.add_argument("--config", metavar="FILE", help="TOML run configuration (keys as in docs/architecture.md and the README); defaults otherwise")
     sim.add_argument("--clients", type=int, metavar="N", help="number of virtual sites (simulation.clients)")
     sim.add_argument("--rounds", type=int, metavar="R", help="federated rounds (federation.rounds)")
     sim.add_argument("--output", metavar="DIR", help="run directory (run.output_dir); an existing run is never overwritten")
