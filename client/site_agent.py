@@ -19,12 +19,12 @@ from __future__ import annotations
 import math
 import os
 import secrets
-import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from fedlora.flower_env import flower_env, flower_executable
+from fedlora.process_tree import supervise
 
 PRIVACY_UNITS = ("example", "user")
 
@@ -319,7 +319,7 @@ def supernode_command(site: SiteSettings) -> list[str]:
 
 def executor_command(site: SiteSettings, approved: list[str]) -> list[str]:
     """The site's executor (client/site_executor.py), isolated from the working
-    directory and PYTHONPATH; it exits with the SuperNode (this process, after exec)."""
+    directory and PYTHONPATH; it also exits on its own when this process is gone."""
     command = [sys.executable, "-I", "-m", "fedlora.client.site_executor", "--runtime-api-address",
                f"127.0.0.1:{site.runtime_port}", "--superexec-auth-secret-file", str(site.superexec_secret_file),
                "--state-dir", str(site.state_dir), "--parent-pid", str(os.getpid())]
@@ -338,8 +338,11 @@ def write_superexec_secret(path: Path) -> None:
 
 
 def run_site(site: SiteSettings) -> None:
-    """Validate, start the site's executor, then replace this process with the site's
-    SuperNode (signals reach it directly; the executor follows it out)."""
+    """Validate, then run the site's executor and SuperNode until either exits or this
+    process gets SIGTERM or SIGINT; the whole process tree goes down together
+    (fedlora/process_tree.py). A site without its executor cannot run tasks, so the
+    process exits non-zero in every case: the first one's code (1 if it was 0), or
+    128+N when stopped by signal N."""
     validate_site(site)
     approved = approved_apps(site)
     write_superexec_secret(site.superexec_secret_file)
@@ -347,6 +350,4 @@ def run_site(site: SiteSettings) -> None:
     print(f"[fedlora] site checked: data {site.data_path}, model {site.model_path}, state {site.state_dir}; "
           f"connecting to {site.superlink}", flush=True)
     print(f"[fedlora] approved apps: {', '.join(approved)} (the first is the installed fedlora release)", flush=True)
-    subprocess.Popen(executor_command(site, approved), env=env)  # pylint: disable=consider-using-with
-    command = supernode_command(site)
-    os.execve(command[0], command, env)
+    raise SystemExit(supervise([executor_command(site, approved), supernode_command(site)], env=env) or 1)
