@@ -1,0 +1,330 @@
+"""Secure aggregation (Bonawitz et al. 2017, with Bell et al. 2020's framing): the
+coordinator learns the sum of the sites' quantized updates and nothing about any one.
+
+This module is the protocol's core, as pure functions over plain data; the message
+transport is the round loop's. One aggregation, among the sites of a roster:
+
+1. **Advertise keys.** Each site makes two fresh X25519 key pairs, one to encrypt the
+   shares it sends to others and one to agree masks, and signs both public keys with
+   its node key (P-384 ECDSA) over the aggregation's context (run and round), so that
+   the coordinator can neither substitute a key (a site verifies every signature
+   against the node keys it trusts) nor replay one from another round.
+2. **Share keys.** Each site draws a self-mask seed and Shamir-shares it and its mask
+   private key among all sites of the roster (`threshold` rebuild, fewer learn
+   nothing); the share for site v is encrypted with AES-GCM under a key agreed with v.
+3. **Masked input.** A site's quantized update plus its self-mask plus, for every
+   other site v that shared keys, +PRG(s_uv) if u < v else -PRG(s_uv), where s_uv is
+   the pairwise seed both derive. Pairwise masks cancel in the sum; the self-mask
+   keeps a site's input hidden even if the coordinator later learns its pairwise seeds.
+4. **Unmask.** The coordinator names the survivors (sites whose masked input arrived).
+   Each survivor reveals, for every other site, exactly one share: of the self-mask
+   seed for a survivor, of the mask private key for a site that dropped. With
+   `threshold` such shares the coordinator removes the self-masks of the survivors
+   and the pairwise masks that involve dropped sites, and is left with the sum.
+
+Arithmetic is modulo 2^bits (`QuantizationSpec.modulus_bits`), sized so that the sum
+of every site's largest weighted, quantized value cannot wrap. The masks come from a
+cryptographic PRG (the ChaCha20 keystream), so a single masked vector is uniform.
+
+Not covered here, and stated as the deployment's assumptions: the coordinator relays
+every message (it can drop any, which at worst fails the round); a site's view of the
+survivors is the coordinator's word, and a site refuses to reveal both kinds of share
+for one site; the consistency round of the malicious-server protocol is not run.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import struct
+from dataclasses import dataclass, field
+
+import numpy as np
+from cryptography.exceptions import InvalidSignature, InvalidTag
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+from fedlora.privacy import shamir
+
+SELF_SEED = "self-seed"
+MASK_KEY = "mask-key"
+
+
+class SecureAggregationError(RuntimeError):
+    """An aggregation that cannot go on safely (too few sites, a bad message)."""
+
+
+class ForgedKeyError(SecureAggregationError):
+    """A key in the roster is not signed by the node key of the site it claims to be."""
+
+
+# --- Quantization ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class QuantizationSpec:
+    """Fixed point for the secure sum: each value is clipped to [-clip, clip] and
+    scaled to `levels` steps per `clip`; a site's input is its weight times that."""
+
+    clip: float
+    levels: int
+    sites: int
+    max_weight: int = 1
+
+    @property
+    def modulus_bits(self) -> int:
+        """The smallest power-of-two modulus holding any sum of `sites` inputs, signed:
+        2 * sites * max_weight * levels + 1 values must fit."""
+        return max(8, math.ceil(math.log2(2 * self.sites * self.max_weight * self.levels + 1)))
+
+    def check(self) -> None:
+        if self.clip <= 0 or self.levels < 1 or self.sites < 1 or self.max_weight < 1:
+            raise SecureAggregationError(f"quantization needs clip > 0 and levels, sites, max_weight >= 1 (got {self})")
+        if self.modulus_bits > 62:
+            raise SecureAggregationError(f"{self.sites} sites x weight {self.max_weight} x {self.levels} levels "
+                                         "need more than 62 bits: fewer levels or a smaller weight")
+
+
+def quantize(values: np.ndarray, weight: int, spec: QuantizationSpec, rng: np.random.Generator) -> np.ndarray:
+    """weight * round(clip(values) * levels / clip) with unbiased stochastic rounding, as
+    residues modulo 2^bits (uint64)."""
+    spec.check()
+    if not 1 <= weight <= spec.max_weight:
+        raise SecureAggregationError(f"a site's weight {weight} is outside 1..{spec.max_weight}")
+    scaled = np.clip(np.asarray(values, dtype=np.float64), -spec.clip, spec.clip) * (spec.levels / spec.clip)
+    low = np.floor(scaled)
+    rounded = low + (rng.random(scaled.shape) < (scaled - low))
+    return (rounded.astype(np.int64) * weight).astype(np.uint64) & _mask(spec.modulus_bits)
+
+
+def dequantize(total: np.ndarray, weight_sum: int, spec: QuantizationSpec) -> np.ndarray:
+    """The weighted mean from the modular sum of the sites' inputs."""
+    bits = spec.modulus_bits
+    signed = total.astype(np.int64)
+    signed = np.where(signed >= 1 << (bits - 1), signed - (1 << bits), signed)
+    return signed.astype(np.float64) * (spec.clip / spec.levels) / weight_sum
+
+
+def _mask(bits: int) -> np.uint64:
+    return np.uint64((1 << bits) - 1)
+
+
+def prg(seed: bytes, length: int, bits: int) -> np.ndarray:
+    """`length` uniform residues modulo 2^bits from the ChaCha20 keystream of `seed`
+    (each seed is used once: it is fresh per pair, run and round)."""
+    encryptor = Cipher(algorithms.ChaCha20(seed, b"\x00" * 16), mode=None).encryptor()
+    stream = encryptor.update(b"\x00" * (8 * length))
+    return np.frombuffer(stream, dtype=np.uint64) & _mask(bits)
+
+
+# --- Keys ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AdvertisedKeys:
+    site: int
+    cipher_public: bytes  # X25519, raw 32 bytes: shares sent to this site are encrypted to it
+    mask_public: bytes  # X25519, raw 32 bytes: pairwise masks are agreed with it
+    signature: bytes  # by the site's node key over key_statement(...)
+
+
+@dataclass
+class MaskingSite:
+    """One site's secrets for one aggregation (never sent, except as Shamir shares)."""
+
+    site: int
+    context: bytes
+    cipher_private: X25519PrivateKey
+    mask_private: X25519PrivateKey
+    self_seed: bytes = field(default_factory=lambda: os.urandom(shamir.SECRET_BYTES))
+    roster: dict[int, AdvertisedKeys] = field(default_factory=dict)
+    sharers: frozenset[int] = frozenset()  # the sites that shared keys (whose masks are in this input)
+    own_seed_share: bytes = b""  # this site's own Shamir share of its self-mask seed
+
+
+def _raw(public: X25519PublicKey) -> bytes:
+    return public.public_bytes(Encoding.Raw, PublicFormat.Raw)
+
+
+def key_statement(context: bytes, site: int, cipher_public: bytes, mask_public: bytes) -> bytes:
+    return b"fedlora secure aggregation keys/1\n" + struct.pack(">Q", len(context)) + context + \
+        struct.pack(">Q", site) + cipher_public + mask_public
+
+
+def advertise(site: int, context: bytes, node_key: ec.EllipticCurvePrivateKey) -> tuple[MaskingSite, AdvertisedKeys]:
+    """Step 1 at a site: fresh keys, signed by the site's node key."""
+    state = MaskingSite(site, context, X25519PrivateKey.generate(), X25519PrivateKey.generate())
+    cipher_public, mask_public = _raw(state.cipher_private.public_key()), _raw(state.mask_private.public_key())
+    signature = node_key.sign(key_statement(context, site, cipher_public, mask_public), ec.ECDSA(hashes.SHA384()))
+    return state, AdvertisedKeys(site, cipher_public, mask_public, signature)
+
+
+def signed_by(keys: AdvertisedKeys, context: bytes, node_public: ec.EllipticCurvePublicKey | None) -> bool:
+    if node_public is None or len(keys.cipher_public) != 32 or len(keys.mask_public) != 32:
+        return False
+    try:
+        node_public.verify(keys.signature, key_statement(context, keys.site, keys.cipher_public, keys.mask_public),
+                           ec.ECDSA(hashes.SHA384()))
+    except InvalidSignature:
+        return False
+    return True
+
+
+def collect_keys(advertised: list[AdvertisedKeys], trusted: dict[int, ec.EllipticCurvePublicKey],
+                 context: bytes) -> tuple[list[AdvertisedKeys], list[int]]:
+    """Step 1 at the coordinator: the roster of correctly signed keys, and the sites
+    excluded (a signature that does not verify, an unknown or repeated site)."""
+    roster, excluded, seen = [], [], set()
+    for keys in advertised:
+        if keys.site in seen or not signed_by(keys, context, trusted.get(keys.site)):
+            excluded.append(keys.site)
+        else:
+            roster.append(keys)
+            seen.add(keys.site)
+    return sorted(roster, key=lambda k: k.site), sorted(excluded)
+
+
+def accept_roster(state: MaskingSite, roster: list[AdvertisedKeys], trusted: dict[int, ec.EllipticCurvePublicKey],
+                  threshold: int) -> None:
+    """Step 1 at a site: every key the coordinator relays must be signed by the node key
+    the site trusts for that site, and the site's own keys must be in it unchanged."""
+    by_site = {k.site: k for k in roster}
+    if len(by_site) != len(roster):
+        raise ForgedKeyError("the roster names a site twice")
+    for keys in roster:
+        if not signed_by(keys, state.context, trusted.get(keys.site)):
+            raise ForgedKeyError(f"the key of site {keys.site} is not signed by that site's node key")
+    own = by_site.get(state.site)
+    if own is None or (own.cipher_public, own.mask_public) != (_raw(state.cipher_private.public_key()),
+                                                                _raw(state.mask_private.public_key())):
+        raise ForgedKeyError("the roster does not hold this site's own keys")
+    if len(roster) < threshold:
+        raise SecureAggregationError(f"{len(roster)} sites in the roster, fewer than the threshold {threshold}")
+    state.roster = by_site
+
+
+def _agreed(private: X25519PrivateKey, public: bytes, purpose: bytes, context: bytes, u: int, v: int) -> bytes:
+    low, high = sorted((u, v))
+    info = b"fedlora secure aggregation/1 " + purpose + b"\n" + context + struct.pack(">QQ", low, high)
+    secret = private.exchange(X25519PublicKey.from_public_bytes(public))
+    return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=info).derive(secret)
+
+
+def share_index(roster: dict[int, AdvertisedKeys], site: int) -> int:
+    """A site's Shamir x: its position in the sorted roster, from 1."""
+    return sorted(roster).index(site) + 1
+
+
+# --- Shares ------------------------------------------------------------------------------
+
+
+def share_keys(state: MaskingSite, threshold: int) -> dict[int, bytes]:
+    """Step 2 at a site: for every other site, its shares of this site's self-mask seed
+    and mask private key, encrypted to it (nonce || AES-GCM ciphertext)."""
+    mask_private = state.mask_private.private_bytes_raw()
+    seed_shares = dict(shamir.split(state.self_seed, len(state.roster), threshold))
+    key_shares = dict(shamir.split(mask_private, len(state.roster), threshold))
+    state.own_seed_share = seed_shares[share_index(state.roster, state.site)]
+    out = {}
+    for v, keys in state.roster.items():
+        if v == state.site:
+            continue
+        x = share_index(state.roster, v)
+        key = _agreed(state.cipher_private, keys.cipher_public, b"shares", state.context, state.site, v)
+        nonce = os.urandom(12)
+        plain = struct.pack(">Q", x) + seed_shares[x] + key_shares[x]
+        out[v] = nonce + AESGCM(key).encrypt(nonce, plain, _share_aad(state.context, state.site, v))
+    return out
+
+
+def _share_aad(context: bytes, sender: int, receiver: int) -> bytes:
+    return b"fedlora shares\n" + context + struct.pack(">QQ", sender, receiver)
+
+
+def _open_share(state: MaskingSite, sender: int, blob: bytes) -> tuple[int, bytes, bytes]:
+    key = _agreed(state.cipher_private, state.roster[sender].cipher_public, b"shares", state.context, sender, state.site)
+    try:
+        plain = AESGCM(key).decrypt(blob[:12], blob[12:], _share_aad(state.context, sender, state.site))
+    except InvalidTag:
+        raise SecureAggregationError(f"the shares from site {sender} do not decrypt (altered in transit?)") from None
+    (x,) = struct.unpack(">Q", plain[:8])
+    if x != share_index(state.roster, state.site):
+        raise SecureAggregationError(f"the shares from site {sender} are not addressed to this site")
+    n = shamir.SHARE_BYTES
+    return x, plain[8:8 + n], plain[8 + n:8 + 2 * n]
+
+
+# --- Masked input ------------------------------------------------------------------------
+
+
+def pairwise_seed(private: X25519PrivateKey, public: bytes, context: bytes, u: int, v: int) -> bytes:
+    return _agreed(private, public, b"mask", context, u, v)
+
+
+def masked_input(state: MaskingSite, quantized: np.ndarray, sharers: set[int], bits: int) -> np.ndarray:
+    """Step 3 at a site: its quantized input plus its self-mask and the pairwise masks
+    with every other site that shared keys (`sharers`, from the coordinator)."""
+    if state.site not in sharers or not sharers <= set(state.roster):
+        raise SecureAggregationError("the sites named as having shared keys are not in the roster")
+    state.sharers = frozenset(sharers)
+    length = quantized.shape[0]
+    y = quantized.astype(np.uint64) + prg(state.self_seed, length, bits)
+    for v in sorted(sharers - {state.site}):
+        mask = prg(pairwise_seed(state.mask_private, state.roster[v].mask_public, state.context, state.site, v), length, bits)
+        y = y + mask if state.site < v else y - mask
+    return y & _mask(bits)
+
+
+# --- Unmasking ----------------------------------------------------------------------------
+
+
+def reveal(state: MaskingSite, received: dict[int, bytes], survivors: set[int], threshold: int) -> dict[int, tuple[str, int, bytes]]:
+    """Step 4 at a site: for each site that shared keys, one share: of its self-mask seed
+    if it survived, of its mask private key if it dropped. `received`: the encrypted
+    shares the other sites sent this site in step 2."""
+    if state.site not in survivors or not survivors <= state.sharers:
+        raise SecureAggregationError("the survivors named are not sites that shared keys")
+    if len(survivors) < threshold:
+        raise SecureAggregationError(f"{len(survivors)} survivors, fewer than the threshold {threshold}: nothing is revealed")
+    out = {}
+    for v in sorted(state.sharers - {state.site}):
+        if v not in received:
+            raise SecureAggregationError(f"no shares from site {v}, which the coordinator says shared keys")
+        x, seed_share, key_share = _open_share(state, v, received[v])
+        out[v] = (SELF_SEED, x, seed_share) if v in survivors else (MASK_KEY, x, key_share)
+    # Its own share of its own seed too, so that `threshold` survivors are enough to rebuild every seed.
+    out[state.site] = (SELF_SEED, share_index(state.roster, state.site), state.own_seed_share)
+    return out
+
+
+def unmask(roster: list[AdvertisedKeys], masked: dict[int, np.ndarray], revealed: dict[int, dict[int, tuple[str, int, bytes]]],
+           sharers: set[int], threshold: int, bits: int, context: bytes) -> np.ndarray:
+    """Step 4 at the coordinator: the sum of the survivors' inputs, modulo 2^bits.
+    `masked`: the survivors' masked inputs; `revealed`: what each survivor revealed."""
+    survivors, dropped = set(masked), sharers - set(masked)
+    if len(survivors) < threshold:
+        raise SecureAggregationError(f"{len(survivors)} masked inputs, fewer than the threshold {threshold}")
+    by_site = {k.site: k for k in roster}
+    length = next(iter(masked.values())).shape[0]
+    total = np.zeros(length, dtype=np.uint64)
+    for y in masked.values():
+        total = total + y
+    for v in sorted(sharers):
+        shares = [(x, share) for reveals in revealed.values() if v in reveals
+                  for kind, x, share in [reveals[v]] if kind == (SELF_SEED if v in survivors else MASK_KEY)]
+        if len(shares) < threshold:
+            raise SecureAggregationError(f"{len(shares)} shares for site {v}, fewer than the threshold {threshold}")
+        secret = shamir.combine(shares[:threshold])
+        if v in survivors:  # its self-mask
+            total = total - prg(secret, length, bits)
+        else:  # the pairwise masks the survivors added with it
+            private = X25519PrivateKey.from_private_bytes(secret)
+            for u in sorted(survivors):
+                mask = prg(pairwise_seed(private, by_site[u].mask_public, context, v, u), length, bits)
+                total = total - mask if u < v else total + mask
+    return total & _mask(bits)

@@ -1,0 +1,170 @@
+"""Secure aggregation's core (privacy/secure_aggregation.py), run among in-process sites
+with real keys: the coordinator gets exactly the sum, a dropped site is recovered,
+one masked vector is uniform, and keys the coordinator forges are caught."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+from cryptography.hazmat.primitives.asymmetric import ec
+from scipy.stats import chisquare
+
+from fedlora.privacy import shamir
+from fedlora.privacy.secure_aggregation import (
+    ForgedKeyError, QuantizationSpec, SecureAggregationError, accept_roster, advertise, collect_keys, dequantize,
+    masked_input, quantize, reveal, share_keys, unmask,
+)
+
+CONTEXT = b"run runs/study round 3"
+
+
+def node_keys(sites: list[int]) -> tuple[dict[int, ec.EllipticCurvePrivateKey], dict[int, ec.EllipticCurvePublicKey]]:
+    private = {s: ec.generate_private_key(ec.SECP384R1()) for s in sites}
+    return private, {s: k.public_key() for s, k in private.items()}
+
+
+def run_aggregation(inputs: dict[int, np.ndarray], threshold: int, bits: int, drop_after_sharing: set[int] = frozenset()):
+    """The four steps among `inputs`' sites; returns the coordinator's modular sum."""
+    private, trusted = node_keys(sorted(inputs))
+    states, advertised = {}, []
+    for site in inputs:
+        states[site], keys = advertise(site, CONTEXT, private[site])
+        advertised.append(keys)
+    roster, excluded = collect_keys(advertised, trusted, CONTEXT)
+    assert excluded == []
+    for state in states.values():
+        accept_roster(state, roster, trusted, threshold)
+    sent = {u: share_keys(state, threshold) for u, state in states.items()}
+    sharers = set(sent)
+    inbox = {v: {u: blobs[v] for u, blobs in sent.items() if v in blobs} for v in states}
+    masked = {u: masked_input(states[u], inputs[u], sharers, bits) for u in states if u not in drop_after_sharing}
+    survivors = set(masked)
+    revealed = {u: reveal(states[u], inbox[u], survivors, threshold) for u in survivors}
+    return unmask(roster, masked, revealed, sharers, threshold, bits, CONTEXT), masked
+
+
+def test_shamir_rebuilds_from_threshold_shares_and_not_from_fewer():
+    secret = bytes(range(32))
+    shares = shamir.split(secret, 5, 3)
+    assert shamir.combine(shares[:3]) == secret and shamir.combine(shares[2:]) == secret
+    assert shamir.combine([shares[0], shares[4], shares[2]]) == secret
+    try:
+        assert shamir.combine(shares[:2]) != secret
+    except shamir.ShamirError:
+        pass
+
+
+def test_the_secure_sum_is_the_weighted_sum_within_the_quantization_error():
+    rng = np.random.default_rng(0)
+    spec = QuantizationSpec(clip=0.5, levels=2**12, sites=5, max_weight=4)
+    values = {site: rng.normal(0.0, 0.2, size=1000) for site in (11, 22, 33, 44, 55)}
+    weights = {11: 1, 22: 4, 33: 2, 44: 3, 55: 1}
+    quantized = {s: quantize(values[s], weights[s], spec, rng) for s in values}
+    total, _ = run_aggregation(quantized, threshold=3, bits=spec.modulus_bits)
+
+    # Exactly the modular sum of the inputs: the masks cancel to the last bit.
+    expected = np.zeros(1000, dtype=np.uint64)
+    for q in quantized.values():
+        expected = (expected + q) & np.uint64((1 << spec.modulus_bits) - 1)
+    assert np.array_equal(total, expected)
+    # And the weighted mean of the clipped values, within one quantization step.
+    mean = dequantize(total, sum(weights.values()), spec)
+    plain = sum(weights[s] * np.clip(values[s], -spec.clip, spec.clip) for s in values) / sum(weights.values())
+    assert np.max(np.abs(mean - plain)) <= spec.clip / spec.levels + 1e-12
+    assert np.max(np.abs(plain)) > 0.3  # not a trivially small signal
+
+
+def test_a_site_that_drops_after_masking_is_recovered():
+    rng = np.random.default_rng(1)
+    spec = QuantizationSpec(clip=1.0, levels=2**10, sites=5)
+    quantized = {s: quantize(rng.uniform(-1, 1, 300), 1, spec, rng) for s in (1, 2, 3, 4, 5)}
+    total, masked = run_aggregation(quantized, threshold=3, bits=spec.modulus_bits, drop_after_sharing={2, 4})
+    assert set(masked) == {1, 3, 5}
+    expected = (quantized[1] + quantized[3] + quantized[5]) & np.uint64((1 << spec.modulus_bits) - 1)
+    assert np.array_equal(total, expected)
+
+
+def test_below_the_threshold_nothing_is_revealed():
+    spec = QuantizationSpec(clip=1.0, levels=16, sites=4)
+    quantized = {s: np.zeros(10, dtype=np.uint64) for s in (1, 2, 3, 4)}
+    with pytest.raises(SecureAggregationError, match="fewer than the threshold 3"):
+        run_aggregation(quantized, threshold=3, bits=spec.modulus_bits, drop_after_sharing={2, 3})
+
+
+def test_one_masked_vector_is_uniform_over_its_residues():
+    """What the coordinator receives from one site, for an input of all zeros: a
+    chi-square test over 64 bins of the residues accepts uniformity, and rejects the
+    same test's unmasked input (so the test can tell)."""
+    bits, length = 20, 64_000
+    quantized = {s: np.zeros(length, dtype=np.uint64) for s in (1, 2, 3)}
+    _, masked = run_aggregation(quantized, threshold=2, bits=bits)
+    bins = np.bincount((masked[1] >> np.uint64(bits - 6)).astype(np.int64), minlength=64)
+    assert chisquare(bins).pvalue > 1e-6
+    unmasked = np.bincount((quantized[1] >> np.uint64(bits - 6)).astype(np.int64), minlength=64)
+    assert chisquare(unmasked).pvalue < 1e-6
+
+
+def test_a_site_whose_signature_does_not_verify_is_excluded():
+    private, trusted = node_keys([1, 2, 3, 4])
+    impostor = ec.generate_private_key(ec.SECP384R1())
+    advertised = [advertise(s, CONTEXT, private[s] if s != 3 else impostor)[1] for s in (1, 2, 3, 4)]
+    roster, excluded = collect_keys(advertised, trusted, CONTEXT)
+    assert excluded == [3] and [k.site for k in roster] == [1, 2, 4]
+    # A site nobody trusts, and one that advertises twice, are excluded too.
+    stranger = advertise(9, CONTEXT, impostor)[1]
+    roster, excluded = collect_keys([*advertised[:2], stranger, advertised[1]], trusted, CONTEXT)
+    assert excluded == [2, 9] and [k.site for k in roster] == [1, 2]
+
+
+@pytest.mark.parametrize("forgery", ["substituted key", "replayed from another round", "own key replaced"])
+def test_a_coordinator_that_relays_a_forged_key_is_detected(forgery):
+    private, trusted = node_keys([1, 2, 3])
+    states, advertised = {}, {}
+    for s in (1, 2, 3):
+        states[s], advertised[s] = advertise(s, CONTEXT, private[s])
+    roster = dict(advertised)
+    if forgery == "substituted key":  # the coordinator's own mask key in site 3's place, with 3's signature
+        _, mine = advertise(3, CONTEXT, ec.generate_private_key(ec.SECP384R1()))
+        roster[3] = replace(advertised[3], mask_public=mine.mask_public)
+    elif forgery == "replayed from another round":  # site 3's genuine keys from an earlier round
+        _, roster[3] = advertise(3, b"run runs/study round 2", private[3])
+    else:  # a key signed by site 1, but not the one site 1 made for this aggregation
+        _, roster[1] = advertise(1, CONTEXT, private[1])
+    victims = [s for s in (1, 2, 3)] if forgery != "own key replaced" else [1]
+    for s in victims:
+        with pytest.raises(ForgedKeyError):
+            accept_roster(states[s], list(roster.values()), trusted, threshold=2)
+
+
+def test_altered_shares_are_refused():
+    private, trusted = node_keys([1, 2, 3])
+    states, advertised = {}, []
+    for s in (1, 2, 3):
+        states[s], keys = advertise(s, CONTEXT, private[s])
+        advertised.append(keys)
+    for state in states.values():
+        accept_roster(state, advertised, trusted, threshold=2)
+    blobs = {u: share_keys(states[u], 2) for u in states}
+    for u in states:
+        masked_input(states[u], np.zeros(4, dtype=np.uint64), {1, 2, 3}, 16)
+    tampered = bytearray(blobs[2][1])
+    tampered[-1] ^= 1
+    with pytest.raises(SecureAggregationError, match="do not decrypt"):
+        reveal(states[1], {2: bytes(tampered), 3: blobs[3][1]}, {1, 2, 3}, threshold=2)
+
+
+def test_the_modulus_holds_the_largest_sum():
+    spec = QuantizationSpec(clip=1.0, levels=2**16, sites=50, max_weight=16)
+    largest = spec.sites * spec.max_weight * spec.levels
+    assert 2 * largest + 1 <= 2**spec.modulus_bits
+    rng = np.random.default_rng(2)
+    quantized = [quantize(np.full(3, 5.0), spec.max_weight, spec, rng) for _ in range(spec.sites)]  # clipped to +clip
+    total = np.zeros(3, dtype=np.uint64)
+    for q in quantized:
+        total = (total + q) & np.uint64((1 << spec.modulus_bits) - 1)
+    assert np.allclose(dequantize(total, spec.sites * spec.max_weight, spec), 1.0)
+    assert np.allclose(dequantize((-total) & np.uint64((1 << spec.modulus_bits) - 1), spec.sites * spec.max_weight, spec), -1.0)
+    with pytest.raises(SecureAggregationError, match="more than 62 bits"):
+        QuantizationSpec(clip=1.0, levels=2**50, sites=1000, max_weight=1000).check()
