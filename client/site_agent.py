@@ -23,6 +23,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from fedlora.client.site_rejoin import AliveMarker
 from fedlora.flower_env import flower_env, flower_executable
 from fedlora.process_tree import supervise
 
@@ -337,12 +338,13 @@ def write_superexec_secret(path: Path) -> None:
         fh.write(secrets.token_bytes(32))
 
 
-def run_site(site: SiteSettings) -> None:
+def run_site(site: SiteSettings) -> int:
     """Validate, then run the site's executor and SuperNode until either exits or this
     process gets SIGTERM or SIGINT; the whole process tree goes down together
-    (fedlora/process_tree.py). A site without its executor cannot run tasks, so the
-    process exits non-zero in every case: the first one's code (1 if it was 0), or
-    128+N when stopped by signal N."""
+    (fedlora/process_tree.py). A site restarted right after a crash first waits until
+    the coordinator releases it (client/site_rejoin.py). A site without its executor
+    cannot run tasks, so the exit code is non-zero in every case: the first one's code
+    (1 if it was 0), or 128+N when stopped by signal N."""
     validate_site(site)
     approved = approved_apps(site)
     write_superexec_secret(site.superexec_secret_file)
@@ -350,4 +352,8 @@ def run_site(site: SiteSettings) -> None:
     print(f"[fedlora] site checked: data {site.data_path}, model {site.model_path}, state {site.state_dir}; "
           f"connecting to {site.superlink}", flush=True)
     print(f"[fedlora] approved apps: {', '.join(approved)} (the first is the installed fedlora release)", flush=True)
-    raise SystemExit(supervise([executor_command(site, approved), supernode_command(site)], env=env) or 1)
+    alive = AliveMarker(site.state_dir)
+    alive.wait_for_release()
+    code = supervise([executor_command(site, approved), supernode_command(site)], env=env, while_running=alive.touch)
+    alive.stopped(code)
+    return code or 1

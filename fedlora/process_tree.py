@@ -105,10 +105,10 @@ def stop_descendants(procs: Sequence[subprocess.Popen], grace: float = GRACE_SEC
 
 
 def supervise(commands: Sequence[Sequence[str]], env: Mapping[str, str] | None = None, cwd: Path | None = None,
-              grace: float = GRACE_SECONDS) -> int:
+              grace: float = GRACE_SECONDS, while_running: Callable[[], None] = lambda: None) -> int:
     """Start the commands and wait until one of them exits or this process gets
-    SIGTERM, SIGINT or SIGHUP; then stop the whole tree. Returns the exit code (see
-    the module docstring)."""
+    SIGTERM, SIGINT or SIGHUP; then stop the whole tree. `while_running` is called
+    every poll while all commands run. Returns the exit code (see the module docstring)."""
     received: list[int] = []
 
     def on_signal(signum: int, _frame: object) -> None:
@@ -126,6 +126,7 @@ def supervise(commands: Sequence[Sequence[str]], env: Mapping[str, str] | None =
             procs.append(subprocess.Popen(list(command), env=None if env is None else dict(env), cwd=cwd))  # pylint: disable=consider-using-with
         while not received and all(p.poll() is None for p in procs):
             _reap_adopted({p.pid for p in procs})
+            while_running()
             time.sleep(POLL_SECONDS)
     finally:
         exited = [p.returncode for p in procs if p.returncode is not None]

@@ -81,7 +81,7 @@ def check_coordinator(c: CoordinatorSettings) -> None:
         raise CoordinatorError(f"--state-dir {c.state_dir}: not writable ({exc.strerror})") from None
 
 
-def run_coordinator(c: CoordinatorSettings) -> None:
+def run_coordinator(c: CoordinatorSettings) -> int:
     """Write the operator connection, then run the SuperLink in the state dir (the
     ServerApp's working directory) until it exits or this process gets SIGTERM or
     SIGINT; its whole process tree goes down with it (fedlora/process_tree.py). Exits
@@ -95,7 +95,7 @@ def run_coordinator(c: CoordinatorSettings) -> None:
     print(f"[fedlora] coordinator: SuperLink on {c.host}:{c.port}, "
           f"{'INSECURE (no TLS, no node authentication)' if c.insecure else 'TLS and node authentication on'}, "
           f"state in {c.state_dir}", flush=True)
-    raise SystemExit(supervise([command], env=flower_env(flwr_home)))
+    return supervise([command], env=flower_env(flwr_home))
 
 
 def connection_home(coordinator_dir: Path | None, superlink: str | None, root_cert: Path | None, insecure: bool) -> Path:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -86,6 +87,7 @@ class Deployment:
         self.port = free_port()
         self.state = root / "coordinator"
         self.processes: list[subprocess.Popen] = []
+        self.commands: dict[str, list[str]] = {}  # each site's command, to restart it
         out = fedlora("certs", "--out", str(root / "certs"))
         assert out.returncode == 0, out.stderr
         self.coordinator = self.start_coordinator()
@@ -123,7 +125,14 @@ class Deployment:
                        str(self.root / "certs" / "ca.pem"), "--key", str(key), "--data-path", str(data),
                        "--model-path", str(model), "--state-dir", str(state), "--port", str(free_port()), "--max-epsilon", "10",
                        *extra_args]
+        self.commands[name] = command
         proc = start(command, self.root / f"site-{name}.log")
+        self.processes.append(proc)
+        return proc
+
+    def restart(self, name: str) -> subprocess.Popen:
+        """The site's same command again (its log goes to site-NAME-restart.log)."""
+        proc = start(self.commands[name], self.root / f"site-{name}-restart.log")
         self.processes.append(proc)
         return proc
 
@@ -196,6 +205,11 @@ def test_three_tls_sites_with_node_auth_refusals_and_a_site_killed_mid_run(deplo
     # `fedlora run` names the sites that did not deliver by the operator's names (the keys' comments at registration).
     assert f"site-1 (node {lost[0]['node']}) train: {lost[0]['train']}" in run_log
     assert "other-model (node" in run_log and "train: refused: different base model" in run_log
+    # Each site's own log states, per round, its noise multiplier, sampling rate and epsilon (docs/privacy.md).
+    site_log = (d.root / "site-site-0.log").read_text()
+    for r in (1, 2):
+        assert re.search(rf"round {r}: .* noise multiplier [0-9.]+ \(q [0-9.]+ per example, \d+ steps\), "
+                         rf"epsilon [0-9.]+, expected [0-9.]+ after round 2, limit 10.000", site_log), site_log[-3000:]
 
     # A complete run directory, with an adapter PEFT loads.
     from peft import PeftModel

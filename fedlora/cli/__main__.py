@@ -1,5 +1,5 @@
-"""`python -m fedlora.cli`: the same as the `fedlora` command."""
+"""`python -m fedlora.cli`: the same as the `fedlora` command, exit code included."""
 
 from fedlora.cli import main
 
-main()
+raise SystemExit(main())

@@ -150,15 +150,15 @@ def _home(args: argparse.Namespace) -> Path:
 def run_coordinator_cmd(args: argparse.Namespace) -> int:
     from fedlora.server.coordinator_service import CoordinatorSettings, run_coordinator
 
-    run_coordinator(CoordinatorSettings(args.state_dir.resolve(), args.certs and args.certs.resolve(), args.host, args.port, args.insecure))
-    return 0  # not reached: the process became the SuperLink
+    return run_coordinator(CoordinatorSettings(args.state_dir.resolve(), args.certs and args.certs.resolve(), args.host,
+                                               args.port, args.insecure))
 
 
 def run_client_cmd(args: argparse.Namespace) -> int:
     from fedlora.client.site_agent import SiteSettings, run_site
 
     model = args.model_path if args.model_path == "default" else str(Path(args.model_path).expanduser().resolve())
-    run_site(SiteSettings(
+    return run_site(SiteSettings(
         superlink=args.coordinator, data_path=args.data_path.expanduser().resolve(), state_dir=args.state_dir.expanduser().resolve(),
         model_path=model, max_epsilon=args.max_epsilon, no_privacy_limit=args.no_privacy_limit, lora_rank=args.lora_rank,
         root_cert=args.root_cert and args.root_cert.resolve(), key=args.key and args.key.resolve(),
@@ -168,7 +168,6 @@ def run_client_cmd(args: argparse.Namespace) -> int:
         max_evaluations=args.max_evaluations, calibrate_to_limit=not args.no_calibrate_to_limit,
         allow_app=args.allow_app, allow_apps_file=args.allow_apps and args.allow_apps.expanduser().resolve(),
     ))
-    return 0  # not reached: the process became the SuperNode
 
 
 def run_app_hash_cmd(args: argparse.Namespace) -> int:
