@@ -7,8 +7,9 @@ transport is the round loop's. One aggregation, among the sites of a roster:
 1. **Advertise keys.** Each site makes two fresh X25519 key pairs, one to encrypt the
    shares it sends to others and one to agree masks, and signs both public keys with
    its node key (P-384 ECDSA) over the aggregation's context (run and round), so that
-   the coordinator can neither substitute a key (a site verifies every signature
-   against the node keys it trusts) nor replay one from another round.
+   the coordinator can neither substitute a key nor replay one from another round: a
+   site verifies every signature, and accepts only node keys in its own trusted set
+   (the consortium's site keys, from the site's files, never from the coordinator).
 2. **Share keys.** Each site draws a self-mask seed and Shamir-shares it and its mask
    private key among all sites of the roster (`threshold` rebuild, fewer learn
    nothing); the share for site v is encrypted with AES-GCM under a key agreed with v.
@@ -47,7 +48,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
-from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat, load_der_public_key
 
 from fedlora.privacy import shamir
 
@@ -127,10 +128,11 @@ def prg(seed: bytes, length: int, bits: int) -> np.ndarray:
 
 @dataclass(frozen=True)
 class AdvertisedKeys:
-    site: int
+    site: int  # the site's node id: routing only (identity is node_public)
+    node_public: bytes  # the site's node key (DER SubjectPublicKeyInfo): who signed
     cipher_public: bytes  # X25519, raw 32 bytes: shares sent to this site are encrypted to it
     mask_public: bytes  # X25519, raw 32 bytes: pairwise masks are agreed with it
-    signature: bytes  # by the site's node key over key_statement(...)
+    signature: bytes  # by the node key over key_statement(...)
 
 
 @dataclass
@@ -151,54 +153,65 @@ def _raw(public: X25519PublicKey) -> bytes:
     return public.public_bytes(Encoding.Raw, PublicFormat.Raw)
 
 
-def key_statement(context: bytes, site: int, cipher_public: bytes, mask_public: bytes) -> bytes:
-    return b"fedlora secure aggregation keys/1\n" + struct.pack(">Q", len(context)) + context + \
-        struct.pack(">Q", site) + cipher_public + mask_public
+def node_key_bytes(public: ec.EllipticCurvePublicKey) -> bytes:
+    """How a node key is named in a roster and in a trusted set."""
+    return public.public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
+
+
+def key_statement(context: bytes, site: int, node_public: bytes, cipher_public: bytes, mask_public: bytes) -> bytes:
+    parts = [context, struct.pack(">Q", site), node_public, cipher_public, mask_public]
+    return b"fedlora secure aggregation keys/1\n" + b"".join(struct.pack(">Q", len(x)) + x for x in parts)
 
 
 def advertise(site: int, context: bytes, node_key: ec.EllipticCurvePrivateKey) -> tuple[MaskingSite, AdvertisedKeys]:
     """Step 1 at a site: fresh keys, signed by the site's node key."""
     state = MaskingSite(site, context, X25519PrivateKey.generate(), X25519PrivateKey.generate())
+    node_public = node_key_bytes(node_key.public_key())
     cipher_public, mask_public = _raw(state.cipher_private.public_key()), _raw(state.mask_private.public_key())
-    signature = node_key.sign(key_statement(context, site, cipher_public, mask_public), ec.ECDSA(hashes.SHA384()))
-    return state, AdvertisedKeys(site, cipher_public, mask_public, signature)
+    statement = key_statement(context, site, node_public, cipher_public, mask_public)
+    return state, AdvertisedKeys(site, node_public, cipher_public, mask_public, node_key.sign(statement, ec.ECDSA(hashes.SHA384())))
 
 
-def signed_by(keys: AdvertisedKeys, context: bytes, node_public: ec.EllipticCurvePublicKey | None) -> bool:
-    if node_public is None or len(keys.cipher_public) != 32 or len(keys.mask_public) != 32:
+def signed_by_trusted(keys: AdvertisedKeys, context: bytes, trusted: set[bytes]) -> bool:
+    """The keys are signed, for this context, by a node key in `trusted` (the node keys
+    of the sites this one federates with, from its own files, never from the coordinator)."""
+    if keys.node_public not in trusted or len(keys.cipher_public) != 32 or len(keys.mask_public) != 32:
         return False
     try:
-        node_public.verify(keys.signature, key_statement(context, keys.site, keys.cipher_public, keys.mask_public),
-                           ec.ECDSA(hashes.SHA384()))
-    except InvalidSignature:
+        public = load_der_public_key(keys.node_public)
+        if not isinstance(public, ec.EllipticCurvePublicKey):
+            return False
+        public.verify(keys.signature, key_statement(context, keys.site, keys.node_public, keys.cipher_public,
+                                                    keys.mask_public), ec.ECDSA(hashes.SHA384()))
+    except (InvalidSignature, ValueError):
         return False
     return True
 
 
-def collect_keys(advertised: list[AdvertisedKeys], trusted: dict[int, ec.EllipticCurvePublicKey],
-                 context: bytes) -> tuple[list[AdvertisedKeys], list[int]]:
+def collect_keys(advertised: list[AdvertisedKeys], trusted: set[bytes], context: bytes) -> tuple[list[AdvertisedKeys], list[int]]:
     """Step 1 at the coordinator: the roster of correctly signed keys, and the sites
-    excluded (a signature that does not verify, an unknown or repeated site)."""
+    excluded (a signature that does not verify, an untrusted node key, a site or node
+    key that appears twice)."""
     roster, excluded, seen = [], [], set()
     for keys in advertised:
-        if keys.site in seen or not signed_by(keys, context, trusted.get(keys.site)):
+        if keys.site in seen or keys.node_public in seen or not signed_by_trusted(keys, context, trusted):
             excluded.append(keys.site)
         else:
             roster.append(keys)
-            seen.add(keys.site)
+            seen |= {keys.site, keys.node_public}
     return sorted(roster, key=lambda k: k.site), sorted(excluded)
 
 
-def accept_roster(state: MaskingSite, roster: list[AdvertisedKeys], trusted: dict[int, ec.EllipticCurvePublicKey],
-                  threshold: int) -> None:
-    """Step 1 at a site: every key the coordinator relays must be signed by the node key
-    the site trusts for that site, and the site's own keys must be in it unchanged."""
+def accept_roster(state: MaskingSite, roster: list[AdvertisedKeys], trusted: set[bytes], threshold: int) -> None:
+    """Step 1 at a site: every key the coordinator relays must be signed by a node key
+    the site trusts, no site or node key may appear twice, and the site's own keys must
+    be in it unchanged."""
     by_site = {k.site: k for k in roster}
-    if len(by_site) != len(roster):
-        raise ForgedKeyError("the roster names a site twice")
+    if len(by_site) != len(roster) or len({k.node_public for k in roster}) != len(roster):
+        raise ForgedKeyError("the roster names a site or a node key twice")
     for keys in roster:
-        if not signed_by(keys, state.context, trusted.get(keys.site)):
-            raise ForgedKeyError(f"the key of site {keys.site} is not signed by that site's node key")
+        if not signed_by_trusted(keys, state.context, trusted):
+            raise ForgedKeyError(f"the keys relayed for site {keys.site} are not signed by a node key this site trusts")
     own = by_site.get(state.site)
     if own is None or (own.cipher_public, own.mask_public) != (_raw(state.cipher_private.public_key()),
                                                                 _raw(state.mask_private.public_key())):

@@ -14,15 +14,16 @@ from scipy.stats import chisquare
 from fedlora.privacy import shamir
 from fedlora.privacy.secure_aggregation import (
     ForgedKeyError, QuantizationSpec, SecureAggregationError, accept_roster, advertise, collect_keys, dequantize,
-    masked_input, quantize, reveal, share_keys, unmask,
+    masked_input, node_key_bytes, quantize, reveal, share_keys, unmask,
 )
 
 CONTEXT = b"run runs/study round 3"
 
 
-def node_keys(sites: list[int]) -> tuple[dict[int, ec.EllipticCurvePrivateKey], dict[int, ec.EllipticCurvePublicKey]]:
+def node_keys(sites: list[int]) -> tuple[dict[int, ec.EllipticCurvePrivateKey], set[bytes]]:
+    """Each site's node key, and the set of their public keys every site trusts."""
     private = {s: ec.generate_private_key(ec.SECP384R1()) for s in sites}
-    return private, {s: k.public_key() for s, k in private.items()}
+    return private, {node_key_bytes(k.public_key()) for k in private.values()}
 
 
 def run_aggregation(inputs: dict[int, np.ndarray], threshold: int, bits: int, drop_after_sharing: set[int] = frozenset()):
@@ -108,17 +109,20 @@ def test_one_masked_vector_is_uniform_over_its_residues():
 
 def test_a_site_whose_signature_does_not_verify_is_excluded():
     private, trusted = node_keys([1, 2, 3, 4])
+    advertised = [advertise(s, CONTEXT, private[s])[1] for s in (1, 2, 3, 4)]
+    # Site 3 names a trusted node key but its signature is by another key.
     impostor = ec.generate_private_key(ec.SECP384R1())
-    advertised = [advertise(s, CONTEXT, private[s] if s != 3 else impostor)[1] for s in (1, 2, 3, 4)]
+    forged = advertise(3, CONTEXT, impostor)[1]
+    advertised[2] = replace(forged, node_public=advertised[2].node_public)
     roster, excluded = collect_keys(advertised, trusted, CONTEXT)
     assert excluded == [3] and [k.site for k in roster] == [1, 2, 4]
-    # A site nobody trusts, and one that advertises twice, are excluded too.
+    # A node key nobody trusts, and a site that advertises twice, are excluded too.
     stranger = advertise(9, CONTEXT, impostor)[1]
     roster, excluded = collect_keys([*advertised[:2], stranger, advertised[1]], trusted, CONTEXT)
     assert excluded == [2, 9] and [k.site for k in roster] == [1, 2]
 
 
-@pytest.mark.parametrize("forgery", ["substituted key", "replayed from another round", "own key replaced"])
+@pytest.mark.parametrize("forgery", ["substituted key", "replayed from another round", "own key replaced", "coordinator's own node key"])
 def test_a_coordinator_that_relays_a_forged_key_is_detected(forgery):
     private, trusted = node_keys([1, 2, 3])
     states, advertised = {}, {}
@@ -130,8 +134,10 @@ def test_a_coordinator_that_relays_a_forged_key_is_detected(forgery):
         roster[3] = replace(advertised[3], mask_public=mine.mask_public)
     elif forgery == "replayed from another round":  # site 3's genuine keys from an earlier round
         _, roster[3] = advertise(3, b"run runs/study round 2", private[3])
-    else:  # a key signed by site 1, but not the one site 1 made for this aggregation
+    elif forgery == "own key replaced":  # a key signed by site 1, but not the one site 1 made for this aggregation
         _, roster[1] = advertise(1, CONTEXT, private[1])
+    else:  # the coordinator takes site 3's place with a node key of its own, correctly signed
+        _, roster[3] = advertise(3, CONTEXT, ec.generate_private_key(ec.SECP384R1()))
     victims = [s for s in (1, 2, 3)] if forgery != "own key replaced" else [1]
     for s in victims:
         with pytest.raises(ForgedKeyError):
