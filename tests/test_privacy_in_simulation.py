@@ -63,8 +63,10 @@ def audited_app() -> ClientApp:
     """The real handlers behind the real reply guard; the recorder sees what leaves it."""
     from fedlora.client.client_app import evaluate, query, train
     from fedlora.client.reply_guard import guarded_replies
+    from fedlora.client.site_data import VirtualSites
+    from fedlora.simulations.virtual_sites import partition_rows
 
-    app = ClientApp(mods=[record_outgoing, guarded_replies])
+    app = ClientApp(mods=[record_outgoing, guarded_replies, VirtualSites(partition_rows)])
     app.train()(train)
     app.evaluate()(evaluate)
     app.query()(query)
@@ -238,8 +240,10 @@ def _own_label_column(msg: Message, context: Context, call_next) -> Message:
 def own_label_column_app() -> ClientApp:
     from fedlora.client.client_app import evaluate, query, train
     from fedlora.client.reply_guard import guarded_replies
+    from fedlora.client.site_data import VirtualSites
+    from fedlora.simulations.virtual_sites import partition_rows
 
-    app = ClientApp(mods=[record_outgoing, guarded_replies, _own_label_column])
+    app = ClientApp(mods=[record_outgoing, guarded_replies, _own_label_column, VirtualSites(partition_rows)])
     app.train()(train)
     app.evaluate()(evaluate)
     app.query()(query)
