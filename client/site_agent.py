@@ -2,8 +2,9 @@
 
 It checks the site's settings before anything connects (the policy flags, the data
 file reads and has the site's columns, the model folder loads, the state dir is
-writable, the key and certificate parse) and then becomes a Flower SuperNode for
-the site, with TLS and node authentication. The site's policy travels as node
+writable, the key and certificate parse) and then runs a Flower SuperNode for the
+site, with TLS and node authentication, and the site's executor, as one process tree
+that stops as a whole. The site's policy travels as node
 config: the ClientApp reads it from `context.node_config`, so a SuperNode started
 directly with `flower-supernode --node-config '...'` gets the same policy (but not
 app pinning, which needs the site's executor below).
