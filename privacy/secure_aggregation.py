@@ -27,10 +27,15 @@ Arithmetic is modulo 2^bits (`QuantizationSpec.modulus_bits`), sized so that the
 of every site's largest weighted, quantized value cannot wrap. The masks come from a
 cryptographic PRG (the ChaCha20 keystream), so a single masked vector is uniform.
 
-Not covered here, and stated as the deployment's assumptions: the coordinator relays
-every message (it can drop any, which at worst fails the round); a site's view of the
-survivors is the coordinator's word, and a site refuses to reveal both kinds of share
-for one site; the consistency round of the malicious-server protocol is not run.
+Before revealing, the survivors run the consistency round of the malicious-server
+protocol: each signs the survivor set it was told, and reveals only when at least
+`threshold` survivors signed that same set. A coordinator that names a site as a
+survivor to some sites and as dropped to others (to get both its seed and its mask key)
+would need `threshold` signatures on each of two sets; with `threshold` above half the
+roster (accept_roster requires it) honest sites cannot give it both.
+
+Assumed, not enforced here: the coordinator relays every message (it can drop any,
+which at worst fails the round), and at most threshold - 1 sites collude with it.
 """
 
 from __future__ import annotations
@@ -147,6 +152,7 @@ class MaskingSite:
     roster: dict[int, AdvertisedKeys] = field(default_factory=dict)
     sharers: frozenset[int] = frozenset()  # the sites that shared keys (whose masks are in this input)
     own_seed_share: bytes = b""  # this site's own Shamir share of its self-mask seed
+    signed_survivors: frozenset[int] | None = None  # the one survivor set this site signed
 
 
 def _raw(public: X25519PublicKey) -> bytes:
@@ -218,6 +224,9 @@ def accept_roster(state: MaskingSite, roster: list[AdvertisedKeys], trusted: set
         raise ForgedKeyError("the roster does not hold this site's own keys")
     if len(roster) < threshold:
         raise SecureAggregationError(f"{len(roster)} sites in the roster, fewer than the threshold {threshold}")
+    if 2 * threshold <= len(roster):
+        raise SecureAggregationError(f"threshold {threshold} of {len(roster)} sites: it must exceed half the roster, "
+                                     "or a coordinator could split the sites over two survivor sets")
     state.roster = by_site
 
 
@@ -296,14 +305,50 @@ def masked_input(state: MaskingSite, quantized: np.ndarray, sharers: set[int], b
 # --- Unmasking ----------------------------------------------------------------------------
 
 
-def reveal(state: MaskingSite, received: dict[int, bytes], survivors: set[int], threshold: int) -> dict[int, tuple[str, int, bytes]]:
-    """Step 4 at a site: for each site that shared keys, one share: of its self-mask seed
-    if it survived, of its mask private key if it dropped. `received`: the encrypted
-    shares the other sites sent this site in step 2."""
+def survivors_statement(context: bytes, survivors: set[int]) -> bytes:
+    return b"fedlora secure aggregation survivors/1\n" + struct.pack(">Q", len(context)) + context + \
+        b"".join(struct.pack(">Q", s) for s in sorted(survivors))
+
+
+def sign_survivors(state: MaskingSite, survivors: set[int], node_key: ec.EllipticCurvePrivateKey) -> bytes:
+    """Consistency round at a site: sign the survivor set the coordinator named, once
+    per aggregation (a second, different set is refused)."""
+    if state.signed_survivors is not None and state.signed_survivors != frozenset(survivors):
+        raise SecureAggregationError("the coordinator named a second, different survivor set")
     if state.site not in survivors or not survivors <= state.sharers:
         raise SecureAggregationError("the survivors named are not sites that shared keys")
+    state.signed_survivors = frozenset(survivors)
+    return node_key.sign(survivors_statement(state.context, survivors), ec.ECDSA(hashes.SHA384()))
+
+
+def _confirmed_by(state: MaskingSite, survivors: set[int], signatures: dict[int, bytes]) -> set[int]:
+    statement, confirmed = survivors_statement(state.context, survivors), set()
+    for u, signature in signatures.items():
+        if u not in survivors:
+            continue
+        try:
+            public = load_der_public_key(state.roster[u].node_public)
+            public.verify(signature, statement, ec.ECDSA(hashes.SHA384()))  # type: ignore[union-attr]
+        except (InvalidSignature, ValueError, TypeError):
+            continue
+        confirmed.add(u)
+    return confirmed
+
+
+def reveal(state: MaskingSite, received: dict[int, bytes], survivors: set[int], threshold: int,
+           signatures: dict[int, bytes]) -> dict[int, tuple[str, int, bytes]]:
+    """Step 4 at a site: for each site that shared keys, one share: of its self-mask seed
+    if it survived, of its mask private key if it dropped. `received`: the encrypted
+    shares the other sites sent this site in step 2; `signatures`: the survivors'
+    signatures of the survivor set (the consistency round), at least `threshold` of
+    them on the very set this site signed."""
+    if state.signed_survivors != frozenset(survivors):
+        raise SecureAggregationError("this site did not sign this survivor set")
     if len(survivors) < threshold:
         raise SecureAggregationError(f"{len(survivors)} survivors, fewer than the threshold {threshold}: nothing is revealed")
+    if len(confirmed := _confirmed_by(state, survivors, signatures)) < threshold:
+        raise SecureAggregationError(f"only {len(confirmed)} survivors signed this survivor set, fewer than the "
+                                     f"threshold {threshold}: nothing is revealed")
     out = {}
     for v in sorted(state.sharers - {state.site}):
         if v not in received:
@@ -319,7 +364,7 @@ def unmask(roster: list[AdvertisedKeys], masked: dict[int, np.ndarray], revealed
            sharers: set[int], threshold: int, bits: int, context: bytes) -> np.ndarray:
     """Step 4 at the coordinator: the sum of the survivors' inputs, modulo 2^bits.
     `masked`: the survivors' masked inputs; `revealed`: what each survivor revealed."""
-    survivors, dropped = set(masked), sharers - set(masked)
+    survivors = set(masked)
     if len(survivors) < threshold:
         raise SecureAggregationError(f"{len(survivors)} masked inputs, fewer than the threshold {threshold}")
     by_site = {k.site: k for k in roster}

@@ -14,7 +14,7 @@ from scipy.stats import chisquare
 from fedlora.privacy import shamir
 from fedlora.privacy.secure_aggregation import (
     ForgedKeyError, QuantizationSpec, SecureAggregationError, accept_roster, advertise, collect_keys, dequantize,
-    masked_input, node_key_bytes, quantize, reveal, share_keys, unmask,
+    masked_input, node_key_bytes, quantize, reveal, share_keys, sign_survivors, unmask,
 )
 
 CONTEXT = b"run runs/study round 3"
@@ -42,7 +42,8 @@ def run_aggregation(inputs: dict[int, np.ndarray], threshold: int, bits: int, dr
     inbox = {v: {u: blobs[v] for u, blobs in sent.items() if v in blobs} for v in states}
     masked = {u: masked_input(states[u], inputs[u], sharers, bits) for u in states if u not in drop_after_sharing}
     survivors = set(masked)
-    revealed = {u: reveal(states[u], inbox[u], survivors, threshold) for u in survivors}
+    signatures = {u: sign_survivors(states[u], survivors, private[u]) for u in survivors}
+    revealed = {u: reveal(states[u], inbox[u], survivors, threshold, signatures) for u in survivors}
     return unmask(roster, masked, revealed, sharers, threshold, bits, CONTEXT), masked
 
 
@@ -155,10 +156,11 @@ def test_altered_shares_are_refused():
     blobs = {u: share_keys(states[u], 2) for u in states}
     for u in states:
         masked_input(states[u], np.zeros(4, dtype=np.uint64), {1, 2, 3}, 16)
+    signatures = {u: sign_survivors(states[u], {1, 2, 3}, private[u]) for u in states}
     tampered = bytearray(blobs[2][1])
     tampered[-1] ^= 1
     with pytest.raises(SecureAggregationError, match="do not decrypt"):
-        reveal(states[1], {2: bytes(tampered), 3: blobs[3][1]}, {1, 2, 3}, threshold=2)
+        reveal(states[1], {2: bytes(tampered), 3: blobs[3][1]}, {1, 2, 3}, 2, signatures)
 
 
 def test_the_modulus_holds_the_largest_sum():
@@ -174,3 +176,35 @@ def test_the_modulus_holds_the_largest_sum():
     assert np.allclose(dequantize((-total) & np.uint64((1 << spec.modulus_bits) - 1), spec.sites * spec.max_weight, spec), -1.0)
     with pytest.raises(SecureAggregationError, match="more than 62 bits"):
         QuantizationSpec(clip=1.0, levels=2**50, sites=1000, max_weight=1000).check()
+
+
+def test_a_coordinator_naming_two_survivor_sets_gets_no_shares():
+    """The coordinator tells sites 1 and 2 that site 5 dropped (to get shares of its mask
+    key) and sites 3 and 4 that it survived (to get shares of its seed): neither set
+    has `threshold` signatures, so no site reveals anything."""
+    private, trusted = node_keys([1, 2, 3, 4, 5])
+    states, advertised = {}, []
+    for s in (1, 2, 3, 4, 5):
+        states[s], keys = advertise(s, CONTEXT, private[s])
+        advertised.append(keys)
+    for state in states.values():
+        accept_roster(state, advertised, trusted, threshold=3)
+    sent = {u: share_keys(states[u], 3) for u in states}
+    inbox = {v: {u: blobs[v] for u, blobs in sent.items() if v in blobs} for v in states}
+    for u in states:
+        masked_input(states[u], np.zeros(8, dtype=np.uint64), {1, 2, 3, 4, 5}, 16)
+    told = {1: {1, 2, 3, 4}, 2: {1, 2, 3, 4}, 3: {1, 2, 3, 4, 5}, 4: {1, 2, 3, 4, 5}, 5: {1, 2, 3, 4, 5}}
+    signatures = {u: sign_survivors(states[u], told[u], private[u]) for u in (1, 2, 3, 4)}  # site 5 "is" dropped to 1, 2
+    for u in (1, 2):
+        with pytest.raises(SecureAggregationError, match="only 2 survivors signed"):
+            reveal(states[u], inbox[u], told[u], 3, {v: signatures[v] for v in (1, 2)})
+        with pytest.raises(SecureAggregationError, match="only 2 survivors signed"):  # the other set's signatures do not count
+            reveal(states[u], inbox[u], told[u], 3, signatures)
+    for u in (3, 4):
+        with pytest.raises(SecureAggregationError, match="only 2 survivors signed"):
+            reveal(states[u], inbox[u], told[u], 3, {v: signatures[v] for v in (3, 4)})
+    with pytest.raises(SecureAggregationError, match="second, different survivor set"):
+        sign_survivors(states[1], {1, 2, 3, 4, 5}, private[1])  # a site signs one set only
+    fresh, keys = advertise(1, CONTEXT, private[1])
+    with pytest.raises(SecureAggregationError, match="must exceed half"):  # 2 of 5: two sets of 2 signatures each
+        accept_roster(fresh, [keys, *advertised[1:]], trusted, threshold=2)
