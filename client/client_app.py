@@ -11,7 +11,9 @@ Under DP every number that leaves is data-independent or accounted in the site's
 ledger: training replies carry the adapter, the epsilon figures, the steps and a
 fixed weight; evaluation replies carry Gaussian-noised sums, charged to the ledger.
 Any exception leaves only as a fixed category (client/reply_guard.py).
-Handlers: `query` (the site's LoRA rank), `train`, `evaluate`.
+Handlers: `query` (the site's LoRA rank), `train`, `evaluate`, and the four
+`query.secagg_*` steps of secure aggregation around a masked `train`
+(client/secure_masking.py).
 """
 
 from __future__ import annotations
@@ -27,7 +29,9 @@ from flwr.clientapp.typing import Mod
 
 from fedlora.client.local_evaluation import evaluate_locally
 from fedlora.client.local_training import frozen, train_locally
+from fedlora.client import secure_masking
 from fedlora.client.model_cache import cached_model
+from fedlora.client.peer_keys import PeerKeyError, SigningKeys, site_signing_keys
 from fedlora.client.reply_guard import guarded_replies
 from fedlora.client.site_data import load_site_data
 from fedlora.client.site_policy import SitePolicy, site_policy, violation
@@ -41,6 +45,7 @@ from fedlora.messages import (
     metric_record, read_config_record, sent_fingerprint,
 )
 from fedlora.privacy.budget_guard import BudgetDecision, check_budget
+from fedlora.privacy import secure_aggregation_records as records
 from fedlora.privacy.noisy_release import noisy_sum
 from fedlora.privacy.site_audit import append_audit, read_audit
 from fedlora.privacy.site_ledger import Declined, Mechanism, open_ledger
@@ -104,13 +109,7 @@ def screen_request(msg: Message, context: Context, config: Config, server_round:
         done = sum(1 for e in read_audit(state_dir) if e["event"] == "evaluated" and e["run"] == run)
         key = "max-evaluations" if done >= policy.max_evaluations else None
     if key is not None:
-        log.warning("round %d %s: declined: the run asks for more than this site's policy allows (%s)", server_round, kind, key)
-        append_audit(state_dir, "declined", run, message=kind, round=server_round, reason=f"site policy: {key}")
-        with open_ledger(state_dir) as ledger:
-            decline = Declined(server_round, None, None, policy.max_epsilon, reason=f"site policy: {key}", message=kind)
-            ledger.record(run, config.privacy.accountant, config.privacy.delta, decline, policy.max_epsilon)
-        metrics = metric_record({"declined": 1, POLICY_METRIC_PREFIX + key: 1}, DECLINED_METRICS)
-        return Message(content=RecordDict({"metrics": metrics}), reply_to=msg), policy, state_dir
+        return policy_declined(msg, config, server_round, key, policy, state_dir), policy, state_dir
     expected = sent_fingerprint(msg.content["config"])
     if expected:
         local = model_fingerprint(resolve_model_dir(config.model.path), state_dir)  # weight hashes kept between processes
@@ -120,6 +119,18 @@ def screen_request(msg: Message, context: Context, config: Config, server_round:
             metrics = metric_record({"refused-base-model": 1}, REFUSED_METRICS)
             return Message(content=RecordDict({"metrics": metrics}), reply_to=msg), policy, state_dir
     return None, policy, state_dir
+
+
+def policy_declined(msg: Message, config: Config, server_round: int, key: str, policy: SitePolicy, state_dir: Path) -> Message:
+    """A decline naming the policy key the request falls outside of (recorded in the ledger and the audit log)."""
+    kind, run = msg.metadata.message_type.split(".")[0], config.run.output_dir
+    log.warning("round %d %s: declined: the run asks for more than this site's policy allows (%s)", server_round, kind, key)
+    append_audit(state_dir, "declined", run, message=kind, round=server_round, reason=f"site policy: {key}")
+    with open_ledger(state_dir) as ledger:
+        decline = Declined(server_round, None, None, policy.max_epsilon, reason=f"site policy: {key}", message=kind)
+        ledger.record(run, config.privacy.accountant, config.privacy.delta, decline, policy.max_epsilon)
+    metrics = metric_record({"declined": 1, POLICY_METRIC_PREFIX + key: 1}, DECLINED_METRICS)
+    return Message(content=RecordDict({"metrics": metrics}), reply_to=msg)
 
 
 def budget_declined(msg: Message, config: Config, server_round: int, decision: BudgetDecision, ledger, state_dir: Path) -> Message:
@@ -148,7 +159,8 @@ def train(msg: Message, context: Context) -> Message:
 
     # Model: the cached base model with the global adapter put in.
     cached = cached_model(config, config.data.labels)
-    put_adapter(cached.model, from_record(msg.content["arrays"]))
+    sent = from_record(msg.content["arrays"])
+    put_adapter(cached.model, sent)
 
     # Data: this site's train split.
     site = load_site_data(config, config.data.labels, context.node_config, cached.tokenizer)
@@ -188,9 +200,16 @@ def train(msg: Message, context: Context) -> Message:
         values = {"num-examples": size_bucket(plan.units), "epsilon": epsilon, "planned-epsilon": planned,
                   "noise-multiplier": plan.noise_multiplier, "steps": plan.steps}
 
-    # Reply: the trained adapter tensors and whitelisted scalars only.
+    # Reply: the trained adapter tensors (or, under secure aggregation, their masked change)
+    # and whitelisted scalars only.
     trained = trained_part(adapter_of(cached.model), frozen_factors)
-    content = RecordDict({"arrays": to_record(trained), "metrics": metric_record(values, TRAIN_METRICS)})
+    metrics = metric_record(values, TRAIN_METRICS)
+    if records.RECORD in msg.content.config_records:
+        weight = max(1, min(int(values["num-examples"]), records.MAX_WEIGHT))
+        content = secure_masking.masked_update(msg, context, trained, sent, weight)
+        content["metrics"] = metrics
+    else:
+        content = RecordDict({"arrays": to_record(trained), "metrics": metrics})
     return Message(content=content, reply_to=msg)
 
 
@@ -240,6 +259,40 @@ def query(msg: Message, context: Context) -> Message:
     return Message(content=RecordDict({"metrics": metrics}), reply_to=msg)
 
 
+def secagg_keys(msg: Message, context: Context) -> Message:
+    """Secure aggregation, step 1 (client/secure_masking.py): screened like every request;
+    a site without trusted peer keys declines, naming its `peer-keys` setting."""
+    config, server_round = site_config(msg, context)
+    refusal, policy, state_dir = screen_request(msg, context, config, server_round)
+    if refusal is not None:
+        return refusal
+    signing = site_signing_keys(config, context.node_config)
+    if signing is None:
+        return policy_declined(msg, config, server_round, "peer-keys", policy, state_dir)
+    return secure_masking.advertise_keys(msg, context, signing, config.run.output_dir, server_round, state_dir)
+
+
+def secagg_shares(msg: Message, context: Context) -> Message:
+    config, _ = site_config(msg, context)
+    return secure_masking.share_keys(msg, context, signing_keys(config, context))
+
+
+def secagg_survivors(msg: Message, context: Context) -> Message:
+    config, _ = site_config(msg, context)
+    return secure_masking.sign_survivors(msg, context, signing_keys(config, context))
+
+
+def secagg_reveal(msg: Message, context: Context) -> Message:
+    return secure_masking.reveal_shares(msg, context)
+
+
+def signing_keys(config: Config, context: Context) -> SigningKeys:
+    signing = site_signing_keys(config, context.node_config)
+    if signing is None:
+        raise PeerKeyError("this site has no peer keys: it takes no part in secure aggregation")
+    return signing
+
+
 def site_app(*mods: Mod) -> ClientApp:
     """A ClientApp with the handlers above behind the reply guard, plus `mods` inside
     it (the simulation adds its virtual sites' data source, client/site_data.py)."""
@@ -247,6 +300,8 @@ def site_app(*mods: Mod) -> ClientApp:
     composed.train()(train)
     composed.evaluate()(evaluate)
     composed.query()(query)
+    for handler in (secagg_keys, secagg_shares, secagg_survivors, secagg_reveal):
+        composed.query(handler.__name__)(handler)
     return composed
 
 

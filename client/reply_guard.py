@@ -1,12 +1,14 @@
 """The last thing every reply passes before it leaves the site (a Flower ClientApp mod).
 
 - Any exception in a handler becomes an error reply whose reason is one fixed
-  category ("data error", "model error", "policy", "internal error"), never the
+  category ("data error", "model error", "policy", "secure aggregation", "internal error"), never the
   exception's text, which could hold a value from the site's data (a label, a row).
   The details, with the traceback, go to the site's own log only.
 - A reply's content is checked against the whitelist: at most the ArrayRecord
-  "arrays" of adapter tensors and the MetricRecord "metrics" with whitelisted keys
-  of the message type. Anything else is an internal error, and nothing is sent.
+  "arrays" of adapter tensors (or a train reply's "masked" input under secure
+  aggregation), the MetricRecord "metrics" with whitelisted keys of the message type,
+  and for the secure-aggregation steps the ConfigRecord "secagg" with that step's keys.
+  Anything else is an internal error, and nothing is sent.
 """
 
 from __future__ import annotations
@@ -17,7 +19,10 @@ from flwr.app import Context, Error, Message, MessageType
 from flwr.clientapp.typing import ClientAppCallable
 from flwr.common.constant import ErrorCode
 
+from fedlora.client.peer_keys import PeerKeyError
 from fedlora.client.site_policy import PolicyError
+from fedlora.privacy import secure_aggregation_records as secagg
+from fedlora.privacy.secure_aggregation import SecureAggregationError
 from fedlora.base_model import ModelError
 from fedlora.config import ConfigError
 from fedlora.messages import (
@@ -46,18 +51,27 @@ def error_category(exc: BaseException) -> str:
         return "data error"
     if isinstance(exc, ModelError):
         return "model error"
-    if isinstance(exc, (PolicyError, LedgerError, AuditError, ConfigError)):
+    if isinstance(exc, (PolicyError, LedgerError, AuditError, ConfigError, PeerKeyError)):
         return "policy"
+    if isinstance(exc, SecureAggregationError):
+        return "secure aggregation"
     return "internal error"
 
 
 def check_outgoing(reply: Message, message_type: str) -> None:
     """Raise OutgoingContentError unless `reply` holds only whitelisted content."""
     content = reply.content
-    extra_records = set(content) - {"arrays", "metrics"}
-    if extra_records or content.config_records or set(content.array_records) - {"arrays"} \
+    category, _, action = message_type.partition(".")
+    arrays = {"arrays", secagg.MASKED} if category == MessageType.TRAIN else {"arrays"}
+    configs = {secagg.RECORD} if action in secagg.REPLY_KEYS else set()
+    extra_records = set(content) - arrays - configs - {"metrics"}
+    if extra_records or set(content.config_records) - configs or set(content.array_records) - arrays \
             or set(content.metric_records) - {"metrics"}:
         raise OutgoingContentError(f"reply records outside the whitelist: {sorted(content)}")
+    if secagg.RECORD in content.config_records:
+        extra = set(content[secagg.RECORD]) - set(secagg.REPLY_KEYS[action])
+        if extra:
+            raise OutgoingContentError(f"secure aggregation reply keys outside the whitelist: {sorted(extra)}")
     if "metrics" in content.metric_records:
         extra = set(content["metrics"]) - ALLOWED_METRICS.get(message_type.split(".")[0], set())
         if extra:

@@ -120,6 +120,15 @@ class FederationSection:
     round_retries: int = 2  # more attempts for a round that gathers fewer than min_clients updates
     # Sites asked to train (and evaluate) each round, sampled from the run seed; 0 = every connected site.
     clients_per_round: int = 0
+    # Secure aggregation (privacy/secure_aggregation.py): the coordinator learns only the sum
+    # of the sites' updates. Linear strategies only (fedavg, ffa, fedsvd and the server optimizers).
+    secure_aggregation: bool = False
+    # Masked inputs needed to unmask (and shares to rebuild a secret); 0 = more than half the
+    # sites that sent valid keys, at least 2. Must exceed half of them either way.
+    secure_aggregation_threshold: int = 0
+    # Each coordinate of a site's change is clipped to [-clip, clip] before it is quantized
+    # (2^24 levels per clip, so 1.0 gives steps of 6e-8).
+    secure_aggregation_clip: float = 1.0
 
 
 @dataclass
@@ -227,7 +236,7 @@ POSITIVE: tuple[str, ...] = (
     "model.max_length", "lora.rank", "lora.alpha", "train.local_steps", "train.batch_size",
     "train.lr", "privacy.target_epsilon", "privacy.delta", "privacy.max_grad_norm",
     "privacy.user_max_records", "privacy.central_noise_multiplier", "privacy.central_clip_norm",
-    "federation.rounds", "federation.min_clients", "federation.round_timeout",
+    "federation.rounds", "federation.min_clients", "federation.round_timeout", "federation.secure_aggregation_clip",
     "simulation.dataset_size", "simulation.clients", "simulation.alpha",
     "simulation.cpus_per_client", "strategy.tau", "privacy.eval_epsilon", "privacy.eval_loss_clip",
 )
@@ -306,6 +315,27 @@ def flatten(tree: dict[str, Any], where: str = "config") -> dict[str, Any]:
     return _dotted(tree)
 
 
+# Strategies whose next adapter depends on the updates only through their weighted mean,
+# which is all that secure aggregation reveals.
+SECURE_AGGREGATION_STRATEGIES = ("fedavg", "ffa", "fedsvd", "fedavgm", "fedadam", "fedyogi")
+
+
+def check_secure_aggregation(config: Config, where: str) -> None:
+    key = "federation.secure_aggregation"
+    if config.strategy.name not in SECURE_AGGREGATION_STRATEGIES:
+        raise ConfigError(f"{where}: key '{key}' needs a linear strategy ({', '.join(SECURE_AGGREGATION_STRATEGIES)}); "
+                          f"strategy.name = {config.strategy.name!r} needs each site's update")
+    if config.privacy.central:
+        raise ConfigError(f"{where}: key '{key}' cannot be combined with privacy.central: central DP clips each site's "
+                          "update at the coordinator, which secure aggregation hides")
+    threshold = config.federation.secure_aggregation_threshold
+    if threshold != 0 and threshold < 2:
+        raise ConfigError(f"{where}: key 'federation.secure_aggregation_threshold' must be 0 (automatic) or >= 2, got {threshold!r}")
+    if 0 < config.federation.clients_per_round < threshold:
+        raise ConfigError(f"{where}: key 'federation.secure_aggregation_threshold' ({threshold}) exceeds "
+                          f"federation.clients_per_round ({config.federation.clients_per_round}): no round could unmask")
+
+
 def validate(config: Config, where: str = "config") -> None:
     flat = config.to_flat()
     for key, allowed in CHOICES.items():
@@ -360,6 +390,8 @@ def validate(config: Config, where: str = "config") -> None:
     if config.privacy.central and config.strategy.name not in ("fedavg", "ffa"):
         # The noise is calibrated to the unweighted mean of clipped updates.
         raise ConfigError(f"{where}: key 'privacy.central' needs strategy.name = 'fedavg' or 'ffa', got {config.strategy.name!r}")
+    if config.federation.secure_aggregation:
+        check_secure_aggregation(config, where)
     if config.model.task == "causal-lm" and config.simulation.partition == "dirichlet" and config.simulation.dataset != "default":
         raise ConfigError(f"{where}: key 'simulation.partition' = 'dirichlet' needs labels; use 'iid' for causal-lm")
     if any(r <= 0 for r in config.simulation.client_ranks):

@@ -3,7 +3,10 @@
 Down: ArrayRecord "arrays" (the global adapter) + ConfigRecord "config" (the
 resolved run config as dotted keys, plus the round number).
 Up: ArrayRecord "arrays" (adapter tensors only) + MetricRecord "metrics" holding
-only the whitelisted scalars below. Nothing else leaves a site.
+only the whitelisted scalars below. Under secure aggregation a train reply carries
+the ArrayRecord "masked" instead of "arrays", and the `query.secagg_*` steps a
+ConfigRecord "secagg" with the keys of privacy/secure_aggregation_records.py.
+Nothing else leaves a site.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ TRAIN_METRICS = ("num-examples", "train-loss", "epsilon", "planned-epsilon", "no
 # The site's policy, as node-config keys; a decline names one of them.
 POLICY_KEYS = (
     "max-epsilon", "max-delta", "privacy-unit", "user-column", "allow-no-dp", "text-column", "label-column",
-    "prompt-column", "response-column", "max-evaluations", "calibrate-to-limit",
+    "prompt-column", "response-column", "max-evaluations", "calibrate-to-limit", "peer-keys",
 )
 POLICY_METRIC_PREFIX = "policy."  # a policy decline carries the metric "policy.<key>" = 1
 # A site that declines a message replies with these (and no arrays): its budget guard
@@ -35,7 +38,7 @@ QUERY_METRICS = ("lora-rank",)  # what a site declares before training (its own 
 REFUSED_METRICS = ("refused-base-model",)
 # The only error reasons a site sends: a fixed category, never an exception's text
 # (which could hold a value from the site's data). Details stay in the site's log.
-SITE_ERROR_CATEGORIES = ("data error", "model error", "policy", "internal error")
+SITE_ERROR_CATEGORIES = ("data error", "model error", "policy", "secure aggregation", "internal error")
 
 
 def declined_key(metrics: dict) -> str:

@@ -43,6 +43,8 @@ def aggregate(strategy: Strategy, global_adapter: Adapter, state: RoundTraining,
     ranks = [r for r in [lora_rank(global_adapter), *(lora_rank(a) for a in state.sent.values())] if r is not None]
     if ranks:
         global_adapter = to_rank(global_adapter, max(ranks), seed)
+    if state.secure.weight:  # secure aggregation: the sites' weighted mean, as one update
+        return strategy.aggregate(global_adapter, [state.secure.update(global_adapter, strategy.frozen_factors)])
     updates = [replace(u, sent=state.sent.get(u.node_id)) for u in state.updates.values()]
     if central is None:
         return strategy.aggregate(global_adapter, updates)

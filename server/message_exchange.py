@@ -71,7 +71,7 @@ def exchange(
         out.failures["not sent"] += 1
         out.status[node] = "not sent"
     pending = set(node_of)
-    out.bytes_down = sum(record_nbytes(c["arrays"]) for c in contents.values() if "arrays" in c.array_records)
+    out.bytes_down = sum(record_nbytes(r) for c in contents.values() for r in c.array_records.values())
     deadline = time.monotonic() + timeout
     progress.phase(server_round, phase, 0, len(messages))
     while pending and time.monotonic() < deadline:
@@ -94,8 +94,7 @@ def exchange(
             else:
                 out.ok.append(reply)
                 out.status[node] = "ok"
-                if "arrays" in reply.content.array_records:
-                    out.bytes_up += record_nbytes(reply.content["arrays"])
+                out.bytes_up += sum(record_nbytes(r) for r in reply.content.array_records.values())
             progress.phase(server_round, phase, len(out.ok) + sum(out.failures.values()), len(messages))
         if pending:
             time.sleep(0.2)

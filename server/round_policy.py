@@ -24,6 +24,7 @@ from fedlora.config import Config
 from fedlora.server import site_replies
 from fedlora.server.message_exchange import Envelope, FederationError, declined_reason, exchange
 from fedlora.server.progress import Progress
+from fedlora.server.secure_round import SecureSum, secure_train
 from fedlora.server.site_ranks import SiteRanks
 from fedlora.server.site_replies import MalformedReply
 from fedlora.strategies import ClientUpdate, Strategy, trained_part
@@ -61,6 +62,7 @@ class RoundTraining:
     bytes_up: int = 0
     bytes_down: int = 0
     attempts: int = 0
+    secure: SecureSum = field(default_factory=SecureSum)  # under secure aggregation: the sum of the updates
 
     @property
     def trained(self) -> list[Message]:
@@ -77,8 +79,12 @@ def train_attempt(grid: Grid, envelope: Envelope, site_ranks: SiteRanks, strateg
     state.attempts += 1
     known, failures, query_status = site_ranks.learn(grid, nodes, server_round, progress)
     sent = site_ranks.adapters(global_adapter, known)
-    replies = exchange(grid, envelope.with_adapters(sent, server_round), MessageType.TRAIN, server_round,
-                       config.federation.round_timeout, progress, "train")
+    if config.federation.secure_aggregation:
+        secure = secure_train(grid, envelope, sent, strategy.frozen_factors, server_round, progress)
+        replies = secure.replies
+    else:
+        replies = exchange(grid, envelope.with_adapters(sent, server_round), MessageType.TRAIN, server_round,
+                           config.federation.round_timeout, progress, "train")
     state.status.update({**query_status, **replies.status})
     state.sent.update(sent)
     state.refused |= (site_ranks.refused | replies.refused) & set(nodes)
@@ -94,6 +100,14 @@ def train_attempt(grid: Grid, envelope: Envelope, site_ranks: SiteRanks, strateg
             state.failures[reason] += 1
             state.status[m.metadata.src_node_id] = reason
             log.info("round %d: node %d %s", server_round, m.metadata.src_node_id, reason)
+
+    if config.federation.secure_aggregation:
+        # Only the survivors' sum is known: no per-update screening or weight capping (each
+        # change is clipped per coordinate and each weight capped before masking).
+        if secure.mean is not None:
+            state.secure.add(secure.mean, secure.weight)
+            state.updates.update({n: ClientUpdate(n, {}, w) for n, w in secure.survivors.items()})
+        return
 
     # Sites send back the tensors they train (all, or all but the frozen factors).
     expected = {n: trained_part(a, strategy.frozen_factors) for n, a in sent.items()}

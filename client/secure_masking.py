@@ -1,0 +1,153 @@
+"""A site's side of secure aggregation (privacy/secure_aggregation.py), as ClientApp
+handlers: `query.secagg_keys` -> `query.secagg_shares` -> `train` (masked) ->
+`query.secagg_survivors` -> `query.secagg_reveal`.
+
+Every ClientApp message may run in a fresh process, so the site's secrets for the one
+aggregation in progress live in `context.state` (kept by the site's own SuperNode, never
+sent). They are replaced by the next `secagg_keys` and dropped after the reveal.
+
+What could a coordinator that chose a value learn? It sends the aggregation's nonce, the
+roster, the threshold, the quantization and the survivor set. The site checks each: the
+nonce is new to this site (kept in its state dir), every key in the roster is signed by a
+peer the site trusts, the threshold exceeds half the roster, the survivor set is signed
+once and revealed on only with `threshold` survivors' signatures on that same set. The
+quantization only sets precision: the site's update is DP on its own before any of this.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
+
+from fedlora.adapter_state import Adapter
+from fedlora.client.peer_keys import SigningKeys
+from fedlora.privacy import secure_aggregation as sa
+from fedlora.privacy import secure_aggregation_records as records
+
+STATE = "secagg"  # the context.state ConfigRecord
+CONTEXTS_FILE = "secure-aggregation-contexts"  # every aggregation context this site took part in
+
+
+def advertise_keys(msg: Message, context: Context, signing: SigningKeys, run: str, server_round: int, state_dir: Path) -> Message:
+    """Step 1: fresh keys for a context this site never used, signed by its node key."""
+    nonce = msg.content[records.RECORD]["nonce"]
+    if not isinstance(nonce, bytes) or len(nonce) < 16:
+        raise sa.SecureAggregationError("the aggregation nonce must be at least 16 bytes")
+    agreed = records.aggregation_context(run, server_round, nonce)
+    used = state_dir / CONTEXTS_FILE
+    if used.exists() and agreed.hex() in used.read_text().split():
+        raise sa.SecureAggregationError("the coordinator reused an aggregation context")
+    with used.open("a") as f:
+        f.write(agreed.hex() + "\n")
+    state, keys = sa.advertise(context.node_id, agreed, signing.node_key)
+    save(context, state, {}, threshold=0)
+    return reply(msg, records.keys_reply(keys))
+
+
+def share_keys(msg: Message, context: Context, signing: SigningKeys) -> Message:
+    """Step 2: check the roster the coordinator relays; shares of this site's secrets, encrypted to each peer."""
+    state, received = load(context)
+    roster, threshold = records.roster_from(msg.content[records.RECORD])
+    sa.accept_roster(state, roster, set(signing.trusted), threshold)
+    shares = sa.share_keys(state, threshold)
+    save(context, state, received, threshold)
+    to = sorted(shares)
+    return reply(msg, {"to": records.pack_ids(to), "shares": [shares[v] for v in to]})
+
+
+def masked_update(msg: Message, context: Context, trained: Adapter, sent: Adapter, weight: int) -> RecordDict:
+    """Step 3 (in the train handler, after training): this site's weighted change, quantized
+    and masked; the shares other sites sent it are kept for the reveal."""
+    state, _ = load(context)
+    record = msg.content[records.RECORD]
+    sharers = set(records.unpack_ids(record["sharers"]))
+    senders = records.unpack_ids(record["shares-from"])
+    blobs = list(record["shares"])
+    if len(senders) != len(blobs):
+        raise sa.SecureAggregationError("the relayed shares' columns differ in length")
+    spec = records.spec_from(record)
+    change = flat_change(trained, sent)
+    rng = np.random.default_rng()  # stochastic rounding: fresh randomness, nothing to reproduce
+    quantized = np.concatenate([sa.quantize(change, weight, spec, rng), np.array([weight], dtype=np.uint64)])
+    masked = sa.masked_input(state, quantized, sharers, spec.modulus_bits)
+    save(context, state, dict(zip(senders, blobs)), threshold_of(context))
+    return RecordDict({records.MASKED: ArrayRecord({"masked": Array(masked)})})
+
+
+def flat_change(trained: Adapter, sent: Adapter) -> np.ndarray:
+    """The change of every trained tensor, in key order, as one float64 vector (the
+    coordinator lays out the sum the same way)."""
+    return np.concatenate([(trained[k].to(torch.float64) - sent[k].to(torch.float64)).flatten().numpy()
+                           for k in sorted(trained)])
+
+
+def sign_survivors(msg: Message, context: Context, signing: SigningKeys) -> Message:
+    """Step 4a (consistency): sign the survivor set, once per aggregation."""
+    state, received = load(context)
+    survivors = set(records.unpack_ids(msg.content[records.RECORD]["survivors"]))
+    signature = sa.sign_survivors(state, survivors, signing.node_key)
+    save(context, state, received, threshold_of(context))
+    return reply(msg, {"signature": signature})
+
+
+def reveal_shares(msg: Message, context: Context) -> Message:
+    """Step 4b: one share per peer (its self-mask seed if it survived, its mask key if not),
+    only with `threshold` survivors' signatures on the set this site signed; then the
+    aggregation's secrets are dropped."""
+    state, received = load(context)
+    record = msg.content[records.RECORD]
+    survivors = set(records.unpack_ids(record["survivors"]))
+    signers = records.unpack_ids(record["signers"])
+    signatures = dict(zip(signers, list(record["signatures"])))
+    revealed = sa.reveal(state, received, survivors, threshold_of(context), signatures)
+    del context.state[STATE]
+    return reply(msg, records.reveal_reply(revealed))
+
+
+def reply(msg: Message, values: dict) -> Message:
+    return Message(content=RecordDict({records.RECORD: ConfigRecord(values)}), reply_to=msg)
+
+
+# --- The site's secrets between messages (context.state) ------------------------------------
+
+
+def save(context: Context, state: sa.MaskingSite, received: dict[int, bytes], threshold: int) -> None:
+    values = {
+        "site": records.pack_ids([state.site]), "context": state.context,
+        "cipher-private": state.cipher_private.private_bytes_raw(), "mask-private": state.mask_private.private_bytes_raw(),
+        "self-seed": state.self_seed, "own-seed-share": state.own_seed_share, "sharers": records.pack_ids(state.sharers),
+        "received-from": records.pack_ids(list(received)), "received": list(received.values()),
+        "threshold": threshold,
+    }
+    if state.signed_survivors is not None:
+        values["signed-survivors"] = records.pack_ids(state.signed_survivors)
+    if state.roster:
+        values.update({f"roster-{k}": v for k, v in records.roster_record(list(state.roster.values()), 0).items()})
+    context.state[STATE] = ConfigRecord(values)
+
+
+def load(context: Context) -> tuple[sa.MaskingSite, dict[int, bytes]]:
+    if STATE not in context.state.config_records:
+        raise sa.SecureAggregationError("no secure aggregation in progress at this site (no keys step)")
+    v = context.state.config_records[STATE]
+    state = sa.MaskingSite(records.unpack_ids(v["site"])[0], v["context"], X25519PrivateKey.from_private_bytes(v["cipher-private"]),
+                           X25519PrivateKey.from_private_bytes(v["mask-private"]), self_seed=v["self-seed"])
+    state.own_seed_share = v["own-seed-share"]
+    state.sharers = frozenset(records.unpack_ids(v["sharers"]))
+    if "signed-survivors" in v:
+        state.signed_survivors = frozenset(records.unpack_ids(v["signed-survivors"]))
+    if "roster-sites" in v:
+        roster, _ = records.roster_from({k[len("roster-"):]: x for k, x in v.items() if k.startswith("roster-")})
+        state.roster = {k.site: k for k in roster}
+    return state, dict(zip(records.unpack_ids(v["received-from"]), list(v["received"])))
+
+
+def threshold_of(context: Context) -> int:
+    record = context.state.config_records.get(STATE)
+    if record is None or not record.get("threshold"):
+        raise sa.SecureAggregationError("no threshold agreed for this aggregation")
+    return int(record["threshold"])
