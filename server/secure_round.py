@@ -89,7 +89,7 @@ def secure_train(grid: Grid, envelope: Envelope, sent: dict[int, Adapter], froze
                  server_round: int, progress: Progress) -> SecureAttempt:
     config = envelope.config
     out = SecureAttempt()
-    nonce = os.urandom(32)
+    nonce = new_nonce()
     context = records.aggregation_context(config.run.output_dir, server_round, nonce)
 
     def step(nodes: list[int] | set[int], action: str, values: dict[int, dict], phase: str) -> RoundReplies:
@@ -210,6 +210,11 @@ def secure_train(grid: Grid, envelope: Envelope, sent: dict[int, Adapter], froze
         out.replies.status[n] = "ok"
     log.info("round %d: secure sum of %d sites (threshold %d of %d)", server_round, len(masked), threshold, len(roster))
     return out
+
+
+def new_nonce() -> bytes:
+    """A fresh aggregation nonce (sites refuse one they have seen)."""
+    return os.urandom(32)
 
 
 def _with_secagg(content: RecordDict, values: dict) -> RecordDict:

@@ -1,0 +1,202 @@
+"""Secure aggregation through the real site ClientApp and the real coordinator code: the
+coordinator's five exchanges (server/secure_round.py) delivered in process to deployed-
+style sites (their own node keys and peer-keys files, tiny BERT, DP on). The Flower
+engine path is tests/test_secure_simulation.py; the protocol's core is
+tests/test_secure_aggregation.py."""
+
+from __future__ import annotations
+
+import io
+import uuid
+from collections.abc import Callable
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import ConfigRecord, Context, Error, Message, MessageType, RecordDict
+from flwr.common.constant import ErrorCode
+
+from fedlora.adapter_state import adapter_of
+from fedlora.base_model import build_peft_model
+from fedlora.client.client_app import app as site_app
+from fedlora.client.model_cache import cached_model
+from fedlora.client.reply_guard import OutgoingContentError, check_outgoing
+from fedlora.client.site_keys import create_site_key
+from fedlora.config import ConfigError, load_config
+from fedlora.privacy import secure_aggregation_records as records
+from fedlora.server.message_exchange import Envelope
+from fedlora.server.progress import Progress
+from fedlora.server.secure_round import TOO_FEW_SURVIVORS, secure_train
+from fedlora.strategies import trained_part
+from tests.test_site_ledger import write_site_data
+
+NODES = [12231148781181418480, 2396574274762215067, 77, 9_000_000_000_000_000_001, 5]  # uint64 ids, as Flower's
+
+
+class InProcessGrid:
+    """Delivers each message to the real site ClientApp of its node, with that node's own
+    Context kept between messages (as its SuperNode does). `drop[node]` lists the message
+    types the node never answers (it went away): the reply is the SuperLink's error.
+    `tamper(msg)` may alter a message on its way down (a malicious coordinator)."""
+
+    def __init__(self, node_configs: dict[int, dict], drop: dict[int, set[str]] | None = None,
+                 tamper: Callable[[Message], None] | None = None):
+        self.contexts = {n: Context(run_id=1, node_id=n, node_config=c, state=RecordDict(), run_config={})
+                         for n, c in node_configs.items()}
+        self.drop, self.tamper = drop or {}, tamper
+        self.replies: dict[str, Message] = {}
+        self.trained: dict[int, dict[str, torch.Tensor]] = {}  # node -> its adapter right after training
+
+    def get_node_ids(self) -> list[int]:
+        return list(self.contexts)
+
+    def push_messages(self, messages: list[Message]) -> list[str]:
+        ids = []
+        for msg in messages:
+            msg.metadata.__dict__["_message_id"] = str(uuid.uuid4())
+            node = msg.metadata.dst_node_id
+            if msg.metadata.message_type in self.drop.get(node, set()):
+                reply = Message(Error(code=ErrorCode.NODE_UNAVAILABLE, reason="Node Unavailable"), reply_to=msg)
+            else:
+                if self.tamper:
+                    self.tamper(msg)
+                reply = site_app(msg, self.contexts[node])
+                if msg.metadata.message_type == MessageType.TRAIN and not reply.has_error():
+                    config = load_config(None, {k: v for k, v in msg.content["config"].items() if not k.startswith("fedlora.")})
+                    self.trained[node] = {k: v.clone() for k, v in adapter_of(cached_model(config, config.data.labels).model).items()}
+            self.replies[msg.metadata.message_id] = reply
+            ids.append(msg.metadata.message_id)
+        return ids
+
+    def pull_messages(self, ids) -> list[Message]:
+        return [self.replies.pop(i) for i in list(ids) if i in self.replies]
+
+
+@pytest.fixture
+def coordinator_identity(monkeypatch):
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for attr, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):
+        monkeypatch.setattr(TaskIdentity, attr, value)
+
+
+@pytest.fixture
+def federation(tmp_path, tiny_models, coordinator_identity):
+    """Five deployed-style sites: each its own node key, data file and state dir, and one
+    peer-keys file with every site's public key."""
+    config = load_config(None, {
+        "model.path": str(tiny_models["bert"]), "data.labels": ["a", "b", "c"], "run.output_dir": str(tmp_path / "run"),
+        "federation.rounds": 2, "train.local_steps": 1, "train.batch_size": 16, "federation.secure_aggregation": True,
+        "federation.round_timeout": 5.0,
+    })
+    publics = []
+    nodes = {}
+    for i, n in enumerate(NODES):
+        private, public = create_site_key(tmp_path / "keys", f"site-{i}")
+        publics.append(public.read_text())
+        nodes[n] = {"data-path": str(write_site_data(tmp_path / f"site-{i}.jsonl", rows=60 + 20 * i)),
+                    "state-dir": str(tmp_path / f"state-{i}"), "node-key": str(private), "max-epsilon": 20.0}
+    peer_keys = tmp_path / "consortium.pub"
+    peer_keys.write_text("".join(publics))
+    for node_config in nodes.values():
+        node_config["peer-keys"] = str(peer_keys)
+    model = build_peft_model(config.model, config.lora, num_labels=3, seed=config.run.seed)
+    return config, nodes, adapter_of(model)
+
+
+def attempt(config, nodes, global_adapter, **grid_options):
+    grid = InProcessGrid(nodes, **grid_options)
+    result = secure_train(grid, Envelope(config, ""), dict.fromkeys(nodes, global_adapter), (), 1, Progress(2, io.StringIO()))
+    return grid, result
+
+
+def expected_mean(grid: InProcessGrid, global_adapter, weights: dict[int, int]) -> np.ndarray:
+    """The survivors' weighted mean change, computed in the clear from their trained adapters."""
+    total = sum(weights.values())
+    keys = sorted(trained_part(global_adapter, ()))
+    return sum((w / total) * np.concatenate([(grid.trained[n][k].double() - global_adapter[k].double()).flatten().numpy()
+                                             for k in keys]) for n, w in weights.items())
+
+
+def test_the_secure_mean_is_the_survivors_weighted_mean_with_dropouts_before_and_after_masking(federation):
+    config, nodes, global_adapter = federation
+    before, after = NODES[1], NODES[2]  # one leaves after sharing keys, one after sending its masked input
+    grid, result = attempt(config, nodes, global_adapter, drop={
+        before: {MessageType.TRAIN}, after: {"query.secagg_survivors", "query.secagg_reveal"}})
+    survivors = set(NODES) - {before}
+    assert set(result.survivors) == survivors and result.mean is not None
+    assert result.weight == sum(result.survivors.values()) and len(set(result.survivors.values())) > 1  # really weighted
+    expected = expected_mean(grid, global_adapter, result.survivors)
+    quantum = config.federation.secure_aggregation_clip / records.LEVELS
+    assert np.abs(expected).max() > 1000 * quantum  # the sites did train
+    assert np.allclose(result.mean, expected, rtol=0, atol=2 * quantum)
+    assert result.replies.status[before] == "node unavailable" and result.replies.status[after] == "ok"
+    # What the coordinator received from each site is masked: no trained value in the clear.
+    assert all(not m.content.array_records.get("arrays") for m in result.replies.ok)
+
+
+def test_too_few_survivors_unmask_nothing(federation):
+    config, nodes, global_adapter = federation
+    grid, result = attempt(config, nodes, global_adapter, drop=dict.fromkeys(NODES[:3], {MessageType.TRAIN}))
+    assert result.mean is None and result.survivors == {}
+    assert result.replies.failures[TOO_FEW_SURVIVORS] == 2  # the two sites that did mask: their round failed
+    # No site was asked to reveal anything.
+    assert all(records.RECORD not in c.state.config_records or "signed-survivors" not in c.state[records.RECORD]
+               for c in grid.contexts.values())
+
+
+def test_a_key_altered_on_the_way_is_refused_by_every_site(federation):
+    config, nodes, global_adapter = federation
+
+    def swap_a_cipher_key(msg: Message) -> None:  # the coordinator puts its own key in for site 0
+        if msg.metadata.message_type == "query.secagg_shares":
+            record = dict(msg.content[records.RECORD])
+            record["cipher-public"] = [bytes(32)] + list(record["cipher-public"])[1:]
+            msg.content[records.RECORD] = ConfigRecord(record)
+
+    _, result = attempt(config, nodes, global_adapter, tamper=swap_a_cipher_key)
+    assert result.mean is None
+    assert result.replies.failures["error: secure aggregation"] == len(NODES)
+
+
+def test_a_site_refuses_an_aggregation_context_it_has_seen(federation, monkeypatch):
+    config, nodes, global_adapter = federation
+    monkeypatch.setattr("fedlora.server.secure_round.new_nonce", lambda: b"\x01" * 32)  # a coordinator replaying its nonce
+    _, first = attempt(config, nodes, global_adapter)
+    assert first.mean is not None
+    _, second = attempt(config, nodes, global_adapter)
+    assert second.mean is None and second.replies.failures["error: secure aggregation"] == len(NODES)
+
+
+def test_a_site_without_peer_keys_declines_naming_its_setting(federation):
+    config, nodes, global_adapter = federation
+    del nodes[NODES[0]]["peer-keys"]
+    _, result = attempt(config, nodes, global_adapter)
+    declined = [m for m in result.replies.ok if "declined" in m.content["metrics"]]
+    assert [m.metadata.src_node_id for m in declined] == [NODES[0]]
+    assert "policy.peer-keys" in declined[0].content["metrics"]
+    assert set(result.survivors) == set(NODES[1:])
+
+
+def test_the_reply_guard_lets_out_only_each_steps_keys(coordinator_identity):
+    msg = Message(RecordDict(), dst_node_id=1, message_type="query.secagg_survivors")
+    msg.metadata.__dict__["_message_id"] = "m"
+    ok = Message(RecordDict({records.RECORD: ConfigRecord({"signature": b"s"})}), reply_to=msg)
+    check_outgoing(ok, "query.secagg_survivors")
+    for bad, message_type in [
+        (ConfigRecord({"signature": b"s", "row": "Jane Doe"}), "query.secagg_survivors"),
+        (ConfigRecord({"signature": b"s"}), "query"),  # not a secure aggregation step
+    ]:
+        with pytest.raises(OutgoingContentError):
+            check_outgoing(Message(RecordDict({records.RECORD: bad}), reply_to=msg), message_type)
+
+
+@pytest.mark.parametrize("overrides, key", [
+    ({"strategy.name": "median"}, "linear strategy"),
+    ({"privacy.central": True}, "privacy.central"),
+    ({"federation.secure_aggregation_threshold": 1}, ">= 2"),
+])
+def test_configs_secure_aggregation_cannot_serve_are_refused(overrides, key):
+    with pytest.raises(ConfigError, match="federation.secure_aggregation") as info:
+        load_config(None, {"federation.secure_aggregation": True, **overrides})
+    assert key in str(info.value)
