@@ -62,6 +62,9 @@ class SiteSettings:
     # App pinning: approved app hashes beyond the installed release.
     allow_app: list[str] = field(default_factory=list)
     allow_apps_file: Path | None = None
+    # Secure aggregation: the consortium's site public keys (OpenSSH lines), from the sites
+    # themselves; without it the site declines secure aggregation. Signs with `key`.
+    peer_keys: Path | None = None
 
     def policy(self) -> dict[str, str | float | int | bool]:
         """The site policy as node config values (every key always present but
@@ -86,6 +89,8 @@ class SiteSettings:
         items.update(self.policy())
         if self.lora_rank is not None:
             items["lora-rank"] = int(self.lora_rank)
+        if self.peer_keys is not None and self.key is not None:
+            items.update({"peer-keys": str(self.peer_keys), "node-key": str(self.key)})
         return " ".join(f"{k}={_toml_value(v)}" for k, v in items.items())
 
     @property
@@ -302,6 +307,26 @@ def validate_site(site: SiteSettings) -> None:
         _check_key(site.key)
     if site.root_cert is not None:
         _check_root_cert(site.root_cert, site.superlink)
+    if site.peer_keys is not None:
+        _check_peer_keys(site)
+
+
+def _check_peer_keys(site: SiteSettings) -> None:
+    """The file parses and holds this site's own public key (it signs with --key)."""
+    from fedlora.client.peer_keys import PeerKeyError, load_node_key, load_peer_keys
+    from fedlora.privacy.secure_aggregation import node_key_bytes
+
+    if site.key is None:
+        raise SiteError("--peer-keys needs --key: a site signs its secure-aggregation keys with its node key")
+    if any(c in str(site.peer_keys) for c in _UNQUOTABLE):
+        raise SiteError(f"--peer-keys {site.peer_keys}: a path with a double quote, backslash or line break cannot be passed to Flower")
+    try:
+        trusted = load_peer_keys(site.peer_keys)
+        own = node_key_bytes(load_node_key(site.key).public_key())
+    except PeerKeyError as exc:
+        raise SiteError(f"--peer-keys: {exc}") from None
+    if own not in trusted:
+        raise SiteError(f"--peer-keys {site.peer_keys}: this site's own public key ({site.key}.pub) is not in it")
 
 
 def supernode_command(site: SiteSettings) -> list[str]:

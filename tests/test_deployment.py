@@ -109,9 +109,10 @@ class Deployment:
         return self.root / "keys" / name
 
     def site(self, name: str, register: bool = True, model: Path | None = None, direct: bool = False,
-             extra_args: tuple[str, ...] = ()) -> subprocess.Popen:
-        """A site: `fedlora client` (or `flower-supernode --node-config ...` if direct)."""
-        key = self.site_key(name, register)
+             extra_args: tuple[str, ...] = (), key: Path | None = None) -> subprocess.Popen:
+        """A site: `fedlora client` (or `flower-supernode --node-config ...` if direct);
+        `key`: a key made (and registered) before, else a new one."""
+        key = key or self.site_key(name, register)
         data = write_site_data(self.root / f"{name}.jsonl", rows=120)
         state, model = self.root / "sites" / name, model or self.model
         if direct:
@@ -263,3 +264,40 @@ def test_coordinator_killed_after_round_1_resumes_without_repeating_it(deploymen
         # Round 1 trained once; round 2 at least once (twice if a site answered the killed coordinator:
         # that release left the site, so its ledger rightly keeps it).
         assert rounds.count(1) == 1 and rounds.count(2) in (1, 2)
+
+
+def test_secure_aggregation_over_three_tls_sites_with_one_killed_after_masking(deployment):
+    """Secure aggregation deployed: the sites' peer keys, five exchanges a round, and a site
+    killed after its masked input arrived: the round unmasks without it (its self-mask is
+    rebuilt from the others' shares). One round: a round of five exchanges with a process
+    per message takes about 150 s here."""
+    d = deployment
+    keys = [d.site_key(f"site-{i}") for i in range(3)]
+    consortium = d.root / "consortium.pub"
+    consortium.write_text("".join(Path(f"{k}.pub").read_text() for k in keys))
+    sites = [d.site(f"site-{i}", key=keys[i], extra_args=("--peer-keys", str(consortium))) for i in range(3)]
+    run_dir = d.root / "runs" / "secure"
+    config = d.config("secure", **{"federation.secure_aggregation": True, "federation.rounds": 1})
+    submit = start([*FEDLORA, "run", "--config", str(config), "--coordinator-dir", str(d.state)], d.root / "run.log")
+    d.processes.append(submit)
+
+    # Site 1 trains round 1 and sends its masked input (its log line comes just before the reply);
+    # it is killed before it can sign the survivor set or reveal anything.
+    site_log = d.root / "site-site-1.log"
+    wait_for(lambda: re.search(r"round 1: .* epsilon", site_log.read_text()), 400, "site 1 to train round 1")
+    time.sleep(3)
+    kill(sites[1])
+    assert submit.wait(timeout=900) == 0, (d.root / "run.log").read_text()[-3000:]
+
+    rows = metrics_rows(run_dir)
+    assert [r["round"] for r in rows] == [0, 1]
+    # All three inputs are in the sum; site 1 failed only a later step.
+    assert rows[1]["clients_ok"] == 3
+    assert rows[1]["failures"].get("node unavailable", 0) + rows[1]["failures"].get("timeout", 0) == 1, rows[1]
+    assert rows[1]["bytes_up"] > 0
+    for i in (0, 1, 2):
+        assert trained_rounds(d.root / "sites" / f"site-{i}") == [1]  # the ledger is unchanged in this mode
+    for i in (0, 2):
+        log = (d.root / f"site-site-{i}.log").read_text()
+        assert "Traceback" not in log, log[-3000:]
+    assert (run_dir / "adapter" / "adapter_model.safetensors").is_file()

@@ -69,6 +69,9 @@ def add_deployment_commands(commands: argparse._SubParsersAction) -> None:
                    help="also run this app hash (`fedlora app-hash`) besides the installed fedlora release (repeatable)")
     s.add_argument("--allow-apps", type=Path, metavar="FILE",
                    help="also run the app hashes in FILE (one sha256:HEX per line, # comments)")
+    s.add_argument("--peer-keys", type=Path, metavar="FILE",
+                   help="take part in secure aggregation: the public keys (.pub lines) of the consortium's sites, this "
+                        "one's included, exchanged among the sites (not through the coordinator); the site signs with --key")
     s.add_argument("--lora-rank", type=int, metavar="R", help="this site's LoRA rank (needs strategy.name = 'exact' if it differs)")
     s.add_argument("--port", type=int, default=9094, help="this SuperNode's local API port (one per SuperNode on a machine)")
     s.add_argument("--insecure", action="store_true", help="no TLS (a local trial only)")
@@ -167,6 +170,7 @@ def run_client_cmd(args: argparse.Namespace) -> int:
         label_column=args.label_column, prompt_column=args.prompt_column, response_column=args.response_column,
         max_evaluations=args.max_evaluations, calibrate_to_limit=not args.no_calibrate_to_limit,
         allow_app=args.allow_app, allow_apps_file=args.allow_apps and args.allow_apps.expanduser().resolve(),
+        peer_keys=args.peer_keys and args.peer_keys.expanduser().resolve(),
     ))
 
 
