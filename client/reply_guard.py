@@ -23,7 +23,7 @@ from fedlora.client.peer_keys import PeerKeyError
 from fedlora.client.site_policy import PolicyError
 from fedlora.privacy import secure_aggregation_records as secagg
 from fedlora.privacy.secure_aggregation import SecureAggregationError
-from fedlora.base_model import ModelError
+from fedlora.model_folder import ModelError
 from fedlora.config import ConfigError
 from fedlora.messages import (
     DECLINED_METRICS, EVALUATE_METRICS, QUERY_METRICS, REFUSED_METRICS, SITE_ERROR_CATEGORIES, TRAIN_METRICS,

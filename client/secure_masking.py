@@ -18,15 +18,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import torch
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
 
-from fedlora.adapter_state import Adapter
 from fedlora.client.peer_keys import SigningKeys
 from fedlora.privacy import secure_aggregation as sa
 from fedlora.privacy import secure_aggregation_records as records
+
+if TYPE_CHECKING:  # the key steps run in a process without torch (only the train step has it)
+    from fedlora.adapter_state import Adapter
 
 STATE = "secagg"  # the context.state ConfigRecord
 CONTEXTS_FILE = "secure-aggregation-contexts"  # every aggregation context this site took part in
@@ -81,6 +84,8 @@ def masked_update(msg: Message, context: Context, trained: Adapter, sent: Adapte
 def flat_change(trained: Adapter, sent: Adapter) -> np.ndarray:
     """The change of every trained tensor, in key order, as one float64 vector (the
     coordinator lays out the sum the same way)."""
+    import torch
+
     return np.concatenate([(trained[k].to(torch.float64) - sent[k].to(torch.float64)).flatten().numpy()
                            for k in sorted(trained)])
 

@@ -13,6 +13,7 @@ never with a value from the site's data.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from dataclasses import dataclass
 
 from fedlora.config import Config
@@ -147,3 +148,12 @@ def violation(policy: SitePolicy, config: Config) -> str | None:
         if asked != own:
             return key
     return None
+
+
+def site_state_dir(config: Config, node_config: dict) -> Path:
+    """Where this site keeps its ledger, audit log and local state."""
+    if "state-dir" in node_config:
+        return Path(str(node_config["state-dir"])).expanduser()
+    if "partition-id" in node_config:
+        return Path(config.run.output_dir) / "sites" / str(int(node_config["partition-id"]))
+    raise ValueError("node config has no 'state-dir': a site needs one for its privacy ledger")

@@ -32,15 +32,6 @@ from fedlora.privacy.site_ledger import SiteLedger
 EVAL_RELEASES = 3
 
 
-def site_state_dir(config: Config, node_config: dict) -> Path:
-    """Where this site keeps its ledger, audit log and local state."""
-    if "state-dir" in node_config:
-        return Path(str(node_config["state-dir"])).expanduser()
-    if "partition-id" in node_config:
-        return Path(config.run.output_dir) / "sites" / str(int(node_config["partition-id"]))
-    raise ValueError("node config has no 'state-dir': a site needs one for its privacy ledger")
-
-
 CALIBRATION_CACHE = "noise-calibrations.json"
 
 

@@ -13,7 +13,7 @@ import hashlib
 import json
 from pathlib import Path
 
-from fedlora.base_model import file_sha256
+from fedlora.model_folder import file_sha256
 from fedlora.disk_cache import cached_in_file
 
 # Config keys that describe where or how a folder was saved, not the model.

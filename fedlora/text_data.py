@@ -14,9 +14,12 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
+from typing import TYPE_CHECKING
 
 from fedlora.config import Config
+
+if TYPE_CHECKING:
+    import torch
 
 IGNORE_INDEX = -100  # label value that carries no loss (prompt tokens, padding)
 
@@ -207,6 +210,8 @@ def _encode_causal(row: dict, tokenizer, config: Config) -> Example:
 
 def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
     """Pad to the longest sequence in the batch (dynamic padding)."""
+    import torch  # here, not at import: reading and checking a site's rows needs no torch
+
     width = max(len(e.input_ids) for e in examples)
     input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
     attention_mask = torch.zeros((len(examples), width), dtype=torch.long)

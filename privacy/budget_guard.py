@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from fedlora.privacy.accounting import History
 from fedlora.privacy.site_ledger import SiteLedger
+
+if TYPE_CHECKING:
+    from fedlora.privacy.accounting import History
 
 
 @dataclass

@@ -24,8 +24,10 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from fedlora.privacy.accounting import History, epsilon_of
+if TYPE_CHECKING:  # the accountant (Opacus, torch) loads when an epsilon is asked for, not to read a ledger
+    from fedlora.privacy.accounting import History
 
 LEDGER_FILE = "privacy-ledger.json"
 LOCK_FILE = ".privacy-ledger.lock"
@@ -83,6 +85,8 @@ class RunLedger:
 
     @property
     def epsilon(self) -> float:
+        from fedlora.privacy.accounting import epsilon_of
+
         return epsilon_of(self.history, self.delta, self.accountant)
 
 
@@ -172,6 +176,8 @@ class SiteLedger:
     def epsilon(self, delta: float, accountant: str, extra: History = ()) -> float:
         """The site's cumulative epsilon over all runs (plus `extra`, planned), at the
         smaller of `delta` and every delta in the ledger."""
+        from fedlora.privacy.accounting import epsilon_of
+
         return epsilon_of(self.history() + list(extra), self.guard_delta(delta), accountant)
 
 

@@ -95,7 +95,7 @@ def protocol(sites: int, values: int) -> dict[str, float]:
 PROCESS_STEP = """
 import time, sys
 t0 = time.time()
-import fedlora.client.client_app  # what a ClientApp process imports before it handles a message
+import fedlora.cli.flower_app  # what a site's ClientApp process imports before it handles a message
 from cryptography.hazmat.primitives.asymmetric import ec
 from fedlora.privacy import secure_aggregation as sa
 sa.advertise(1, b"c" * 32, ec.generate_private_key(ec.SECP384R1()))
@@ -103,11 +103,13 @@ print(time.time() - float(sys.argv[1]))
 """
 
 
-def process_step(repeats: int) -> float:
-    """Median seconds of a fresh process that imports the site's ClientApp and answers one step."""
+def process_step(repeats: int, checkout: Path | None = None) -> float:
+    """Median seconds of a fresh process that imports the site's ClientApp (from `checkout`,
+    default: the installed fedlora) and answers one step."""
     times = []
     for _ in range(repeats):
-        proc = subprocess.run([sys.executable, "-c", PROCESS_STEP, str(time.time())], capture_output=True, text=True, check=True)
+        proc = subprocess.run([sys.executable, "-c", PROCESS_STEP, str(time.time())], capture_output=True, text=True,
+                              check=True, cwd=checkout)
         times.append(float(proc.stdout.strip().splitlines()[-1]))
     return statistics.median(times)
 
@@ -128,6 +130,8 @@ def main() -> None:
     parser.add_argument("--values", type=int, default=0, help="trained values per site (default: the demo adapter's)")
     parser.add_argument("--repeats", type=int, default=3, help="fresh processes for the deployed step (default 3)")
     parser.add_argument("--simulation", action="store_true", help="also time a simulated round with and without it")
+    parser.add_argument("--compare-checkout", type=Path, metavar="DIR",
+                        help="also time the deployed step with the fedlora source tree in DIR (e.g. an older commit)")
     args = parser.parse_args()
     values = args.values or demo_trained_values()
     print(f"trained values per site: {values:,}")
@@ -142,6 +146,9 @@ def main() -> None:
               f"{r['bytes_masked']:,} (plain fp32 tensors: {r['bytes_plain_fp32']:,}), signature {r['bytes_signature']}, "
               f"reveal {r['bytes_reveal']:,}")
     step = process_step(args.repeats)
+    if args.compare_checkout:
+        other = process_step(args.repeats, args.compare_checkout.resolve())
+        print(f"\ndeployed step with the tree in {args.compare_checkout}: {other:.1f} s")
     print(f"\ndeployed: a fresh ClientApp process answering one step: {step:.1f} s (median of {args.repeats}); "
           f"four extra exchanges a round: about {4 * step:.0f} s of process starts per site, in parallel across sites")
     if args.simulation:

@@ -57,15 +57,15 @@ def test_label_column_that_does_not_exist(tmp_path, capsys):
 
 
 def test_tampered_default_model_is_refused(monkeypatch):
-    from fedlora import base_model
+    from fedlora import model_folder
 
-    base_model.default_model_dir.cache_clear()
-    monkeypatch.setattr(base_model, "DEFAULT_MODEL_SHA256", "0" * 64)
+    model_folder.default_model_dir.cache_clear()
+    monkeypatch.setattr(model_folder, "DEFAULT_MODEL_SHA256", "0" * 64)
     try:
-        with pytest.raises(base_model.ModelError, match="sha256"):
-            base_model.default_model_dir()
+        with pytest.raises(model_folder.ModelError, match="sha256"):
+            model_folder.default_model_dir()
     finally:
-        base_model.default_model_dir.cache_clear()
+        model_folder.default_model_dir.cache_clear()
 
 
 def test_set_values_are_toml_and_bare_words_are_strings():

@@ -63,3 +63,17 @@ def test_the_check_sees_a_lazy_import_of_an_upper_floor(tmp_path):
     module = tmp_path / "m.py"
     module.write_text("def f():\n    from fedlora.simulations.virtual_sites import partition_rows\n    import fedlora.server.federation\n")
     assert imported_floors(module) == {"simulations", "server"}
+
+
+def test_a_site_process_loads_no_torch_until_it_trains():
+    """Every ClientApp message may run in a fresh process that imports the app's component
+    module: the rank query and the secure-aggregation steps must not pay for torch,
+    transformers, PEFT or Opacus (seconds each); train and evaluate import them on first use."""
+    import subprocess
+    import sys
+
+    heavy = ("torch", "transformers", "peft", "opacus")
+    probe = ("import sys, fedlora.cli.flower_app as m; m.client_app; import fedlora.client.client_app; "
+             f"print(sorted(k for k in {heavy!r} if k in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True, cwd=ROOT)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr

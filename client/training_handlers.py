@@ -1,0 +1,157 @@
+"""The site's train and evaluate handlers: the model, the data and DP-SGD.
+
+Both run behind `screen_request` (client/client_app.py): the request is audited and
+checked against the site's policy before any data is read. Under DP every number that
+leaves is data-independent or accounted in the site's ledger first.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from pathlib import Path
+
+from flwr.app import Context, Message, RecordDict
+
+from fedlora.adapter_state import adapter_of, from_record, put_adapter, to_record
+from fedlora.client import secure_masking
+from fedlora.client.client_app import screen_request, site_config
+from fedlora.client.local_evaluation import evaluate_locally
+from fedlora.client.local_training import frozen, train_locally
+from fedlora.client.model_cache import cached_model
+from fedlora.client.site_data import load_site_data
+from fedlora.client.site_privacy import calibrated_plan, eval_mechanism, plan_within_limit, remaining_plan
+from fedlora.config import Config
+from fedlora.messages import DECLINED_METRICS, EVALUATE_METRICS, TRAIN_METRICS, metric_record
+from fedlora.privacy import secure_aggregation_records as records
+from fedlora.privacy.budget_guard import BudgetDecision, check_budget
+from fedlora.privacy.noisy_release import noisy_sum
+from fedlora.privacy.site_audit import append_audit
+from fedlora.privacy.site_ledger import Declined, Mechanism, open_ledger
+from fedlora.strategies import get_strategy, trained_part
+
+log = logging.getLogger("fedlora.client")
+
+
+def size_bucket(units: int) -> int:
+    """The largest power of two <= units (0 for none): the weight a DP site reports.
+    Coarse on purpose; the exact count is no secret to the accountant's sample rate
+    either (docs/privacy.md), but nothing finer than weighting needs leaves."""
+    return 1 << (units.bit_length() - 1) if units > 0 else 0
+
+
+def budget_declined(msg: Message, config: Config, server_round: int, decision: BudgetDecision, ledger, state_dir: Path) -> Message:
+    """A refusal, not an error: no tensors, and why (the coordinator counts it as declined)."""
+    kind = msg.metadata.message_type.split(".")[0]
+    run, privacy = config.run.output_dir, config.privacy
+    decline = Declined(server_round, decision.epsilon_spent, decision.epsilon_after, decision.limit, message=kind)
+    ledger.record(run, privacy.accountant, privacy.delta, decline, decision.limit)
+    append_audit(state_dir, "declined", run, message=kind, round=server_round, reason="privacy budget")
+    log.warning("round %d %s: declined, epsilon would reach %.3f > the site's limit %.3f (spent %.3f)",
+                server_round, kind, decision.epsilon_after, decision.limit, decision.epsilon_spent)
+    metrics = metric_record(
+        {"declined": 1, "epsilon": decision.epsilon_spent, "epsilon-would-be": decision.epsilon_after,
+         "epsilon-limit": decision.limit},
+        DECLINED_METRICS,
+    )
+    return Message(content=RecordDict({"metrics": metrics}), reply_to=msg)
+
+
+def train(msg: Message, context: Context) -> Message:
+    start = time.perf_counter()
+    config, server_round = site_config(msg, context)
+    refusal, policy, state_dir = screen_request(msg, context, config, server_round)
+    if refusal is not None:
+        return refusal
+
+    # Model: the cached base model with the global adapter put in.
+    cached = cached_model(config, config.data.labels)
+    sent = from_record(msg.content["arrays"])
+    put_adapter(cached.model, sent)
+
+    # Data: this site's train split.
+    site = load_site_data(config, config.data.labels, context.node_config, cached.tokenizer)
+
+    # Train (with the factors the strategy keeps frozen, e.g. LoRA A under ffa).
+    frozen_factors = get_strategy(config.strategy).frozen_factors
+    seed = config.run.seed * 1_000_003 + server_round * 7919 + context.node_id % 1_000_003
+    if not config.privacy.enabled:  # the policy allowed it: allow-no-dp and no limit
+        with frozen(cached.model, frozen_factors):
+            result = train_locally(cached.model, site.train, config, None, cached.tokenizer.pad_token_id, seed)
+        log.info("round %d: %s, %d examples, loss %.4f (no DP)", server_round, site.source, len(site.train), result.loss)
+        values = {"num-examples": len(site.train), "train-loss": result.loss, "epsilon": 0.0, "noise-multiplier": 0.0,
+                  "steps": result.steps, "seconds": time.perf_counter() - start}
+    else:
+        # Privacy: noise calibrated from this site's data; its own ledger and limit decide.
+        run, delta, accountant, limit = config.run.output_dir, config.privacy.delta, config.privacy.accountant, policy.max_epsilon
+        with open_ledger(state_dir) as ledger:
+            plan = calibrated_plan(config, site.train, state_dir)
+            plan = plan_within_limit(config, plan, ledger, policy, delta, server_round, state_dir)
+            mechanism = (plan.noise_multiplier, plan.sample_rate, plan.steps)
+            decision = check_budget(ledger, [mechanism], delta, accountant, limit)
+            if not decision.allowed:
+                return budget_declined(msg, config, server_round, decision, ledger, state_dir)
+            with frozen(cached.model, frozen_factors):
+                result = train_locally(cached.model, site.train, config, plan, cached.tokenizer.pad_token_id, seed)
+            # Recorded before the reply exists: nothing leaves the site unaccounted.
+            ledger.record(run, accountant, delta, Mechanism(server_round, *mechanism, unit=plan.unit), limit)
+            epsilon = decision.epsilon_after  # the ledger now holds exactly what the guard counted
+            later_rounds, evaluations = remaining_plan(config, plan, server_round, state_dir)
+            planned = ledger.epsilon(delta, accountant, extra=later_rounds + evaluations)
+        log.info("round %d: %s, %d examples, loss %.4f; noise multiplier %.4f (q %.4f per %s, %d steps), epsilon %.3f, "
+                 "expected %.3f after round %d, limit %s", server_round, site.source, len(site.train), result.loss,
+                 plan.noise_multiplier, plan.sample_rate, plan.unit, plan.steps, epsilon, planned, config.federation.rounds,
+                 "none" if math.isinf(limit) else f"{limit:.3f}")
+        # The loss and the time are data-dependent and unaccounted: they stay here. The
+        # aggregation weight is the site's unit count rounded down to a power of two.
+        values = {"num-examples": size_bucket(plan.units), "epsilon": epsilon, "planned-epsilon": planned,
+                  "noise-multiplier": plan.noise_multiplier, "steps": plan.steps}
+
+    # Reply: the trained adapter tensors (or, under secure aggregation, their masked change)
+    # and whitelisted scalars only.
+    trained = trained_part(adapter_of(cached.model), frozen_factors)
+    metrics = metric_record(values, TRAIN_METRICS)
+    if records.RECORD in msg.content.config_records:
+        weight = max(1, min(int(values["num-examples"]), records.MAX_WEIGHT))
+        content = secure_masking.masked_update(msg, context, trained, sent, weight)
+        content["metrics"] = metrics
+    else:
+        content = RecordDict({"arrays": to_record(trained), "metrics": metrics})
+    return Message(content=content, reply_to=msg)
+
+
+def evaluate(msg: Message, context: Context) -> Message:
+    config, server_round = site_config(msg, context)
+    refusal, policy, state_dir = screen_request(msg, context, config, server_round)
+    if refusal is not None:
+        return refusal
+    cached = cached_model(config, config.data.labels)
+    put_adapter(cached.model, from_record(msg.content["arrays"]))
+    site = load_site_data(config, config.data.labels, context.node_config, cached.tokenizer)
+    pad_id, run, classification = cached.tokenizer.pad_token_id, config.run.output_dir, config.model.task == "classification"
+
+    if not config.privacy.enabled:  # the policy allowed it: exact sums
+        sums = evaluate_locally(cached.model, site.validation, config, pad_id)
+        values = {"num-examples": sums.units, "eval-correct": sums.correct, "eval-loss-sum": sums.loss, "epsilon": 0.0}
+    else:
+        # Gaussian noise on each released sum, charged to the ledger before anything leaves.
+        delta, accountant, limit, clip = config.privacy.delta, config.privacy.accountant, policy.max_epsilon, config.privacy.eval_loss_clip
+        with open_ledger(state_dir) as ledger:
+            mechanism = eval_mechanism(config, state_dir)
+            decision = check_budget(ledger, [mechanism], delta, accountant, limit)
+            if not decision.allowed:
+                return budget_declined(msg, config, server_round, decision, ledger, state_dir)
+            sums = evaluate_locally(cached.model, site.validation, config, pad_id, loss_clip=clip)
+            ledger.record(run, accountant, delta, Mechanism(server_round, *mechanism, unit=config.privacy.unit, kind="evaluation"), limit)
+        sigma = mechanism[0]
+        values = {
+            "num-examples": noisy_sum(sums.units, 1.0, sigma),
+            "eval-correct": noisy_sum(sums.correct, 1.0, sigma) if classification else None,
+            "eval-loss-sum": noisy_sum(sums.loss, clip, sigma),
+            "epsilon": decision.epsilon_after,
+        }
+        log.info("round %d: evaluated %d units, released with noise multiplier %.2f; epsilon %.3f",
+                 server_round, int(sums.units), sigma, decision.epsilon_after)
+    append_audit(state_dir, "evaluated", run, round=server_round)
+    return Message(content=RecordDict({"metrics": metric_record(values, EVALUATE_METRICS)}), reply_to=msg)
