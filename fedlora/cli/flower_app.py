@@ -3,23 +3,13 @@
 One app bundle serves both engines: a deployed site's node config names its own
 `data-path`, and a virtual node of `flwr run .`'s simulation has a `partition-id`,
 for which the simulation's data source is composed in here (the client floor does not
-import the simulation floor).
-
-`server_app` is built on first access (PEP 562): a site's ClientApp process imports
-this module for every message, and the coordinator's round loop (torch, PEFT) is
-seconds of imports it does not need.
+import the simulation floor). A site's ClientApp process imports this module for every
+message: neither component loads torch before a run or a training step needs it.
 """
 
-from typing import Any
-
+from fedlora.server.server_app import app as server_app
 from fedlora.simulations.virtual_sites import simulated_site_app
 
 client_app = simulated_site_app()
 
-
-def __getattr__(name: str) -> Any:
-    if name == "server_app":
-        from fedlora.server.server_app import app
-
-        return app
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__all__ = ["client_app", "server_app"]
