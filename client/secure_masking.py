@@ -7,17 +7,24 @@ aggregation in progress live in `context.state` (kept by the site's own SuperNod
 sent). They are replaced by the next `secagg_keys` and dropped after the reveal.
 
 What could a coordinator that chose a value learn? It sends the aggregation's nonce, the
-roster, the threshold, the quantization and the survivor set. The site checks each: the
-nonce is new to this site (kept in its state dir), every key in the roster is signed by a
-peer the site trusts, the threshold exceeds half the roster, the survivor set is signed
-once and revealed on only with `threshold` survivors' signatures on that same set. The
-quantization only sets precision: the site's update is DP on its own before any of this.
+roster, the threshold, the sharers, the quantization and the survivor set. The site
+checks each: the nonce is new to this site (kept in its state dir); every key in the
+roster is signed by a peer the site trusts; the threshold is at least 2 and exceeds half
+the roster; it masks only with at least `threshold` sharers, once per aggregation (each
+step runs once, in order: a second masked input from the same secrets would reveal the
+difference); the quantization is fedlora's own (levels, weight cap, one site count per
+sharer), only the clip is the run's; the train request names this aggregation's nonce;
+and it reveals only with `threshold` signatures on the same survivor set and view.
+Everything about the request is checked before the site reads its data or trains. A
+failed step drops the aggregation's secrets.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -37,47 +44,68 @@ CONTEXTS_FILE = "secure-aggregation-contexts"  # every aggregation context this 
 
 def advertise_keys(msg: Message, context: Context, signing: SigningKeys, run: str, server_round: int, state_dir: Path) -> Message:
     """Step 1: fresh keys for a context this site never used, signed by its node key."""
-    nonce = msg.content[records.RECORD]["nonce"]
-    if not isinstance(nonce, bytes) or len(nonce) < 16:
-        raise sa.SecureAggregationError("the aggregation nonce must be at least 16 bytes")
-    agreed = records.aggregation_context(run, server_round, nonce)
+    agreed = records.aggregation_context(run, server_round, _nonce(msg))
     used = state_dir / CONTEXTS_FILE
     if used.exists() and agreed.hex() in used.read_text().split():
         raise sa.SecureAggregationError("the coordinator reused an aggregation context")
     with used.open("a") as f:
         f.write(agreed.hex() + "\n")
     state, keys = sa.advertise(context.node_id, agreed, signing.node_key)
-    save(context, state, {}, threshold=0)
+    save(context, state, {})
     return reply(msg, records.keys_reply(keys))
 
 
 def share_keys(msg: Message, context: Context, signing: SigningKeys) -> Message:
     """Step 2: check the roster the coordinator relays; shares of this site's secrets, encrypted to each peer."""
-    state, received = load(context)
-    roster, threshold = records.roster_from(msg.content[records.RECORD])
-    sa.accept_roster(state, roster, set(signing.trusted), threshold)
-    shares = sa.share_keys(state, threshold)
-    save(context, state, received, threshold)
+    with aggregation_step(context) as (state, received):
+        roster, threshold = records.roster_from(msg.content[records.RECORD])
+        sa.accept_roster(state, roster, set(signing.trusted), threshold)
+        shares = sa.share_keys(state)
+        save(context, state, received)
     to = sorted(shares)
     return reply(msg, {"to": records.pack_ids(to), "shares": [shares[v] for v in to]})
 
 
-def masked_update(msg: Message, context: Context, trained: Adapter, sent: Adapter, weight: int) -> RecordDict:
-    """Step 3 (in the train handler, after training): this site's weighted change, quantized
-    and masked; the shares other sites sent it are kept for the reveal."""
-    state, _ = load(context)
-    record = msg.content[records.RECORD]
-    sharers = set(records.unpack_ids(record["sharers"]))
-    senders = records.unpack_ids(record["shares-from"])
-    blobs = list(record["shares"])
-    if len(senders) != len(blobs):
-        raise sa.SecureAggregationError("the relayed shares' columns differ in length")
-    spec = records.spec_from(record)
-    change = flat_change(trained, sent)
-    rng = np.random.default_rng()  # stochastic rounding: fresh randomness, nothing to reproduce
-    quantized = np.concatenate([sa.quantize(change, weight, spec, rng), np.array([weight], dtype=np.uint64)])
-    masked = sa.masked_input(state, quantized, sharers, spec.modulus_bits)
-    save(context, state, dict(zip(senders, blobs)), threshold_of(context))
+@dataclass
+class MaskingRequest:
+    """A train request's secure-aggregation part, checked before the site trains."""
+
+    sharers: set[int]
+    received: dict[int, bytes]  # sender -> the encrypted shares it sent this site
+    spec: sa.QuantizationSpec
+
+
+def check_masking_request(msg: Message, context: Context, run: str, server_round: int) -> MaskingRequest:
+    """Step 3, before any data is read: the request belongs to this site's aggregation in
+    progress (its nonce), names enough sharers from the roster, relays shares only from
+    them, and asks for fedlora's own quantization at the run's clip."""
+    with aggregation_step(context) as (state, _):
+        record = msg.content[records.RECORD]
+        if records.aggregation_context(run, server_round, _nonce(msg)) != state.context:
+            raise sa.SecureAggregationError("the train request is not for this site's aggregation in progress")
+        if state.step != "shared":
+            raise sa.SecureAggregationError(f"a masked input after '{state.step}': each step runs once, in order")
+        sharers = set(records.unpack_ids(record["sharers"]))
+        if state.site not in sharers or not sharers <= set(state.roster) or len(sharers) < state.threshold:
+            raise sa.SecureAggregationError("the sharers named are not at least `threshold` sites of the roster")
+        senders, blobs = records.unpack_ids(record["shares-from"]), list(record["shares"])
+        if len(senders) != len(blobs) or not set(senders) <= sharers - {state.site}:
+            raise sa.SecureAggregationError("the relayed shares do not come from the sharers")
+        spec = records.spec_from(record)
+        if (spec.levels, spec.max_weight, spec.sites) != (records.LEVELS, records.MAX_WEIGHT, len(sharers)):
+            raise sa.SecureAggregationError("the quantization is not fedlora's for this number of sites")
+        return MaskingRequest(sharers, dict(zip(senders, blobs)), spec)
+
+
+def masked_update(request: MaskingRequest, context: Context, trained: Adapter, sent: Adapter, weight: int) -> RecordDict:
+    """Step 3, after training: this site's weighted change, quantized and masked; the
+    shares other sites sent it are kept for the reveal."""
+    with aggregation_step(context) as (state, _):
+        change = flat_change(trained, sent)
+        rng = np.random.default_rng()  # stochastic rounding: fresh randomness, nothing to reproduce
+        quantized = np.concatenate([sa.quantize(change, weight, request.spec, rng), np.array([weight], dtype=np.uint64)])
+        masked = sa.masked_input(state, quantized, request.sharers, request.spec.modulus_bits)
+        save(context, state, request.received)
     return RecordDict({records.MASKED: ArrayRecord({"masked": Array(masked)})})
 
 
@@ -91,26 +119,34 @@ def flat_change(trained: Adapter, sent: Adapter) -> np.ndarray:
 
 
 def sign_survivors(msg: Message, context: Context, signing: SigningKeys) -> Message:
-    """Step 4a (consistency): sign the survivor set, once per aggregation."""
-    state, received = load(context)
-    survivors = set(records.unpack_ids(msg.content[records.RECORD]["survivors"]))
-    signature = sa.sign_survivors(state, survivors, signing.node_key)
-    save(context, state, received, threshold_of(context))
+    """Step 4a (consistency): sign the survivor set and the view it rests on, once per aggregation."""
+    with aggregation_step(context) as (state, received):
+        survivors = set(records.unpack_ids(msg.content[records.RECORD]["survivors"]))
+        signature = sa.sign_survivors(state, survivors, signing.node_key)
+        save(context, state, received)
     return reply(msg, {"signature": signature})
 
 
 def reveal_shares(msg: Message, context: Context) -> Message:
     """Step 4b: one share per peer (its self-mask seed if it survived, its mask key if not),
-    only with `threshold` survivors' signatures on the set this site signed; then the
-    aggregation's secrets are dropped."""
-    state, received = load(context)
-    record = msg.content[records.RECORD]
-    survivors = set(records.unpack_ids(record["survivors"]))
-    signers = records.unpack_ids(record["signers"])
-    signatures = dict(zip(signers, list(record["signatures"])))
-    revealed = sa.reveal(state, received, survivors, threshold_of(context), signatures)
+    only with `threshold` survivors' signatures on the statement this site signed; then
+    the aggregation's secrets are dropped."""
+    with aggregation_step(context) as (state, received):
+        record = msg.content[records.RECORD]
+        survivors = set(records.unpack_ids(record["survivors"]))
+        signers, signatures = records.unpack_ids(record["signers"]), list(record["signatures"])
+        if len(signers) != len(signatures):
+            raise sa.SecureAggregationError("the signers and signatures differ in length")
+        revealed = sa.reveal(state, received, survivors, dict(zip(signers, signatures)))
     del context.state[STATE]
     return reply(msg, records.reveal_reply(revealed))
+
+
+def _nonce(msg: Message) -> bytes:
+    nonce = msg.content[records.RECORD].get("nonce")
+    if not isinstance(nonce, bytes) or len(nonce) < 16:
+        raise sa.SecureAggregationError("the aggregation nonce must be at least 16 bytes")
+    return nonce
 
 
 def reply(msg: Message, values: dict) -> Message:
@@ -120,13 +156,24 @@ def reply(msg: Message, values: dict) -> Message:
 # --- The site's secrets between messages (context.state) ------------------------------------
 
 
-def save(context: Context, state: sa.MaskingSite, received: dict[int, bytes], threshold: int) -> None:
+@contextmanager
+def aggregation_step(context: Context) -> Iterator[tuple[sa.MaskingSite, dict[int, bytes]]]:
+    """The aggregation in progress; any failure in the step drops its secrets (the
+    coordinator cannot retry a step with other values)."""
+    state, received = load(context)
+    try:
+        yield state, received
+    except Exception:
+        context.state.config_records.pop(STATE, None)
+        raise
+
+
+def save(context: Context, state: sa.MaskingSite, received: dict[int, bytes]) -> None:
     values = {
-        "site": records.pack_ids([state.site]), "context": state.context,
+        "site": records.pack_ids([state.site]), "context": state.context, "step": state.step, "threshold": state.threshold,
         "cipher-private": state.cipher_private.private_bytes_raw(), "mask-private": state.mask_private.private_bytes_raw(),
         "self-seed": state.self_seed, "own-seed-share": state.own_seed_share, "sharers": records.pack_ids(state.sharers),
         "received-from": records.pack_ids(list(received)), "received": list(received.values()),
-        "threshold": threshold,
     }
     if state.signed_survivors is not None:
         values["signed-survivors"] = records.pack_ids(state.signed_survivors)
@@ -140,7 +187,8 @@ def load(context: Context) -> tuple[sa.MaskingSite, dict[int, bytes]]:
         raise sa.SecureAggregationError("no secure aggregation in progress at this site (no keys step)")
     v = context.state.config_records[STATE]
     state = sa.MaskingSite(records.unpack_ids(v["site"])[0], v["context"], X25519PrivateKey.from_private_bytes(v["cipher-private"]),
-                           X25519PrivateKey.from_private_bytes(v["mask-private"]), self_seed=v["self-seed"])
+                           X25519PrivateKey.from_private_bytes(v["mask-private"]), self_seed=v["self-seed"],
+                           threshold=int(v["threshold"]), step=str(v["step"]))
     state.own_seed_share = v["own-seed-share"]
     state.sharers = frozenset(records.unpack_ids(v["sharers"]))
     if "signed-survivors" in v:
@@ -149,10 +197,3 @@ def load(context: Context) -> tuple[sa.MaskingSite, dict[int, bytes]]:
         roster, _ = records.roster_from({k[len("roster-"):]: x for k, x in v.items() if k.startswith("roster-")})
         state.roster = {k.site: k for k in roster}
     return state, dict(zip(records.unpack_ids(v["received-from"]), list(v["received"])))
-
-
-def threshold_of(context: Context) -> int:
-    record = context.state.config_records.get(STATE)
-    if record is None or not record.get("threshold"):
-        raise sa.SecureAggregationError("no threshold agreed for this aggregation")
-    return int(record["threshold"])

@@ -65,6 +65,7 @@ class SiteSettings:
     # Secure aggregation: the consortium's site public keys (OpenSSH lines), from the sites
     # themselves; without it the site declines secure aggregation. Signs with `key`.
     peer_keys: Path | None = None
+    require_secure_aggregation: bool = False  # decline runs without it
 
     def policy(self) -> dict[str, str | float | int | bool]:
         """The site policy as node config values (every key always present but
@@ -77,6 +78,7 @@ class SiteSettings:
             "allow-no-dp": bool(self.allow_no_dp), "text-column": self.text_column, "label-column": self.label_column,
             "prompt-column": self.prompt_column, "response-column": self.response_column,
             "max-evaluations": int(self.max_evaluations), "calibrate-to-limit": bool(self.calibrate_to_limit),
+            "require-secure-aggregation": bool(self.require_secure_aggregation),
         })
         return values
 
@@ -309,6 +311,8 @@ def validate_site(site: SiteSettings) -> None:
         _check_root_cert(site.root_cert, site.superlink)
     if site.peer_keys is not None:
         _check_peer_keys(site)
+    elif site.require_secure_aggregation:
+        raise SiteError("--require-secure-aggregation needs --peer-keys: the site's trusted peers for secure aggregation")
 
 
 def _check_peer_keys(site: SiteSettings) -> None:

@@ -13,8 +13,8 @@ never with a value from the site's data.
 from __future__ import annotations
 
 import math
-from pathlib import Path
 from dataclasses import dataclass
+from pathlib import Path
 
 from fedlora.config import Config
 
@@ -38,6 +38,8 @@ class SitePolicy:
     response_column: str = "response"
     max_evaluations: int = 0  # per run; 0 = no cap
     calibrate_to_limit: bool = True
+    # Take part only in runs whose coordinator sees no single site's update (docs/privacy.md).
+    require_secure_aggregation: bool = False
 
 
 def _flag(node_config: dict, key: str, default: bool) -> bool:
@@ -80,6 +82,7 @@ def _from_node_config(node_config: dict, base: SitePolicy) -> SitePolicy:
         response_column=_text(node_config, "response-column", base.response_column),
         max_evaluations=int(_number(node_config, "max-evaluations", base.max_evaluations, int)),
         calibrate_to_limit=_flag(node_config, "calibrate-to-limit", base.calibrate_to_limit),
+        require_secure_aggregation=_flag(node_config, "require-secure-aggregation", base.require_secure_aggregation),
     )
     if not policy.max_epsilon > 0:
         raise PolicyError(f"node config 'max-epsilon' must be > 0, got {node_config.get('max-epsilon')!r}")
@@ -147,6 +150,8 @@ def violation(policy: SitePolicy, config: Config) -> str | None:
     ):
         if asked != own:
             return key
+    if policy.require_secure_aggregation and not config.federation.secure_aggregation:
+        return "require-secure-aggregation"
     return None
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import secrets
 import time
 from pathlib import Path
 
@@ -27,6 +28,7 @@ from fedlora.messages import DECLINED_METRICS, EVALUATE_METRICS, TRAIN_METRICS, 
 from fedlora.privacy import secure_aggregation_records as records
 from fedlora.privacy.budget_guard import BudgetDecision, check_budget
 from fedlora.privacy.noisy_release import noisy_sum
+from fedlora.privacy.secure_aggregation import SecureAggregationError
 from fedlora.privacy.site_audit import append_audit
 from fedlora.privacy.site_ledger import Declined, Mechanism, open_ledger
 from fedlora.strategies import get_strategy, trained_part
@@ -64,6 +66,12 @@ def train(msg: Message, context: Context) -> Message:
     refusal, policy, state_dir = screen_request(msg, context, config, server_round)
     if refusal is not None:
         return refusal
+    # Secure aggregation: the request is checked before the site reads data or spends budget.
+    masking = None
+    if records.RECORD in msg.content.config_records:
+        masking = secure_masking.check_masking_request(msg, context, config.run.output_dir, server_round)
+    elif config.federation.secure_aggregation:
+        raise SecureAggregationError("the run asks for secure aggregation, but this train request carries none")
 
     # Model: the cached base model with the global adapter put in.
     cached = cached_model(config, config.data.labels)
@@ -76,6 +84,9 @@ def train(msg: Message, context: Context) -> Message:
     # Train (with the factors the strategy keeps frozen, e.g. LoRA A under ffa).
     frozen_factors = get_strategy(config.strategy).frozen_factors
     seed = config.run.seed * 1_000_003 + server_round * 7919 + context.node_id % 1_000_003
+    if masking is not None:
+        # A seed the coordinator knows would let it train twice alike and difference two sums (without DP).
+        seed = secrets.randbits(62)
     if not config.privacy.enabled:  # the policy allowed it: allow-no-dp and no limit
         with frozen(cached.model, frozen_factors):
             result = train_locally(cached.model, site.train, config, None, cached.tokenizer.pad_token_id, seed)
@@ -112,9 +123,9 @@ def train(msg: Message, context: Context) -> Message:
     # and whitelisted scalars only.
     trained = trained_part(adapter_of(cached.model), frozen_factors)
     metrics = metric_record(values, TRAIN_METRICS)
-    if records.RECORD in msg.content.config_records:
+    if masking is not None:
         weight = max(1, min(int(values["num-examples"]), records.MAX_WEIGHT))
-        content = secure_masking.masked_update(msg, context, trained, sent, weight)
+        content = secure_masking.masked_update(masking, context, trained, sent, weight)
         content["metrics"] = metrics
     else:
         content = RecordDict({"arrays": to_record(trained), "metrics": metrics})

@@ -28,14 +28,22 @@ of every site's largest weighted, quantized value cannot wrap. The masks come fr
 cryptographic PRG (the ChaCha20 keystream), so a single masked vector is uniform.
 
 Before revealing, the survivors run the consistency round of the malicious-server
-protocol: each signs the survivor set it was told, and reveals only when at least
-`threshold` survivors signed that same set. A coordinator that names a site as a
-survivor to some sites and as dropped to others (to get both its seed and its mask key)
-would need `threshold` signatures on each of two sets; with `threshold` above half the
-roster (accept_roster requires it) honest sites cannot give it both.
+protocol: each signs the survivor set it was told, together with the view it rests on
+(roster, threshold, the sites whose masks are in the inputs), and reveals only when at
+least `threshold` survivors signed that same statement. A coordinator that names a site
+as a survivor to some sites and as dropped to others (to get both its seed and its mask
+key) needs `threshold` signatures on each of two statements. Each honest site signs
+one, and a colluding site signs both, so with c colluders that takes 2 * threshold <=
+n + c: the protocol holds against c <= 2 * threshold - n - 1 colluding sites (n the
+roster). `threshold` must exceed half the roster (accept_roster), so it always holds
+without collusion; a larger threshold buys collusion tolerance at the price of dropout
+tolerance (n - threshold sites may drop).
+
+Each step runs once per aggregation, in order (`MaskingSite.step`): a site never masks
+two inputs with the same secrets, and masks only with at least `threshold` others.
 
 Assumed, not enforced here: the coordinator relays every message (it can drop any,
-which at worst fails the round), and at most threshold - 1 sites collude with it.
+which at worst fails the round), and at most 2 * threshold - n - 1 sites collude with it.
 """
 
 from __future__ import annotations
@@ -46,7 +54,7 @@ import struct
 from dataclasses import dataclass, field
 
 import numpy as np
-from cryptography.exceptions import InvalidSignature, InvalidTag
+from cryptography.exceptions import InvalidSignature, InvalidTag, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
@@ -89,7 +97,7 @@ class QuantizationSpec:
         return max(8, math.ceil(math.log2(2 * self.sites * self.max_weight * self.levels + 1)))
 
     def check(self) -> None:
-        if self.clip <= 0 or self.levels < 1 or self.sites < 1 or self.max_weight < 1:
+        if not (math.isfinite(self.clip) and self.clip > 0) or self.levels < 1 or self.sites < 1 or self.max_weight < 1:
             raise SecureAggregationError(f"quantization needs clip > 0 and levels, sites, max_weight >= 1 (got {self})")
         if self.modulus_bits > 62:
             raise SecureAggregationError(f"{self.sites} sites x weight {self.max_weight} x {self.levels} levels "
@@ -153,6 +161,16 @@ class MaskingSite:
     sharers: frozenset[int] = frozenset()  # the sites that shared keys (whose masks are in this input)
     own_seed_share: bytes = b""  # this site's own Shamir share of its self-mask seed
     signed_survivors: frozenset[int] | None = None  # the one survivor set this site signed
+    threshold: int = 0  # agreed with the roster
+    # Each step once, in order: a second masked input from the same secrets would give
+    # the coordinator the difference of two of this site's inputs, with no reveal at all.
+    step: str = "advertised"
+
+
+def _advance(state: MaskingSite, expected: str, after: str) -> None:
+    if state.step != expected:
+        raise SecureAggregationError(f"a {after} step after '{state.step}': each step runs once, in order")
+    state.step = after
 
 
 def _raw(public: X25519PublicKey) -> bytes:
@@ -189,7 +207,7 @@ def signed_by_trusted(keys: AdvertisedKeys, context: bytes, trusted: set[bytes])
             return False
         public.verify(keys.signature, key_statement(context, keys.site, keys.node_public, keys.cipher_public,
                                                     keys.mask_public), ec.ECDSA(hashes.SHA384()))
-    except (InvalidSignature, ValueError):
+    except (InvalidSignature, UnsupportedAlgorithm, ValueError, TypeError):
         return False
     return True
 
@@ -212,6 +230,7 @@ def accept_roster(state: MaskingSite, roster: list[AdvertisedKeys], trusted: set
     """Step 1 at a site: every key the coordinator relays must be signed by a node key
     the site trusts, no site or node key may appear twice, and the site's own keys must
     be in it unchanged."""
+    _advance(state, "advertised", "roster")
     by_site = {k.site: k for k in roster}
     if len(by_site) != len(roster) or len({k.node_public for k in roster}) != len(roster):
         raise ForgedKeyError("the roster names a site or a node key twice")
@@ -222,12 +241,15 @@ def accept_roster(state: MaskingSite, roster: list[AdvertisedKeys], trusted: set
     if own is None or (own.cipher_public, own.mask_public) != (_raw(state.cipher_private.public_key()),
                                                                 _raw(state.mask_private.public_key())):
         raise ForgedKeyError("the roster does not hold this site's own keys")
+    if threshold < 2:
+        raise SecureAggregationError(f"threshold {threshold}: below 2 a single site's input could be unmasked alone")
     if len(roster) < threshold:
         raise SecureAggregationError(f"{len(roster)} sites in the roster, fewer than the threshold {threshold}")
     if 2 * threshold <= len(roster):
         raise SecureAggregationError(f"threshold {threshold} of {len(roster)} sites: it must exceed half the roster, "
                                      "or a coordinator could split the sites over two survivor sets")
     state.roster = by_site
+    state.threshold = threshold
 
 
 def _agreed(private: X25519PrivateKey, public: bytes, purpose: bytes, context: bytes, u: int, v: int) -> bytes:
@@ -245,9 +267,12 @@ def share_index(roster: dict[int, AdvertisedKeys], site: int) -> int:
 # --- Shares ------------------------------------------------------------------------------
 
 
-def share_keys(state: MaskingSite, threshold: int) -> dict[int, bytes]:
+def share_keys(state: MaskingSite) -> dict[int, bytes]:
     """Step 2 at a site: for every other site, its shares of this site's self-mask seed
-    and mask private key, encrypted to it (nonce || AES-GCM ciphertext)."""
+    and mask private key, encrypted to it (nonce || AES-GCM ciphertext), rebuilt by
+    the threshold agreed with the roster."""
+    _advance(state, "roster", "shared")
+    threshold = state.threshold
     mask_private = state.mask_private.private_bytes_raw()
     seed_shares = dict(shamir.split(state.self_seed, len(state.roster), threshold))
     key_shares = dict(shamir.split(mask_private, len(state.roster), threshold))
@@ -293,6 +318,11 @@ def masked_input(state: MaskingSite, quantized: np.ndarray, sharers: set[int], b
     with every other site that shared keys (`sharers`, from the coordinator)."""
     if state.site not in sharers or not sharers <= set(state.roster):
         raise SecureAggregationError("the sites named as having shared keys are not in the roster")
+    if len(sharers) < state.threshold:
+        # Fewer pairwise masks than the threshold: the coordinator could rebuild this
+        # site's self-mask from the others' shares and read its input.
+        raise SecureAggregationError(f"{len(sharers)} sites named as having shared keys, fewer than the threshold {state.threshold}")
+    _advance(state, "shared", "masked")
     state.sharers = frozenset(sharers)
     length = quantized.shape[0]
     y = quantized.astype(np.uint64) + prg(state.self_seed, length, bits)
@@ -305,9 +335,15 @@ def masked_input(state: MaskingSite, quantized: np.ndarray, sharers: set[int], b
 # --- Unmasking ----------------------------------------------------------------------------
 
 
-def survivors_statement(context: bytes, survivors: set[int]) -> bytes:
-    return b"fedlora secure aggregation survivors/1\n" + struct.pack(">Q", len(context)) + context + \
-        b"".join(struct.pack(">Q", s) for s in sorted(survivors))
+def survivors_statement(state: MaskingSite, survivors: set[int] | frozenset[int]) -> bytes:
+    """What survivors sign: the survivor set and the view it rests on (the roster, the
+    threshold and the sites whose masks are in the inputs), so that signatures from
+    sites told a different view do not count."""
+    def ids(values) -> bytes:
+        return struct.pack(">Q", len(values)) + b"".join(struct.pack(">Q", v) for v in sorted(values))
+
+    return (b"fedlora secure aggregation survivors/2\n" + struct.pack(">Q", len(state.context)) + state.context
+            + struct.pack(">Q", state.threshold) + ids(state.roster) + ids(state.sharers) + ids(survivors))
 
 
 def sign_survivors(state: MaskingSite, survivors: set[int], node_key: ec.EllipticCurvePrivateKey) -> bytes:
@@ -317,31 +353,34 @@ def sign_survivors(state: MaskingSite, survivors: set[int], node_key: ec.Ellipti
         raise SecureAggregationError("the coordinator named a second, different survivor set")
     if state.site not in survivors or not survivors <= state.sharers:
         raise SecureAggregationError("the survivors named are not sites that shared keys")
+    if state.signed_survivors is None:
+        _advance(state, "masked", "signed")
     state.signed_survivors = frozenset(survivors)
-    return node_key.sign(survivors_statement(state.context, survivors), ec.ECDSA(hashes.SHA384()))
+    return node_key.sign(survivors_statement(state, survivors), ec.ECDSA(hashes.SHA384()))
 
 
 def _confirmed_by(state: MaskingSite, survivors: set[int], signatures: dict[int, bytes]) -> set[int]:
-    statement, confirmed = survivors_statement(state.context, survivors), set()
+    statement, confirmed = survivors_statement(state, survivors), set()
     for u, signature in signatures.items():
         if u not in survivors:
             continue
         try:
             public = load_der_public_key(state.roster[u].node_public)
             public.verify(signature, statement, ec.ECDSA(hashes.SHA384()))  # type: ignore[union-attr]
-        except (InvalidSignature, ValueError, TypeError):
+        except (InvalidSignature, UnsupportedAlgorithm, ValueError, TypeError):
             continue
         confirmed.add(u)
     return confirmed
 
 
-def reveal(state: MaskingSite, received: dict[int, bytes], survivors: set[int], threshold: int,
+def reveal(state: MaskingSite, received: dict[int, bytes], survivors: set[int],
            signatures: dict[int, bytes]) -> dict[int, tuple[str, int, bytes]]:
     """Step 4 at a site: for each site that shared keys, one share: of its self-mask seed
     if it survived, of its mask private key if it dropped. `received`: the encrypted
     shares the other sites sent this site in step 2; `signatures`: the survivors'
     signatures of the survivor set (the consistency round), at least `threshold` of
     them on the very set this site signed."""
+    threshold = state.threshold
     if state.signed_survivors != frozenset(survivors):
         raise SecureAggregationError("this site did not sign this survivor set")
     if len(survivors) < threshold:
@@ -349,6 +388,7 @@ def reveal(state: MaskingSite, received: dict[int, bytes], survivors: set[int], 
     if len(confirmed := _confirmed_by(state, survivors, signatures)) < threshold:
         raise SecureAggregationError(f"only {len(confirmed)} survivors signed this survivor set, fewer than the "
                                      f"threshold {threshold}: nothing is revealed")
+    _advance(state, "signed", "revealed")
     out = {}
     for v in sorted(state.sharers - {state.site}):
         if v not in received:
@@ -377,11 +417,15 @@ def unmask(roster: list[AdvertisedKeys], masked: dict[int, np.ndarray], revealed
                   for kind, x, share in [reveals[v]] if kind == (SELF_SEED if v in survivors else MASK_KEY)]
         if len(shares) < threshold:
             raise SecureAggregationError(f"{len(shares)} shares for site {v}, fewer than the threshold {threshold}")
-        secret = shamir.combine(shares[:threshold])
+        try:
+            secret = shamir.combine(shares[:threshold])
+            private = None if v in survivors else X25519PrivateKey.from_private_bytes(secret)
+        except ValueError as exc:  # a bad share (a duplicate x, a value off the field)
+            raise SecureAggregationError(f"the shares revealed for site {v} do not rebuild its secret: {exc}") from None
         if v in survivors:  # its self-mask
             total = total - prg(secret, length, bits)
         else:  # the pairwise masks the survivors added with it
-            private = X25519PrivateKey.from_private_bytes(secret)
+            assert private is not None
             for u in sorted(survivors):
                 mask = prg(pairwise_seed(private, by_site[u].mask_public, context, v, u), length, bits)
                 total = total - mask if u < v else total + mask

@@ -149,7 +149,7 @@ def secure_train(grid: Grid, envelope: Envelope, sent: dict[int, Adapter], froze
 
     # 3. Train: each site's weighted change, quantized and masked.
     spec = sa.QuantizationSpec(config.federation.secure_aggregation_clip, records.LEVELS, len(sharers), records.MAX_WEIGHT)
-    shared = {"sharers": records.pack_ids(sharers), **records.spec_record(spec)}
+    shared = {"nonce": nonce, "sharers": records.pack_ids(sharers), **records.spec_record(spec)}
     arrays: dict[int, ArrayRecord] = {}
     contents = {}
     for v in sorted(sharers):
@@ -194,7 +194,7 @@ def secure_train(grid: Grid, envelope: Envelope, sent: dict[int, Adapter], froze
             _malformed(out.replies, m.metadata.src_node_id, server_round, exc)
     try:
         total = sa.unmask(roster, masked, revealed, sharers, threshold, spec.modulus_bits, context)
-    except sa.SecureAggregationError as exc:
+    except (sa.SecureAggregationError, ValueError) as exc:  # ValueError: a key a site chose badly (X25519)
         out.survivors = {}
         return fail(masked, UNMASK_FAILED, str(exc))
     out.weight = int(total[-1])

@@ -180,12 +180,17 @@ def test_every_policy_key_survives_flowers_node_config_parser(site):
     site.max_delta, site.privacy_unit, site.allow_no_dp = 1e-6, "user", True
     site.max_evaluations, site.calibrate_to_limit, site.lora_rank = 3, False, 4
     site.data_path.write_text(json.dumps({"note text": "a", "dept=label": "b", "patient id": "u"}) + "\n")
+    from fedlora.client.site_keys import create_site_key
+
+    site.key, public = create_site_key(site.state_dir.parent / "keys", "site 0")
+    site.peer_keys, site.require_secure_aggregation = public, True
     validate_site(site)
     expected = {
         "data-path": str(site.data_path), "model-path": site.model_path, "state-dir": str(site.state_dir),
         "max-epsilon": 8.0, "max-delta": 1e-6, "privacy-unit": "user", "user-column": "patient id",
         "allow-no-dp": True, "text-column": "note text", "label-column": "dept=label", "prompt-column": "it's",
         "response-column": "réponse", "max-evaluations": 3, "calibrate-to-limit": False, "lora-rank": 4,
+        "require-secure-aggregation": True, "peer-keys": str(public), "node-key": str(site.key),
     }
     parsed = parse_config_args([site.node_config()])
     assert parsed == expected
@@ -198,7 +203,7 @@ def test_every_policy_key_survives_flowers_node_config_parser(site):
     assert {k: parsed[k] for k in plain.policy()} == {
         "max-delta": 1e-5, "privacy-unit": "example", "user-column": "user_id", "allow-no-dp": False,
         "text-column": "text", "label-column": "label", "prompt-column": "prompt", "response-column": "response",
-        "max-evaluations": 0, "calibrate-to-limit": True}
+        "max-evaluations": 0, "calibrate-to-limit": True, "require-secure-aggregation": False}
 
 
 @pytest.mark.parametrize("change, message", [

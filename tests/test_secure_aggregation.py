@@ -37,13 +37,13 @@ def run_aggregation(inputs: dict[int, np.ndarray], threshold: int, bits: int, dr
     assert excluded == []
     for state in states.values():
         accept_roster(state, roster, trusted, threshold)
-    sent = {u: share_keys(state, threshold) for u, state in states.items()}
+    sent = {u: share_keys(state) for u, state in states.items()}
     sharers = set(sent)
     inbox = {v: {u: blobs[v] for u, blobs in sent.items() if v in blobs} for v in states}
     masked = {u: masked_input(states[u], inputs[u], sharers, bits) for u in states if u not in drop_after_sharing}
     survivors = set(masked)
     signatures = {u: sign_survivors(states[u], survivors, private[u]) for u in survivors}
-    revealed = {u: reveal(states[u], inbox[u], survivors, threshold, signatures) for u in survivors}
+    revealed = {u: reveal(states[u], inbox[u], survivors, signatures) for u in survivors}
     return unmask(roster, masked, revealed, sharers, threshold, bits, CONTEXT), masked
 
 
@@ -153,14 +153,14 @@ def test_altered_shares_are_refused():
         advertised.append(keys)
     for state in states.values():
         accept_roster(state, advertised, trusted, threshold=2)
-    blobs = {u: share_keys(states[u], 2) for u in states}
+    blobs = {u: share_keys(states[u]) for u in states}
     for u in states:
         masked_input(states[u], np.zeros(4, dtype=np.uint64), {1, 2, 3}, 16)
     signatures = {u: sign_survivors(states[u], {1, 2, 3}, private[u]) for u in states}
     tampered = bytearray(blobs[2][1])
     tampered[-1] ^= 1
     with pytest.raises(SecureAggregationError, match="do not decrypt"):
-        reveal(states[1], {2: bytes(tampered), 3: blobs[3][1]}, {1, 2, 3}, 2, signatures)
+        reveal(states[1], {2: bytes(tampered), 3: blobs[3][1]}, {1, 2, 3}, signatures)
 
 
 def test_the_modulus_holds_the_largest_sum():
@@ -189,7 +189,7 @@ def test_a_coordinator_naming_two_survivor_sets_gets_no_shares():
         advertised.append(keys)
     for state in states.values():
         accept_roster(state, advertised, trusted, threshold=3)
-    sent = {u: share_keys(states[u], 3) for u in states}
+    sent = {u: share_keys(states[u]) for u in states}
     inbox = {v: {u: blobs[v] for u, blobs in sent.items() if v in blobs} for v in states}
     for u in states:
         masked_input(states[u], np.zeros(8, dtype=np.uint64), {1, 2, 3, 4, 5}, 16)
@@ -197,14 +197,90 @@ def test_a_coordinator_naming_two_survivor_sets_gets_no_shares():
     signatures = {u: sign_survivors(states[u], told[u], private[u]) for u in (1, 2, 3, 4)}  # site 5 "is" dropped to 1, 2
     for u in (1, 2):
         with pytest.raises(SecureAggregationError, match="only 2 survivors signed"):
-            reveal(states[u], inbox[u], told[u], 3, {v: signatures[v] for v in (1, 2)})
+            reveal(states[u], inbox[u], told[u], {v: signatures[v] for v in (1, 2)})
         with pytest.raises(SecureAggregationError, match="only 2 survivors signed"):  # the other set's signatures do not count
-            reveal(states[u], inbox[u], told[u], 3, signatures)
+            reveal(states[u], inbox[u], told[u], signatures)
     for u in (3, 4):
         with pytest.raises(SecureAggregationError, match="only 2 survivors signed"):
-            reveal(states[u], inbox[u], told[u], 3, {v: signatures[v] for v in (3, 4)})
+            reveal(states[u], inbox[u], told[u], {v: signatures[v] for v in (3, 4)})
     with pytest.raises(SecureAggregationError, match="second, different survivor set"):
         sign_survivors(states[1], {1, 2, 3, 4, 5}, private[1])  # a site signs one set only
     fresh, keys = advertise(1, CONTEXT, private[1])
     with pytest.raises(SecureAggregationError, match="must exceed half"):  # 2 of 5: two sets of 2 signatures each
         accept_roster(fresh, [keys, *advertised[1:]], trusted, threshold=2)
+
+
+def started(sites: list[int], threshold: int):
+    """Sites that advertised keys and accepted the roster: (states, private keys, roster, trusted)."""
+    private, trusted = node_keys(sites)
+    states, advertised = {}, []
+    for s in sites:
+        states[s], keys = advertise(s, CONTEXT, private[s])
+        advertised.append(keys)
+    for state in states.values():
+        accept_roster(state, advertised, trusted, threshold)
+    return states, private, advertised, trusted
+
+
+def test_a_site_masks_only_with_at_least_threshold_sharers():
+    """A coordinator telling a site that nobody else shared keys would get its input
+    masked by its self-mask alone, which the others' shares rebuild."""
+    states, _, _, _ = started([1, 2, 3], threshold=2)
+    share_keys(states[1])
+    with pytest.raises(SecureAggregationError, match="fewer than the threshold"):
+        masked_input(states[1], np.zeros(4, dtype=np.uint64), {1}, 16)
+
+
+def test_a_threshold_below_two_is_refused():
+    private, trusted = node_keys([1])
+    state, keys = advertise(1, CONTEXT, private[1])
+    with pytest.raises(SecureAggregationError, match="below 2"):
+        accept_roster(state, [keys], trusted, threshold=1)
+
+
+def test_each_step_runs_once_and_in_order():
+    """Two masked inputs from the same secrets would differ by the site's input alone."""
+    states, _, advertised, trusted = started([1, 2, 3], threshold=2)
+    with pytest.raises(SecureAggregationError, match="each step runs once"):
+        accept_roster(states[1], advertised, trusted, 2)  # a second roster (another threshold, other sites)
+    with pytest.raises(SecureAggregationError, match="each step runs once"):
+        masked_input(states[1], np.zeros(4, dtype=np.uint64), {1, 2, 3}, 16)  # masking before sharing
+    share_keys(states[1])
+    with pytest.raises(SecureAggregationError, match="each step runs once"):
+        share_keys(states[1])
+    masked_input(states[1], np.zeros(4, dtype=np.uint64), {1, 2, 3}, 16)
+    with pytest.raises(SecureAggregationError, match="each step runs once"):
+        masked_input(states[1], np.ones(4, dtype=np.uint64), {1, 2, 3}, 16)
+
+
+def test_signatures_over_another_view_do_not_count():
+    """Sites told different sharer sets sign different statements: a coordinator cannot
+    gather threshold signatures by showing each site a view of its choosing."""
+    states, private, _, _ = started([1, 2, 3], threshold=2)
+    sent = {u: share_keys(states[u]) for u in states}
+    inbox = {v: {u: blobs[v] for u, blobs in sent.items() if v in blobs} for v in states}
+    masked_input(states[1], np.zeros(4, dtype=np.uint64), {1, 2}, 16)  # site 1 is told only 1 and 2 shared
+    for u in (2, 3):
+        masked_input(states[u], np.zeros(4, dtype=np.uint64), {1, 2, 3}, 16)
+    signatures = {1: sign_survivors(states[1], {1, 2}, private[1]), 2: sign_survivors(states[2], {1, 2}, private[2])}
+    with pytest.raises(SecureAggregationError, match="only 1 survivors signed"):
+        reveal(states[2], inbox[2], {1, 2}, signatures)
+
+
+def test_a_bad_revealed_share_fails_the_unmasking_not_the_coordinator():
+    inputs = {s: np.arange(4, dtype=np.uint64) for s in (1, 2, 3)}
+    private, trusted = node_keys([1, 2, 3])
+    states, advertised = {}, []
+    for s in inputs:
+        states[s], keys = advertise(s, CONTEXT, private[s])
+        advertised.append(keys)
+    for state in states.values():
+        accept_roster(state, advertised, trusted, 2)
+    sent = {u: share_keys(states[u]) for u in states}
+    inbox = {v: {u: blobs[v] for u, blobs in sent.items() if v in blobs} for v in states}
+    masked = {u: masked_input(states[u], inputs[u], {1, 2, 3}, 16) for u in states}
+    signatures = {u: sign_survivors(states[u], {1, 2, 3}, private[u]) for u in states}
+    revealed = {u: reveal(states[u], inbox[u], {1, 2, 3}, signatures) for u in (1, 2)}
+    revealed[2][3] = (revealed[2][3][0], revealed[1][3][1], revealed[1][3][2])  # a duplicate x
+    with pytest.raises(SecureAggregationError, match="do not rebuild"):
+        unmask(advertised, masked, revealed, {1, 2, 3}, 2, 16, CONTEXT)

@@ -225,3 +225,52 @@ def test_fedlora_simulate_with_secure_aggregation(tmp_path):
     values = sum(t.numel() for t in load_file(str(out / "adapter" / "adapter_model.safetensors")).values())
     per_site = rows[1]["bytes_up"] / 3
     assert 8 * (values + 1) <= per_site <= 8 * (values + 1) + 256, (per_site, values)
+
+
+def test_a_bad_masking_request_is_refused_before_the_site_reads_data_or_spends_budget(federation):
+    """The coordinator tells site 0 that it alone shared keys (its input would then be
+    masked by its self-mask only), and asks site 1 to mask a second time: both refuse,
+    and site 0 spends no epsilon."""
+    from fedlora.privacy.site_ledger import SiteLedger
+
+    config, nodes, global_adapter = federation
+    target = NODES[0]
+    train_messages: dict[int, Message] = {}
+
+    def lone_sharer(msg: Message) -> None:
+        if msg.metadata.message_type == MessageType.TRAIN:
+            train_messages[msg.metadata.dst_node_id] = msg
+            if msg.metadata.dst_node_id == target:
+                record = dict(msg.content[records.RECORD])
+                record.update({"sharers": records.pack_ids([target]), "shares-from": b"", "shares": [], "sites": 1})
+                msg.content[records.RECORD] = ConfigRecord(record)
+
+    grid, result = attempt(config, nodes, global_adapter, tamper=lone_sharer)
+    assert result.replies.status[target] == "error: secure aggregation"
+    assert not any(r.mechanisms for r in SiteLedger.load(nodes[target]["state-dir"]).runs)
+    assert set(result.survivors) == set(NODES[1:]) and result.mean is not None  # the others' round goes on
+
+    # A second masked input from the same secrets would hand over the difference of two inputs.
+    site = NODES[1]
+    again = Message(RecordDict({k: v for k, v in train_messages[site].content.items()}), dst_node_id=site,
+                    message_type=MessageType.TRAIN, group_id="1")
+    again.metadata.__dict__["_message_id"] = "again"
+    reply = site_app(again, grid.contexts[site])
+    assert reply.has_error() and reply.error.reason == "secure aggregation"
+
+
+def test_a_site_that_requires_secure_aggregation_declines_runs_without_it(federation):
+    config, nodes, global_adapter = federation
+    plain = load_config(None, {**{k: v for k, v in config.to_flat().items()}, "federation.secure_aggregation": False})
+    for node_config in nodes.values():
+        node_config["require-secure-aggregation"] = True
+    grid = InProcessGrid(nodes)
+    from fedlora.server.message_exchange import exchange
+
+    replies = exchange(grid, {n: Envelope(plain, "").content(1) for n in NODES}, MessageType.QUERY, 1, 5.0,
+                       Progress(1, io.StringIO()), "rank query")
+    assert len(replies.ok) == len(NODES)
+    assert all("policy.require-secure-aggregation" in m.content["metrics"] for m in replies.ok)
+    # The same sites take part when the run asks for it.
+    _, result = attempt(config, nodes, global_adapter)
+    assert set(result.survivors) == set(NODES)

@@ -72,6 +72,8 @@ def add_deployment_commands(commands: argparse._SubParsersAction) -> None:
     s.add_argument("--peer-keys", type=Path, metavar="FILE",
                    help="take part in secure aggregation: the public keys (.pub lines) of the consortium's sites, this "
                         "one's included, exchanged among the sites (not through the coordinator); the site signs with --key")
+    s.add_argument("--require-secure-aggregation", action="store_true",
+                   help="decline every run that does not use secure aggregation (needs --peer-keys)")
     s.add_argument("--lora-rank", type=int, metavar="R", help="this site's LoRA rank (needs strategy.name = 'exact' if it differs)")
     s.add_argument("--port", type=int, default=9094, help="this SuperNode's local API port (one per SuperNode on a machine)")
     s.add_argument("--insecure", action="store_true", help="no TLS (a local trial only)")
@@ -171,6 +173,7 @@ def run_client_cmd(args: argparse.Namespace) -> int:
         max_evaluations=args.max_evaluations, calibrate_to_limit=not args.no_calibrate_to_limit,
         allow_app=args.allow_app, allow_apps_file=args.allow_apps and args.allow_apps.expanduser().resolve(),
         peer_keys=args.peer_keys and args.peer_keys.expanduser().resolve(),
+        require_secure_aggregation=args.require_secure_aggregation,
     ))
 
 
