@@ -6,7 +6,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from fedlora.privacy.accounting import epsilon_of
+from fedlora.privacy.epsilon_cache import EpsilonCache
 from fedlora.privacy.site_audit import AUDIT_FILE, AuditError, read_audit
 from fedlora.privacy.site_ledger import LEDGER_FILE, LedgerError, SiteLedger
 
@@ -34,13 +34,16 @@ def audit_summary(state_dir: Path) -> list[dict[str, Any]]:
     return list(runs.values())
 
 
-def ledger_summary(state_dir: str | Path) -> dict[str, Any]:
+def ledger_summary(state_dir: str | Path, recompute: bool = False) -> dict[str, Any]:
     """Per run: accountant, delta, epsilon, history [[noise_multiplier, sample_rate, steps], ...],
-    the rounds trained and declined; and the site's total over all runs against its limit."""
+    the rounds trained and declined; and the site's total over all runs against its limit.
+    Epsilons come from the ledger's cache of exactly these computations
+    (privacy/epsilon_cache.py) unless `recompute`."""
     state_dir = Path(state_dir)
     if not (state_dir / LEDGER_FILE).is_file() and not (state_dir / AUDIT_FILE).is_file():
         raise LedgerError(f"{state_dir}: no privacy ledger here ({LEDGER_FILE} not found)")
     ledger = SiteLedger.load(state_dir)
+    epsilons = EpsilonCache(state_dir, use_file=not recompute)
     runs, before = [], []  # `before`: the mechanisms of the runs already listed
     latest = ledger.runs[-1] if ledger.runs else None
     for r in ledger.runs:
@@ -49,18 +52,20 @@ def ledger_summary(state_dir: str | Path) -> dict[str, Any]:
             rounds.append({
                 "round": m.round, "kind": m.kind, "time": m.time, "unit": m.unit, "noise_multiplier": m.noise_multiplier,
                 "sample_rate": m.sample_rate, "steps": m.steps,
-                "run_epsilon_after": epsilon_of(r.history[: i + 1], r.delta, r.accountant),
+                "run_epsilon_after": epsilons.epsilon(r.history[: i + 1], r.delta, r.accountant),
                 # What the budget guard counts: every run so far, at the ledger's smallest delta.
-                "epsilon_after": epsilon_of(before + r.history[: i + 1], ledger.guard_delta(latest.delta), latest.accountant),
+                "epsilon_after": epsilons.epsilon(before + r.history[: i + 1], ledger.guard_delta(latest.delta), latest.accountant),
             })
         before = before + r.history
         runs.append({
-            "run": r.run, "accountant": r.accountant, "delta": r.delta, "epsilon": r.epsilon,
+            "run": r.run, "accountant": r.accountant, "delta": r.delta,
+            "epsilon": epsilons.epsilon(r.history, r.delta, r.accountant),
             "history": [list(h) for h in r.history], "rounds": rounds,
             "declined": [vars(d) for d in r.declined],
         })
     # The total composes every run, with the latest run's accountant at the ledger's smallest delta.
-    total = ledger.epsilon(latest.delta, latest.accountant) if latest else 0.0
+    total = epsilons.epsilon(ledger.history(), ledger.guard_delta(latest.delta), latest.accountant) if latest else 0.0
+    epsilons.save()
     limit = None if math.isinf(ledger.max_epsilon) else ledger.max_epsilon
     return {
         "state_dir": str(state_dir.resolve()),

@@ -159,9 +159,25 @@ class SiteLedger:
             section = next((r for r in self.runs if r.run == run), None) or self.run(run, accountant, delta)
             section.declined.append(entry)
         else:
-            self.run(run, accountant, delta).mechanisms.append(entry)
+            section = self.run(run, accountant, delta)
+            section.mechanisms.append(entry)
         self.max_epsilon = limit
         self.save()
+        if isinstance(entry, Mechanism):
+            self.warm_report(section)
+
+    def warm_report(self, section: RunLedger) -> None:
+        """The report's epsilons for the entry just recorded to `section` (its run's, the
+        site's after it, the site's total), kept beside the ledger so that `fedlora
+        privacy` needs no accountant (privacy/epsilon_cache.py)."""
+        from fedlora.privacy.epsilon_cache import EpsilonCache
+
+        cache, latest = EpsilonCache(self.path.parent), self.runs[-1]
+        before = [h for r in self.runs[: self.runs.index(section)] for h in r.history]
+        cache.epsilon(section.history, section.delta, section.accountant)
+        cache.epsilon(before + section.history, self.guard_delta(latest.delta), latest.accountant)
+        cache.epsilon(self.history(), self.guard_delta(latest.delta), latest.accountant)
+        cache.save()
 
     def history(self) -> History:
         """Every mechanism of every run, in order: they all touched this site's data."""

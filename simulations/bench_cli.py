@@ -21,7 +21,19 @@ COMMANDS = [
     ["sites", "--coordinator-dir", "no-coordinator-here"],
     ["register-site", "keys/site-a.pub", "--coordinator-dir", "no-coordinator-here"],
     ["sample-data", "--out", "data", "--sites", "3", "--notes", "1200"],
+    ["privacy", "ledger"],  # a site's ledger of 5 rounds (training and evaluation), as the site recorded it
+    ["privacy", "ledger", "--recompute"],  # the same, every epsilon recomputed (what `privacy` did before)
 ]
+
+
+def recorded_ledger(state_dir: Path, rounds: int = 5) -> None:
+    """A ledger as a site records it: per round a DP-SGD entry and an evaluation entry."""
+    from fedlora.privacy.site_ledger import Mechanism, open_ledger
+
+    with open_ledger(state_dir) as ledger:
+        for r in range(1, rounds + 1):
+            ledger.record("runs/bench", "prv", 1e-5, Mechanism(r, 1.1, 0.05, 4), 10.0)
+            ledger.record("runs/bench", "prv", 1e-5, Mechanism(r, 3.0, 1.0, 3, kind="evaluation"), 10.0)
 
 
 def main() -> None:
@@ -31,6 +43,7 @@ def main() -> None:
     fedlora = shutil.which("fedlora") or "fedlora"
     print(f"{'command':<76} {'median s':>9} {'exit':>5}")
     with tempfile.TemporaryDirectory() as work:
+        recorded_ledger(Path(work) / "ledger")
         for command in COMMANDS:
             times, code = [], None
             for _ in range(args.repeats):

@@ -57,6 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     priv.add_argument("state_dir", metavar="STATE_DIR", help="the site's state directory")
     priv.add_argument("--json", action="store_true",
                       help="print one JSON object: per run accountant, delta, epsilon, history [[noise_multiplier, sample_rate, steps], ...]")
+    priv.add_argument("--recompute", action="store_true",
+                      help="recompute every epsilon with the accountant (seconds), ignoring the figures the site kept "
+                           "beside its ledger when it recorded each entry")
     report = commands.add_parser(
         "report", help="write RUN_DIR/report.html: plots of a run's rounds, privacy and participation",
         description="Write RUN_DIR/report.html, one self-contained page (inline SVG plots, no external URL) with "
@@ -153,14 +156,14 @@ def run_privacy(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
 
-    # Said before the accountant (Opacus, and with it torch) is imported: seconds.
+    # Said at once: a missing folder needs no ledger.
     if not Path(args.state_dir).is_dir():
         raise ConfigError(f"{args.state_dir}: no privacy ledger here (no such folder; a site's state dir is its node config `state-dir`)")
     from fedlora.privacy.ledger_report import ledger_summary, ledger_table
     from fedlora.privacy.site_ledger import LedgerError
 
     try:
-        summary = ledger_summary(args.state_dir)
+        summary = ledger_summary(args.state_dir, recompute=args.recompute)
     except LedgerError as exc:
         raise ConfigError(str(exc)) from None
     print(json.dumps(summary, indent=1) if args.json else ledger_table(summary))
