@@ -83,11 +83,8 @@ def check_masking_request(msg: Message, context: Context, run: str, server_round
         record = msg.content[records.RECORD]
         if records.aggregation_context(run, server_round, _nonce(msg)) != state.context:
             raise sa.SecureAggregationError("the train request is not for this site's aggregation in progress")
-        if state.step != "shared":
-            raise sa.SecureAggregationError(f"a masked input after '{state.step}': each step runs once, in order")
         sharers = set(records.unpack_ids(record["sharers"]))
-        if state.site not in sharers or not sharers <= set(state.roster) or len(sharers) < state.threshold:
-            raise sa.SecureAggregationError("the sharers named are not at least `threshold` sites of the roster")
+        sa.check_can_mask(state, sharers)
         senders, blobs = records.unpack_ids(record["shares-from"]), list(record["shares"])
         if len(senders) != len(blobs) or not set(senders) <= sharers - {state.site}:
             raise sa.SecureAggregationError("the relayed shares do not come from the sharers")

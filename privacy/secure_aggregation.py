@@ -313,15 +313,23 @@ def pairwise_seed(private: X25519PrivateKey, public: bytes, context: bytes, u: i
     return _agreed(private, public, b"mask", context, u, v)
 
 
-def masked_input(state: MaskingSite, quantized: np.ndarray, sharers: set[int], bits: int) -> np.ndarray:
-    """Step 3 at a site: its quantized input plus its self-mask and the pairwise masks
-    with every other site that shared keys (`sharers`, from the coordinator)."""
+def check_can_mask(state: MaskingSite, sharers: set[int]) -> None:
+    """Step 3's checks, which a site runs before it trains too: keys were shared and no
+    input was masked yet, and the sharers are at least `threshold` sites of the roster."""
+    if state.step != "shared":
+        raise SecureAggregationError(f"a masked input after '{state.step}': each step runs once, in order")
     if state.site not in sharers or not sharers <= set(state.roster):
         raise SecureAggregationError("the sites named as having shared keys are not in the roster")
     if len(sharers) < state.threshold:
         # Fewer pairwise masks than the threshold: the coordinator could rebuild this
         # site's self-mask from the others' shares and read its input.
         raise SecureAggregationError(f"{len(sharers)} sites named as having shared keys, fewer than the threshold {state.threshold}")
+
+
+def masked_input(state: MaskingSite, quantized: np.ndarray, sharers: set[int], bits: int) -> np.ndarray:
+    """Step 3 at a site: its quantized input plus its self-mask and the pairwise masks
+    with every other site that shared keys (`sharers`, from the coordinator)."""
+    check_can_mask(state, sharers)
     _advance(state, "shared", "masked")
     state.sharers = frozenset(sharers)
     length = quantized.shape[0]
