@@ -18,10 +18,12 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from fedlora.adapter_state import adapter_keys
 from fedlora.base_model import ModelError
 from fedlora.config import Config
 from fedlora.text_data import IGNORE_INDEX, Example, collate
-from fedlora.privacy.dp_sgd import mark_empty_batch, private_optimizer
+from fedlora.privacy.distributed_dp import rounded_clipped_sum
+from fedlora.privacy.dp_sgd import check_per_example, mark_empty_batch, private_optimizer
 from fedlora.privacy.user_level import merge_rows_by_unit, unit_weights
 
 
@@ -200,3 +202,27 @@ def train_locally(
     check_trained(params, anchor, plan.steps, config.train.lr)
     mean_loss = sum(losses) / len(losses) if losses else float("nan")
     return TrainResult(mean_loss, plan.steps, time.perf_counter() - start)
+
+
+def distributed_gradient_sum(
+    model: torch.nn.Module, examples: list[Example], config: Config, sample_rate: float, levels: int, pad_id: int,
+) -> tuple[dict[str, torch.Tensor], int]:
+    """Distributed DP's part at a site (privacy/distributed_dp.py): one Poisson sample of its
+    records at `sample_rate`, each record's gradient clipped, scaled to `levels` per clipping
+    norm and rounded at random, summed as integers. Returns (the int64 sum per adapter key
+    of the trainable tensors, the batch size). No step is taken: the coordinator takes it."""
+    model.train()
+    named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    params = [p for _, p in named]
+    keys = adapter_keys(model, params)
+    rows, _ = poisson_batch(privacy_units(examples), sample_rate, 1, secret_generator())
+    if not rows:
+        return {k: torch.zeros(p.shape, dtype=torch.int64) for k, p in zip(keys, params)}, 0
+    unused = torch.optim.SGD(params, lr=0.0)  # private_optimizer wants one; it never steps
+    with private_optimizer(model, unused, 0.0, config.privacy.max_grad_norm, len(rows), impl=config.privacy.dp_impl) as (dp_model, _):
+        batch = on_device(collate([examples[i] for i in rows], pad_id), model)
+        sequence_losses(forward_logits(dp_model, batch), batch["labels"], config.model.task).mean().backward()
+        check_per_example(named, len(rows))  # one gradient row per record, or the clipping bounds nothing
+        rounded = rounded_clipped_sum([p.grad_sample for p in params], config.privacy.max_grad_norm, levels,
+                                      secret_generator(params[0].device))
+    return {k: s.cpu() for k, s in zip(keys, rounded)}, len(rows)

@@ -37,14 +37,16 @@ from fedlora.privacy import secure_aggregation_records as records
 
 if TYPE_CHECKING:  # the key steps run in a process without torch (only the train step has it)
     from fedlora.adapter_state import Adapter
+    from fedlora.config import Config
 
 STATE = "secagg"  # the context.state ConfigRecord
 CONTEXTS_FILE = "secure-aggregation-contexts"  # every aggregation context this site took part in
 
 
-def advertise_keys(msg: Message, context: Context, signing: SigningKeys, run: str, server_round: int, state_dir: Path) -> Message:
-    """Step 1: fresh keys for a context this site never used, signed by its node key."""
-    agreed = records.aggregation_context(run, server_round, _nonce(msg))
+def advertise_keys(msg: Message, context: Context, signing: SigningKeys, config: Config, server_round: int, state_dir: Path) -> Message:
+    """Step 1: fresh keys for a context this site never used, signed by its node key. The
+    context binds distributed DP's noise terms: sites told different terms cannot mask together."""
+    agreed = records.aggregation_context(config.run.output_dir, server_round, _nonce(msg), records.noise_terms(config))
     used = state_dir / CONTEXTS_FILE
     if used.exists() and agreed.hex() in used.read_text().split():
         raise sa.SecureAggregationError("the coordinator reused an aggregation context")
@@ -75,13 +77,15 @@ class MaskingRequest:
     spec: sa.QuantizationSpec
 
 
-def check_masking_request(msg: Message, context: Context, run: str, server_round: int) -> MaskingRequest:
+def check_masking_request(msg: Message, context: Context, config: Config, server_round: int) -> MaskingRequest:
     """Step 3, before any data is read: the request belongs to this site's aggregation in
-    progress (its nonce), names enough sharers from the roster, relays shares only from
-    them, and asks for fedlora's own quantization at the run's clip."""
+    progress (its nonce and noise terms), names enough sharers from the roster, relays
+    shares only from them, and asks for fedlora's own quantization at the run's clip (under
+    distributed DP: at privacy.max_grad_norm, which the sensitivities are counted in)."""
     with aggregation_step(context) as (state, _):
         record = msg.content[records.RECORD]
-        if records.aggregation_context(run, server_round, _nonce(msg)) != state.context:
+        agreed = records.aggregation_context(config.run.output_dir, server_round, _nonce(msg), records.noise_terms(config))
+        if agreed != state.context:
             raise sa.SecureAggregationError("the train request is not for this site's aggregation in progress")
         sharers = set(records.unpack_ids(record["sharers"]))
         sa.check_can_mask(state, sharers)
@@ -89,7 +93,9 @@ def check_masking_request(msg: Message, context: Context, run: str, server_round
         if len(senders) != len(blobs) or not set(senders) <= sharers - {state.site}:
             raise sa.SecureAggregationError("the relayed shares do not come from the sharers")
         spec = records.spec_from(record)
-        if (spec.levels, spec.max_weight, spec.sites) != (records.LEVELS, records.MAX_WEIGHT, len(sharers)):
+        distributed = config.privacy.mode == "distributed"
+        own = records.quantization(distributed, config.privacy.max_grad_norm if distributed else spec.clip, len(sharers))
+        if spec != own:
             raise sa.SecureAggregationError("the quantization is not fedlora's for this number of sites")
         return MaskingRequest(sharers, dict(zip(senders, blobs)), spec)
 
@@ -102,6 +108,16 @@ def masked_update(request: MaskingRequest, context: Context, trained: Adapter, s
         rng = np.random.default_rng()  # stochastic rounding: fresh randomness, nothing to reproduce
         quantized = np.concatenate([sa.quantize(change, weight, request.spec, rng), np.array([weight], dtype=np.uint64)])
         masked = sa.masked_input(state, quantized, request.sharers, request.spec.modulus_bits)
+        save(context, state, request.received)
+    return RecordDict({records.MASKED: ArrayRecord({"masked": Array(masked)})})
+
+
+def masked_noisy_sum(request: MaskingRequest, context: Context, noisy: np.ndarray, min_survivors: int) -> RecordDict:
+    """Step 3 under distributed DP: this site's noisy integer sum and record count
+    (privacy/distributed_dp.noisy_input), masked; it will reveal only to `min_survivors`."""
+    with aggregation_step(context) as (state, _):
+        masked = sa.masked_input(state, noisy, request.sharers, request.spec.modulus_bits)
+        state.min_survivors = min_survivors
         save(context, state, request.received)
     return RecordDict({records.MASKED: ArrayRecord({"masked": Array(masked)})})
 
@@ -171,6 +187,7 @@ def save(context: Context, state: sa.MaskingSite, received: dict[int, bytes]) ->
         "cipher-private": state.cipher_private.private_bytes_raw(), "mask-private": state.mask_private.private_bytes_raw(),
         "self-seed": state.self_seed, "own-seed-share": state.own_seed_share, "sharers": records.pack_ids(state.sharers),
         "received-from": records.pack_ids(list(received)), "received": list(received.values()),
+        "min-survivors": state.min_survivors,
     }
     if state.signed_survivors is not None:
         values["signed-survivors"] = records.pack_ids(state.signed_survivors)
@@ -187,6 +204,7 @@ def load(context: Context) -> tuple[sa.MaskingSite, dict[int, bytes]]:
                            X25519PrivateKey.from_private_bytes(v["mask-private"]), self_seed=v["self-seed"],
                            threshold=int(v["threshold"]), step=str(v["step"]))
     state.own_seed_share = v["own-seed-share"]
+    state.min_survivors = int(v.get("min-survivors", 0))
     state.sharers = frozenset(records.unpack_ids(v["sharers"]))
     if "signed-survivors" in v:
         state.signed_survivors = frozenset(records.unpack_ids(v["signed-survivors"]))

@@ -66,6 +66,8 @@ class SiteSettings:
     # themselves; without it the site declines secure aggregation. Signs with `key`.
     peer_keys: Path | None = None
     require_secure_aggregation: bool = False  # decline runs without it
+    allow_distributed_dp: bool = False  # take part in privacy.mode = "distributed"
+    min_distributed_tolerance: int = 1  # ... only if the run tolerates at least this many dropped or colluding sites
 
     def policy(self) -> dict[str, str | float | int | bool]:
         """The site policy as node config values (every key always present but
@@ -79,6 +81,8 @@ class SiteSettings:
             "prompt-column": self.prompt_column, "response-column": self.response_column,
             "max-evaluations": int(self.max_evaluations), "calibrate-to-limit": bool(self.calibrate_to_limit),
             "require-secure-aggregation": bool(self.require_secure_aggregation),
+            "allow-distributed-dp": bool(self.allow_distributed_dp),
+            "min-distributed-tolerance": int(self.min_distributed_tolerance),
         })
         return values
 
@@ -313,6 +317,8 @@ def validate_site(site: SiteSettings) -> None:
         _check_peer_keys(site)
     elif site.require_secure_aggregation:
         raise SiteError("--require-secure-aggregation needs --peer-keys: the site's trusted peers for secure aggregation")
+    elif site.allow_distributed_dp:
+        raise SiteError("--allow-distributed-dp needs --peer-keys: distributed DP runs under secure aggregation")
 
 
 def _check_peer_keys(site: SiteSettings) -> None:

@@ -40,6 +40,11 @@ class SitePolicy:
     calibrate_to_limit: bool = True
     # Take part only in runs whose coordinator sees no single site's update (docs/privacy.md).
     require_secure_aggregation: bool = False
+    # Distributed DP (privacy.mode = "distributed") rests on secure aggregation and on at most
+    # `tolerance` sites dropping out or colluding; a site takes part only if it allows it,
+    # and only with at least its own tolerance (docs/privacy.md).
+    allow_distributed_dp: bool = False
+    min_distributed_tolerance: int = 1
 
 
 def _flag(node_config: dict, key: str, default: bool) -> bool:
@@ -83,6 +88,8 @@ def _from_node_config(node_config: dict, base: SitePolicy) -> SitePolicy:
         max_evaluations=int(_number(node_config, "max-evaluations", base.max_evaluations, int)),
         calibrate_to_limit=_flag(node_config, "calibrate-to-limit", base.calibrate_to_limit),
         require_secure_aggregation=_flag(node_config, "require-secure-aggregation", base.require_secure_aggregation),
+        allow_distributed_dp=_flag(node_config, "allow-distributed-dp", base.allow_distributed_dp),
+        min_distributed_tolerance=int(_number(node_config, "min-distributed-tolerance", base.min_distributed_tolerance, int)),
     )
     if not policy.max_epsilon > 0:
         raise PolicyError(f"node config 'max-epsilon' must be > 0, got {node_config.get('max-epsilon')!r}")
@@ -92,6 +99,8 @@ def _from_node_config(node_config: dict, base: SitePolicy) -> SitePolicy:
         raise PolicyError(f"node config 'privacy-unit' must be example or user, got {policy.privacy_unit!r}")
     if policy.max_evaluations < 0:
         raise PolicyError(f"node config 'max-evaluations' must be >= 0 (0 = no cap), got {policy.max_evaluations!r}")
+    if policy.min_distributed_tolerance < 0:
+        raise PolicyError(f"node config 'min-distributed-tolerance' must be >= 0, got {policy.min_distributed_tolerance!r}")
     return policy
 
 
@@ -116,6 +125,9 @@ def simulation_policy(config: Config) -> SitePolicy:
         response_column=sim.response_column or run.data.response_column,
         max_evaluations=sim.max_evaluations,
         calibrate_to_limit=sim.calibrate_to_limit,
+        # One operator runs every virtual site: the run's own distributed setting stands.
+        allow_distributed_dp=True,
+        min_distributed_tolerance=0,
     )
 
 
@@ -152,6 +164,11 @@ def violation(policy: SitePolicy, config: Config) -> str | None:
             return key
     if policy.require_secure_aggregation and not config.federation.secure_aggregation:
         return "require-secure-aggregation"
+    if privacy.enabled and privacy.mode == "distributed":
+        if not policy.allow_distributed_dp:
+            return "allow-distributed-dp"
+        if privacy.distributed_tolerance < policy.min_distributed_tolerance:
+            return "min-distributed-tolerance"
     return None
 
 

@@ -25,6 +25,9 @@ from fedlora.config import Config
 from fedlora.disk_cache import cached_in_file
 from fedlora.text_data import Example
 from fedlora.privacy.accounting import History, calibrate_noise, sample_rate
+from fedlora.privacy.distributed_dp import DistributedPlan
+from fedlora.privacy.secure_aggregation_records import LEVELS
+from fedlora.privacy.skellam import sensitivities
 from fedlora.privacy.site_ledger import SiteLedger
 
 # An evaluation releases three sums, each of sensitivity 1 (clip-normalised): units,
@@ -36,12 +39,13 @@ CALIBRATION_CACHE = "noise-calibrations.json"
 
 
 def _calibrated(state_dir: Path | None, target: float, delta: float, rate: float, steps: int, accountant: str,
-                fixed: History = ()) -> float:
+                fixed: History = (), sensitivities: tuple[float, float] | None = None) -> float:
     """calibrate_noise, kept in `state_dir`: the search takes seconds and a deployed
     site runs a fresh process for every message (a cache: recomputed if unreadable)."""
-    args = (target, delta, rate, steps, accountant, sorted(map(list, fixed)))
+    args = (target, delta, rate, steps, accountant, sorted(map(list, fixed)), *([list(sensitivities)] if sensitivities else []))
     cache = state_dir / CALIBRATION_CACHE if state_dir else None
-    return cached_in_file(cache, json.dumps(args), lambda: calibrate_noise(target, delta, rate, steps, accountant, fixed))
+    return cached_in_file(cache, json.dumps(args),
+                          lambda: calibrate_noise(target, delta, rate, steps, accountant, fixed, sensitivities))
 
 
 def eval_mechanism(config: Config, state_dir: Path | None = None) -> tuple[float, float, int]:
@@ -63,6 +67,18 @@ def calibrated_plan(config: Config, train: list[Example], state_dir: Path | None
     sigma = _calibrated(state_dir, privacy.target_epsilon, privacy.delta, rate,
                         config.federation.rounds * config.train.local_steps, privacy.accountant, evaluations)
     return DPPlan(noise_multiplier=sigma, sample_rate=rate, steps=config.train.local_steps, unit=config.privacy.unit, units=units)
+
+
+def distributed_plan(config: Config, values: int, state_dir: Path | None = None) -> DistributedPlan:
+    """Distributed mode's plan, the same at every site: one Skellam step per round at the
+    run's sample rate, for `values` trained coordinates, its noise calibrated so that the
+    rounds plus the planned evaluations spend privacy.target_epsilon (in RDP)."""
+    privacy = config.privacy
+    l2, l1 = sensitivities(values, LEVELS)
+    evaluations = [eval_mechanism(config, state_dir)] * (config.federation.rounds + 1)
+    sigma = _calibrated(state_dir, privacy.target_epsilon, privacy.delta, privacy.distributed_sample_rate,
+                        config.federation.rounds, privacy.accountant, evaluations, (l2, l1))
+    return DistributedPlan(sigma, privacy.distributed_sample_rate, l2, l1, privacy.distributed_tolerance)
 
 
 def remaining_plan(config: Config, plan: DPPlan, server_round: int, state_dir: Path | None) -> tuple[History, History]:

@@ -13,20 +13,22 @@ import secrets
 import time
 from pathlib import Path
 
+import numpy as np
 from flwr.app import Context, Message, RecordDict
 
 from fedlora.adapter_state import adapter_of, from_record, put_adapter, to_record
 from fedlora.client import secure_masking
 from fedlora.client.client_app import screen_request, site_config
 from fedlora.client.local_evaluation import evaluate_locally
-from fedlora.client.local_training import frozen, train_locally
+from fedlora.client.local_training import distributed_gradient_sum, frozen, train_locally
 from fedlora.client.model_cache import cached_model
 from fedlora.client.site_data import load_site_data
-from fedlora.client.site_privacy import calibrated_plan, eval_mechanism, plan_within_limit, remaining_plan
+from fedlora.client.site_privacy import calibrated_plan, distributed_plan, eval_mechanism, plan_within_limit, remaining_plan
 from fedlora.config import Config
 from fedlora.messages import DECLINED_METRICS, EVALUATE_METRICS, TRAIN_METRICS, metric_record
 from fedlora.privacy import secure_aggregation_records as records
 from fedlora.privacy.budget_guard import BudgetDecision, check_budget
+from fedlora.privacy.distributed_dp import noisy_input
 from fedlora.privacy.noisy_release import noisy_sum
 from fedlora.privacy.secure_aggregation import SecureAggregationError
 from fedlora.privacy.site_audit import append_audit
@@ -69,9 +71,12 @@ def train(msg: Message, context: Context) -> Message:
     # Secure aggregation: the request is checked before the site reads data or spends budget.
     masking = None
     if records.RECORD in msg.content.config_records:
-        masking = secure_masking.check_masking_request(msg, context, config.run.output_dir, server_round)
+        masking = secure_masking.check_masking_request(msg, context, config, server_round)
     elif config.federation.secure_aggregation:
         raise SecureAggregationError("the run asks for secure aggregation, but this train request carries none")
+
+    if config.privacy.mode == "distributed":
+        return train_distributed(msg, context, config, server_round, policy, state_dir, masking)
 
     # Model: the cached base model with the global adapter put in.
     cached = cached_model(config, config.data.labels)
@@ -129,6 +134,49 @@ def train(msg: Message, context: Context) -> Message:
         content["metrics"] = metrics
     else:
         content = RecordDict({"arrays": to_record(trained), "metrics": metrics})
+    return Message(content=content, reply_to=msg)
+
+
+def train_distributed(msg: Message, context: Context, config: Config, server_round: int, policy, state_dir: Path,
+                      masking: secure_masking.MaskingRequest) -> Message:
+    """Distributed DP (privacy/distributed_dp.py): this site's noisy share of one DP-SGD step
+    over the union of the sites' records, masked; the coordinator takes the step."""
+    start = time.perf_counter()
+    cached = cached_model(config, config.data.labels)
+    put_adapter(cached.model, from_record(msg.content["arrays"]))
+    site = load_site_data(config, config.data.labels, context.node_config, cached.tokenizer)
+    frozen_factors = get_strategy(config.strategy).frozen_factors
+    sharers = len(masking.sharers)
+
+    # The plan is the run's, the same at every site (its terms are bound into the aggregation
+    # context); the site's own ledger and limit decide whether it takes part.
+    values = sum(t.numel() for t in trained_part(adapter_of(cached.model), frozen_factors).values())
+    plan = distributed_plan(config, values, state_dir)
+    run, delta, accountant, limit = config.run.output_dir, config.privacy.delta, config.privacy.accountant, policy.max_epsilon
+    with open_ledger(state_dir) as ledger:
+        decision = check_budget(ledger, [plan.mechanism], delta, accountant, limit)
+        if not decision.allowed:
+            return budget_declined(msg, config, server_round, decision, ledger, state_dir)
+        with frozen(cached.model, frozen_factors):
+            sums, batch = distributed_gradient_sum(cached.model, site.train, config, plan.sample_rate, records.LEVELS,
+                                                   cached.tokenizer.pad_token_id)
+        # Recorded before the reply exists, with the assumption the guarantee rests on.
+        ledger.record(run, accountant, delta, Mechanism(server_round, *plan.mechanism[:3], unit="example", kind="distributed",
+                                                       l2=plan.l2, l1=plan.l1, trust=plan.trust(sharers)), limit)
+        later = [plan.mechanism] * max(0, config.federation.rounds - server_round)
+        evaluations = [eval_mechanism(config, state_dir)] * max(0, config.federation.rounds - server_round + 1)
+        planned = ledger.epsilon(delta, accountant, extra=later + evaluations)
+    integer_sum = np.concatenate([sums[k].flatten().numpy() for k in sorted(sums)])
+    noisy = noisy_input(integer_sum, len(site.train), plan.share(sharers), masking.spec, np.random.default_rng())
+    log.info("round %d: %s, distributed DP step over %d sampled records (q %.4f); Skellam share for %d sites "
+             "(tolerance %d), noise multiplier %.4f; epsilon %.3f, expected %.3f after round %d, limit %s (%.1f s)",
+             server_round, site.source, batch, plan.sample_rate, sharers, plan.tolerance, plan.noise_multiplier,
+             decision.epsilon_after, planned, config.federation.rounds, "none" if math.isinf(limit) else f"{limit:.3f}",
+             time.perf_counter() - start)
+    content = secure_masking.masked_noisy_sum(masking, context, noisy, plan.min_survivors(sharers))
+    content["metrics"] = metric_record({"num-examples": size_bucket(len(site.train)), "epsilon": decision.epsilon_after,
+                                        "planned-epsilon": planned, "noise-multiplier": plan.noise_multiplier, "steps": 1},
+                                       TRAIN_METRICS)
     return Message(content=content, reply_to=msg)
 
 

@@ -26,6 +26,15 @@ def adapter_of(model: PeftModel) -> Adapter:
     return {k: v.detach().to("cpu", torch.float32).clone() for k, v in get_peft_model_state_dict(model).items()}
 
 
+def adapter_keys(model: PeftModel, params: list[torch.nn.Parameter]) -> list[str]:
+    """The adapter key of each of `params` (they share storage with PEFT's state dict)."""
+    by_storage = {v.data_ptr(): k for k, v in get_peft_model_state_dict(model).items()}
+    keys = [by_storage.get(p.data_ptr()) for p in params]
+    if None in keys:
+        raise AdapterMismatch("a trainable parameter is not part of the adapter")
+    return keys
+
+
 def put_adapter(model: PeftModel, adapter: Adapter) -> None:
     """Load `adapter` into the model; every key and shape must match exactly."""
     expected = get_peft_model_state_dict(model)

@@ -110,6 +110,17 @@ class PrivacySection:
     # are clipped to eval_loss_clip before they are summed (the sum's sensitivity).
     eval_epsilon: float = 1.0
     eval_loss_clip: float = 5.0
+    # "local": each site adds all the noise its own guarantee needs (DP-SGD on its own).
+    # "distributed": each round is one DP-SGD step over the union of the sites' records at
+    # the global adapter; each site adds a share of the Skellam noise, summed under secure
+    # aggregation (privacy/distributed_dp.py). Needs federation.secure_aggregation.
+    mode: str = "local"
+    # Distributed mode: the noise reaches its full level even if this many of the sites that
+    # masked drop out or add no noise (colluding with the coordinator).
+    distributed_tolerance: int = 1
+    # Distributed mode: the Poisson rate at which every site samples its records each round
+    # (one step per round; the union's expected batch is this times all sites' records).
+    distributed_sample_rate: float = 0.05
 
 
 @dataclass
@@ -229,6 +240,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "privacy.unit": ("example", "user"),
     "simulation.site_policy.privacy_unit": ("", "example", "user"),
     "privacy.dp_impl": ("auto", "fast", "opacus"),
+    "privacy.mode": ("local", "distributed"),
     "simulation.partition": ("iid", "dirichlet"),
 }
 
@@ -239,6 +251,7 @@ POSITIVE: tuple[str, ...] = (
     "federation.rounds", "federation.min_clients", "federation.round_timeout", "federation.secure_aggregation_clip",
     "simulation.dataset_size", "simulation.clients", "simulation.alpha",
     "simulation.cpus_per_client", "strategy.tau", "privacy.eval_epsilon", "privacy.eval_loss_clip",
+    "privacy.distributed_sample_rate",
 )
 
 # [0, 1): exponential decay rates.
@@ -336,6 +349,21 @@ def check_secure_aggregation(config: Config, where: str) -> None:
                           f"federation.clients_per_round ({config.federation.clients_per_round}): no round could unmask")
 
 
+def check_distributed(config: Config, where: str) -> None:
+    key, p = "privacy.mode", config.privacy
+    if not (config.federation.secure_aggregation and p.enabled):
+        raise ConfigError(f"{where}: key '{key}' = 'distributed' needs federation.secure_aggregation = true and privacy.enabled = true")
+    if p.unit != "example":
+        raise ConfigError(f"{where}: key '{key}' = 'distributed' supports privacy.unit = 'example' only, got {p.unit!r}")
+    if config.train.optimizer != "sgd":
+        raise ConfigError(f"{where}: key '{key}' = 'distributed' takes the step at the coordinator with SGD: "
+                          f"set train.optimizer = 'sgd' (got {config.train.optimizer!r})")
+    if not 0 < p.distributed_sample_rate <= 1:
+        raise ConfigError(f"{where}: key 'privacy.distributed_sample_rate' must be in (0, 1], got {p.distributed_sample_rate!r}")
+    if p.distributed_tolerance < 0:
+        raise ConfigError(f"{where}: key 'privacy.distributed_tolerance' must be >= 0, got {p.distributed_tolerance!r}")
+
+
 def validate(config: Config, where: str = "config") -> None:
     flat = config.to_flat()
     for key, allowed in CHOICES.items():
@@ -392,6 +420,8 @@ def validate(config: Config, where: str = "config") -> None:
         raise ConfigError(f"{where}: key 'privacy.central' needs strategy.name = 'fedavg' or 'ffa', got {config.strategy.name!r}")
     if config.federation.secure_aggregation:
         check_secure_aggregation(config, where)
+    if config.privacy.mode == "distributed":
+        check_distributed(config, where)
     if config.model.task == "causal-lm" and config.simulation.partition == "dirichlet" and config.simulation.dataset != "default":
         raise ConfigError(f"{where}: key 'simulation.partition' = 'dirichlet' needs labels; use 'iid' for causal-lm")
     if any(r <= 0 for r in config.simulation.client_ranks):

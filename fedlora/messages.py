@@ -25,7 +25,7 @@ TRAIN_METRICS = ("num-examples", "train-loss", "epsilon", "planned-epsilon", "no
 POLICY_KEYS = (
     "max-epsilon", "max-delta", "privacy-unit", "user-column", "allow-no-dp", "text-column", "label-column",
     "prompt-column", "response-column", "max-evaluations", "calibrate-to-limit", "peer-keys",
-    "require-secure-aggregation",
+    "require-secure-aggregation", "allow-distributed-dp", "min-distributed-tolerance",
 )
 POLICY_METRIC_PREFIX = "policy."  # a policy decline carries the metric "policy.<key>" = 1
 # A site that declines a message replies with these (and no arrays): its budget guard

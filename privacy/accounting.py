@@ -1,7 +1,10 @@
 """Epsilon from a mechanism history, and noise calibrated to a planned budget.
 
 State is plain data: a history is a list of ``(noise_multiplier, sample_rate, steps)``
-exactly as Opacus's accountants keep it; the math is Opacus's own accountants.
+exactly as Opacus's accountants keep it; the math is Opacus's own accountants. A history
+that holds distributed DP's Skellam steps, ``(noise_multiplier, sample_rate, steps, l2,
+l1)``, is composed in RDP instead (privacy/skellam.py), whatever the accountant named:
+PRV has no Skellam mechanism, and RDP only ever states a larger epsilon than PRV would.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from opacus.accountants.analysis import rdp as opacus_rdp
 # could be, never smaller than the truth: nothing for a site to act on either.
 warnings.filterwarnings("ignore", message="Optimal order is the (largest|smallest) alpha", category=UserWarning)
 
-History = list[tuple[float, float, int]]
+History = list[tuple]  # (sigma, q, steps), or (sigma, q, steps, l2, l1) for a Skellam step
 
 ACCOUNTANTS = {"prv": PRVAccountant, "rdp": RDPAccountant}
 
@@ -52,11 +55,11 @@ def compressed(history: History) -> History:
     """Entries with the same (noise_multiplier, sample_rate) merged, steps summed: the
     same composition (it is commutative), but PRV's cost grows with the entry count
     (about 0.1 s each), and a ledger repeats one mechanism round after round."""
-    steps: dict[tuple[float, float], int] = {}
-    for s, q, n in history:
-        key = (float(s), float(q))
+    steps: dict[tuple, int] = {}
+    for s, q, n, *sensitivity in history:
+        key = (float(s), float(q), *map(float, sensitivity))
         steps[key] = steps.get(key, 0) + int(n)
-    return [(s, q, n) for (s, q), n in steps.items()]
+    return [(s, q, n, *sensitivity) for (s, q, *sensitivity), n in steps.items()]
 
 
 def epsilon_of(history: History, delta: float, accountant: str = "prv") -> float:
@@ -67,7 +70,11 @@ def epsilon_of(history: History, delta: float, accountant: str = "prv") -> float
 
 
 @lru_cache(maxsize=4096)  # sites with the same data size repeat the same histories, round after round
-def _epsilon(history: tuple[tuple[float, float, int], ...], delta: float, accountant: str) -> float:
+def _epsilon(history: tuple[tuple, ...], delta: float, accountant: str) -> float:
+    if any(len(entry) == 5 for entry in history):
+        from fedlora.privacy.skellam import epsilon_of_rdp_history
+
+        return epsilon_of_rdp_history(list(history), delta)
     acc = ACCOUNTANTS[accountant]()
     acc.history = list(history)
     with np.errstate(divide="ignore"):  # PRV evaluates log(0) at the domain's edge for large q
@@ -81,20 +88,22 @@ def sample_rate(batch_size: int, num_examples: int) -> float:
 
 def calibrate_noise(
     target_epsilon: float, delta: float, rate: float, total_steps: int, accountant: str = "prv", fixed: History = (),
+    sensitivities: tuple[float, float] | None = None,
 ) -> float:
     """The noise multiplier sigma at which `total_steps` steps at sampling rate `rate`,
     composed with the mechanisms already in `fixed` (spent, or planned at their own
     noise), spend `target_epsilon` (within 0.01, never above). Raises ValueError if
-    `fixed` alone already spends the target."""
+    `fixed` alone already spends the target. With `sensitivities` (l2, l1) the steps are
+    Skellam releases of distributed DP (privacy/skellam.py), else Gaussian."""
     return _calibrate(float(target_epsilon), float(delta), float(rate), int(total_steps), accountant,
-                      tuple(sorted(compressed(list(fixed)))))
+                      tuple(sorted(compressed(list(fixed)))), tuple(map(float, sensitivities or ())))
 
 
 @lru_cache(maxsize=256)  # the search takes seconds; sites repeat it every round
 def _calibrate(target: float, delta: float, rate: float, steps: int, accountant: str,
-               fixed: tuple[tuple[float, float, int], ...]) -> float:
+               fixed: tuple[tuple, ...], sensitivities: tuple[float, ...] = ()) -> float:
     def spent(sigma: float) -> float:
-        return epsilon_of([*fixed, (sigma, rate, steps)], delta, accountant)
+        return epsilon_of([*fixed, (sigma, rate, steps, *sensitivities)], delta, accountant)
 
     floor = epsilon_of(list(fixed), delta, accountant)
     if floor >= target:

@@ -27,7 +27,8 @@ log = logging.getLogger("fedlora.privacy")
 
 
 def epsilon_key(history: History, delta: float, accountant: str) -> str:
-    exact = json.dumps([[[float(z), float(q), int(s)] for z, q, s in history], repr(float(delta)), accountant])
+    entries = [[float(z), float(q), int(s), *map(float, sensitivity)] for z, q, s, *sensitivity in history]
+    exact = json.dumps([entries, repr(float(delta)), accountant])
     return hashlib.sha256(exact.encode()).hexdigest()
 
 

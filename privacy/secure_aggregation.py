@@ -162,6 +162,9 @@ class MaskingSite:
     own_seed_share: bytes = b""  # this site's own Shamir share of its self-mask seed
     signed_survivors: frozenset[int] | None = None  # the one survivor set this site signed
     threshold: int = 0  # agreed with the roster
+    # Distributed DP: fewer survivors than this carry less noise than this site's share
+    # assumed (privacy/distributed_dp.py), so it reveals nothing to them.
+    min_survivors: int = 0
     # Each step once, in order: a second masked input from the same secrets would give
     # the coordinator the difference of two of this site's inputs, with no reveal at all.
     step: str = "advertised"
@@ -393,6 +396,9 @@ def reveal(state: MaskingSite, received: dict[int, bytes], survivors: set[int],
         raise SecureAggregationError("this site did not sign this survivor set")
     if len(survivors) < threshold:
         raise SecureAggregationError(f"{len(survivors)} survivors, fewer than the threshold {threshold}: nothing is revealed")
+    if len(survivors) < state.min_survivors:
+        raise SecureAggregationError(f"{len(survivors)} survivors, fewer than the {state.min_survivors} whose noise shares "
+                                     "the distributed DP guarantee needs: nothing is revealed")
     if len(confirmed := _confirmed_by(state, survivors, signatures)) < threshold:
         raise SecureAggregationError(f"only {len(confirmed)} survivors signed this survivor set, fewer than the "
                                      f"threshold {threshold}: nothing is revealed")

@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import hashlib
 import struct
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fedlora.privacy.secure_aggregation import AdvertisedKeys, QuantizationSpec, SecureAggregationError
+
+if TYPE_CHECKING:
+    from fedlora.config import Config
 
 RECORD = "secagg"  # the ConfigRecord both ways
 MASKED = "masked"  # the ArrayRecord of a site's masked input (train reply)
@@ -26,12 +29,33 @@ REPLY_KEYS = {
 }
 LEVELS = 1 << 24  # quantization steps per clip
 MAX_WEIGHT = 1 << 16  # a site's weight (its num-examples) is capped here: it sizes the modulus
+# Distributed DP sums records' rounded gradients, not weighted changes: at most MAX_WEIGHT
+# records per site and step, and 4x headroom in the modulus for the Skellam noise.
+DISTRIBUTED_MAX_WEIGHT = 4 * MAX_WEIGHT
 
 
-def aggregation_context(run: str, server_round: int, nonce: bytes) -> bytes:
-    """What every signature of one aggregation is bound to: the run, the round and the
-    coordinator's nonce for this attempt (a site refuses a context it has seen)."""
-    return hashlib.sha256(f"fedlora aggregation\n{run}\n{server_round}\n".encode() + nonce).digest()
+def quantization(distributed: bool, clip: float, sites: int) -> QuantizationSpec:
+    """fedlora's own quantization for `sites` masking sites (a site accepts no other)."""
+    return QuantizationSpec(clip, LEVELS, sites, DISTRIBUTED_MAX_WEIGHT if distributed else MAX_WEIGHT)
+
+
+def noise_terms(config: Config) -> str:
+    """What a site's share of distributed DP's noise depends on, for the aggregation
+    context: sites told different terms sign keys for different contexts, so they cannot
+    mask together (a coordinator cannot have one site add less noise than another expects)."""
+    p = config.privacy
+    if p.mode != "distributed":
+        return ""
+    return (f"distributed skellam target_epsilon={p.target_epsilon!r} eval_epsilon={p.eval_epsilon!r} delta={p.delta!r} "
+            f"rounds={config.federation.rounds} sample_rate={p.distributed_sample_rate!r} tolerance={p.distributed_tolerance} "
+            f"max_grad_norm={p.max_grad_norm!r} levels={LEVELS}")
+
+
+def aggregation_context(run: str, server_round: int, nonce: bytes, terms: str = "") -> bytes:
+    """What every signature of one aggregation is bound to: the run, the round, the
+    coordinator's nonce for this attempt (a site refuses a context it has seen) and the
+    noise terms of distributed DP (`noise_terms`)."""
+    return hashlib.sha256(f"fedlora aggregation\n{run}\n{server_round}\n{terms}\n".encode() + nonce).digest()
 
 
 def pack_ids(ids: list[int] | set[int] | frozenset[int]) -> bytes:

@@ -45,8 +45,11 @@ def utc_now() -> str:
 @dataclass
 class Mechanism:
     """What touched the site's data once: a round of local DP-SGD (`steps` Poisson-
-    sampled Gaussian steps), or an evaluation (Gaussian noise on `steps` released
-    sums of sensitivity 1, sample rate 1)."""
+    sampled Gaussian steps), an evaluation (Gaussian noise on `steps` released sums of
+    sensitivity 1, sample rate 1), or a distributed DP-SGD step (kind "distributed": a
+    Poisson-sampled Skellam release whose noise the sites add together under secure
+    aggregation; `l2`/`l1` are its sensitivities and `trust` the assumption it rests on,
+    privacy/skellam.py)."""
 
     round: int
     noise_multiplier: float
@@ -54,7 +57,16 @@ class Mechanism:
     steps: int
     unit: str = "example"  # the privacy unit: "example" or "user"
     time: str = field(default_factory=utc_now)
-    kind: str = "train"  # or "evaluation"
+    kind: str = "train"  # or "evaluation", "distributed"
+    l2: float | None = None
+    l1: float | None = None
+    trust: str | None = None
+
+    @property
+    def entry(self) -> tuple:
+        """The accountant's history entry."""
+        base = (self.noise_multiplier, self.sample_rate, self.steps)
+        return base if self.l2 is None else (*base, self.l2, self.l1)
 
 
 @dataclass
@@ -81,7 +93,7 @@ class RunLedger:
 
     @property
     def history(self) -> History:
-        return [(m.noise_multiplier, m.sample_rate, m.steps) for m in self.mechanisms]
+        return [m.entry for m in self.mechanisms]
 
     @property
     def epsilon(self) -> float:

@@ -35,6 +35,7 @@ from flwr.serverapp import Grid
 from fedlora.adapter_state import Adapter, to_record
 from fedlora.privacy import secure_aggregation as sa
 from fedlora.privacy import secure_aggregation_records as records
+from fedlora.privacy.distributed_dp import coordinator_step
 from fedlora.server.message_exchange import Envelope, RoundReplies, declined_reason, exchange
 from fedlora.server.progress import Progress
 from fedlora.strategies import ClientUpdate, trained_part
@@ -90,7 +91,8 @@ def secure_train(grid: Grid, envelope: Envelope, sent: dict[int, Adapter], froze
     config = envelope.config
     out = SecureAttempt()
     nonce = new_nonce()
-    context = records.aggregation_context(config.run.output_dir, server_round, nonce)
+    distributed = config.privacy.mode == "distributed"
+    context = records.aggregation_context(config.run.output_dir, server_round, nonce, records.noise_terms(config))
 
     def step(nodes: list[int] | set[int], action: str, values: dict[int, dict], phase: str) -> RoundReplies:
         contents = {n: _with_secagg(envelope.content(server_round), values[n]) for n in sorted(nodes)}
@@ -148,7 +150,8 @@ def secure_train(grid: Grid, envelope: Envelope, sent: dict[int, Adapter], froze
         return fail(sharers, TOO_FEW_SITES, f"{len(sharers)} sites shared keys, fewer than {threshold}")
 
     # 3. Train: each site's weighted change, quantized and masked.
-    spec = sa.QuantizationSpec(config.federation.secure_aggregation_clip, records.LEVELS, len(sharers), records.MAX_WEIGHT)
+    clip = config.privacy.max_grad_norm if distributed else config.federation.secure_aggregation_clip
+    spec = records.quantization(distributed, clip, len(sharers))
     shared = {"nonce": nonce, "sharers": records.pack_ids(sharers), **records.spec_record(spec)}
     arrays: dict[int, ArrayRecord] = {}
     contents = {}
@@ -201,6 +204,13 @@ def secure_train(grid: Grid, envelope: Envelope, sent: dict[int, Adapter], froze
     if not 0 < out.weight <= records.MAX_WEIGHT * len(masked):
         out.survivors = {}
         return fail(masked, UNMASK_FAILED, f"the secure sum's weight {out.weight} is impossible")
+    if distributed:
+        # The noisy sum of the union's clipped gradients and its record count: the coordinator's SGD step.
+        out.mean, _ = coordinator_step(total, spec, config.privacy.distributed_sample_rate, config.train.lr)
+        for n in masked:
+            out.replies.status[n] = "ok"
+        log.info("round %d: distributed DP step from the secure sum of %d sites (%d records)", server_round, len(masked), out.weight)
+        return out
     if out.weight != sum(out.survivors.values()):
         # The weights are summed under the masks too; a site that masked another weight than it claimed is not named.
         log.warning("round %d: the secure sum's weight %d differs from the survivors' claimed %d", server_round,

@@ -74,6 +74,12 @@ def add_deployment_commands(commands: argparse._SubParsersAction) -> None:
                         "one's included, exchanged among the sites (not through the coordinator); the site signs with --key")
     s.add_argument("--require-secure-aggregation", action="store_true",
                    help="decline every run that does not use secure aggregation (needs --peer-keys)")
+    s.add_argument("--allow-distributed-dp", action="store_true",
+                   help="take part in privacy.mode = 'distributed': one DP-SGD step per round whose noise the sites add "
+                        "together under secure aggregation (needs --peer-keys; trusts that few sites drop out or collude)")
+    s.add_argument("--min-distributed-tolerance", type=int, default=1, metavar="N",
+                   help="under distributed DP, decline runs whose privacy.distributed_tolerance (dropped or colluding "
+                        "sites the noise still covers) is below N (default 1)")
     s.add_argument("--lora-rank", type=int, metavar="R", help="this site's LoRA rank (needs strategy.name = 'exact' if it differs)")
     s.add_argument("--port", type=int, default=9094, help="this SuperNode's local API port (one per SuperNode on a machine)")
     s.add_argument("--insecure", action="store_true", help="no TLS (a local trial only)")
@@ -174,6 +180,7 @@ def run_client_cmd(args: argparse.Namespace) -> int:
         allow_app=args.allow_app, allow_apps_file=args.allow_apps and args.allow_apps.expanduser().resolve(),
         peer_keys=args.peer_keys and args.peer_keys.expanduser().resolve(),
         require_secure_aggregation=args.require_secure_aggregation,
+        allow_distributed_dp=args.allow_distributed_dp, min_distributed_tolerance=args.min_distributed_tolerance,
     ))
 
 
