@@ -16,9 +16,9 @@ Each round is one DP-SGD step at the global adapter over the union of the sites'
 A record's influence on the integer sum is bounded by (l2, l1) = (LEVELS + sqrt(d),
 sqrt(d) LEVELS + d) over d coordinates (skellam.sensitivities), so the guarantee holds for
 the quantized values that are released. What it assumes, and a site's ledger records:
-secure aggregation reveals only the sum, and at most t of the n sites that mask drop out
-after masking or collude with the coordinator (a site reveals its shares only if at least
-n - t survived, client/secure_masking.py).
+secure aggregation reveals only the sum, and at most t of the n sites that share keys drop
+out before masking (their noise is missing) or collude with the coordinator (a site reveals
+its shares only if at least n - t masked inputs arrived, client/secure_masking.py).
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ class DistributedPlan:
 
     def trust(self, sites: int) -> str:
         return (f"secure aggregation reveals only the sum; at most {self.tolerance} of the {sites} masking sites "
-                "drop out after masking or collude with the coordinator")
+                "drop out before masking or collude with the coordinator")
 
     def share(self, sites: int) -> float:
         """This site's Skellam parameter: the total's, split over the sites that must stay honest."""

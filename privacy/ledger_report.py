@@ -51,7 +51,7 @@ def ledger_summary(state_dir: str | Path, recompute: bool = False) -> dict[str, 
         for i, m in enumerate(r.mechanisms):
             rounds.append({
                 "round": m.round, "kind": m.kind, "time": m.time, "unit": m.unit, "noise_multiplier": m.noise_multiplier,
-                "sample_rate": m.sample_rate, "steps": m.steps,
+                "sample_rate": m.sample_rate, "steps": m.steps, "trust": m.trust,
                 "run_epsilon_after": epsilons.epsilon(r.history[: i + 1], r.delta, r.accountant),
                 # What the budget guard counts: every run so far, at the ledger's smallest delta.
                 "epsilon_after": epsilons.epsilon(before + r.history[: i + 1], ledger.guard_delta(latest.delta), latest.accountant),
@@ -92,6 +92,8 @@ def ledger_table(summary: dict[str, Any]) -> str:
         for r in run["rounds"]:
             lines.append(f"  {r['round']:>5}  {r['kind']:<10}  {r['noise_multiplier']:>10.4f}  {r['sample_rate']:>11.5f}  {r['steps']:>5}  "
                          f"{r['unit']:<7}  {r['run_epsilon_after']:>11.3f}  {r['epsilon_after']:>12.3f}  {r['time']}")
+            if r.get("trust"):
+                lines.append(f"         assumes: {r['trust']}")
         for d in run["declined"]:
             why = (f"epsilon would reach {d['epsilon_would_be']:.3f} > limit {d['limit']:.3f}"
                    if d.get("reason", "privacy budget") == "privacy budget" else d["reason"])

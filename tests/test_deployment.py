@@ -266,18 +266,21 @@ def test_coordinator_killed_after_round_1_resumes_without_repeating_it(deploymen
         assert rounds.count(1) == 1 and rounds.count(2) in (1, 2)
 
 
-def test_secure_aggregation_over_three_tls_sites_with_one_killed_after_masking(deployment):
-    """Secure aggregation deployed: the sites' peer keys, five exchanges a round, and a site
-    killed after its masked input arrived: the round unmasks without it (its self-mask is
-    rebuilt from the others' shares). One round: a round of five exchanges with a process
-    per message takes about 150 s here."""
+def test_distributed_dp_over_three_tls_sites_with_one_killed_after_masking(deployment):
+    """Secure aggregation and distributed DP deployed: the sites' peer keys and policy,
+    five exchanges a round, and a site killed after its masked noisy sum arrived: the round
+    unmasks without it (its self-mask is rebuilt from the others' shares; its noise share
+    is in the sum). One round: five exchanges with a process per message take about 150 s
+    here. Local DP under secure aggregation runs the same exchanges (tests/test_secure_rounds.py)."""
     d = deployment
     keys = [d.site_key(f"site-{i}") for i in range(3)]
     consortium = d.root / "consortium.pub"
     consortium.write_text("".join(Path(f"{k}.pub").read_text() for k in keys))
-    sites = [d.site(f"site-{i}", key=keys[i], extra_args=("--peer-keys", str(consortium))) for i in range(3)]
+    sites = [d.site(f"site-{i}", key=keys[i], extra_args=("--peer-keys", str(consortium), "--allow-distributed-dp"))
+             for i in range(3)]
     run_dir = d.root / "runs" / "secure"
-    config = d.config("secure", **{"federation.secure_aggregation": True, "federation.rounds": 1})
+    config = d.config("secure", **{"federation.secure_aggregation": True, "federation.rounds": 1,
+                                   "privacy.mode": "distributed", "privacy.distributed_sample_rate": 0.2})
     submit = start([*FEDLORA, "run", "--config", str(config), "--coordinator-dir", str(d.state)], d.root / "run.log")
     d.processes.append(submit)
 
@@ -296,7 +299,9 @@ def test_secure_aggregation_over_three_tls_sites_with_one_killed_after_masking(d
     assert rows[1]["failures"].get("node unavailable", 0) + rows[1]["failures"].get("timeout", 0) == 1, rows[1]
     assert rows[1]["bytes_up"] > 0
     for i in (0, 1, 2):
-        assert trained_rounds(d.root / "sites" / f"site-{i}") == [1]  # the ledger is unchanged in this mode
+        ledger = json.loads((d.root / "sites" / f"site-{i}" / "privacy-ledger.json").read_text())
+        (step,) = [m for m in ledger["runs"][0]["mechanisms"] if m["kind"] == "distributed"]
+        assert step["round"] == 1 and "at most 1 of the 3 masking sites" in step["trust"]
     for i in (0, 2):
         log = (d.root / f"site-site-{i}.log").read_text()
         assert "Traceback" not in log, log[-3000:]
