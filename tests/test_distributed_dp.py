@@ -147,6 +147,12 @@ def test_a_distributed_round_takes_the_sgd_step_of_the_survivors_exact_noisy_sum
         assert (m.kind, m.steps, m.sample_rate) == ("distributed", 1, 0.25)
         assert m.trust and "at most 1 of the 5 masking sites" in m.trust
         assert m.l2 == pytest.approx(records.LEVELS + math.sqrt(len(seen[0]) - 1))
+    # `fedlora privacy` states the assumption, and the RDP total the guard counted.
+    from fedlora.privacy.ledger_report import ledger_summary, ledger_table
+
+    summary = ledger_summary(nodes[NODES[0]]["state-dir"], recompute=True)
+    assert "assumes: secure aggregation reveals only the sum; at most 1 of the 5" in ledger_table(summary)
+    assert summary["epsilon_total"] == pytest.approx(skellam.epsilon_of_rdp_history([entry.entry], config.privacy.delta))
 
 
 def test_sites_reveal_nothing_when_more_sites_than_the_tolerance_drop_before_masking(federation):
