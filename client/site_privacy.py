@@ -4,8 +4,8 @@ The site, not the coordinator, owns its ledger (`state-dir`) and its limit (its
 policy's `max-epsilon`, client/site_policy.py). Virtual sites of a simulation keep
 their ledgers in the run directory, `RUN_DIR/sites/<partition-id>/`.
 
-A run plans `federation.rounds` training rounds and `rounds + 1` evaluations (round 0
-is the untrained adapter). The evaluations' noise is calibrated to spend
+A run plans `federation.rounds` training rounds and an evaluation after every
+`federation.evaluate_every`-th round and the last, plus round 0 (the untrained adapter). The evaluations' noise is calibrated to spend
 `privacy.eval_epsilon` over all of them; the training noise so that training and
 evaluations together spend `privacy.target_epsilon`. A site whose own limit cannot
 afford that plan calibrates its training noise to its limit instead (policy
@@ -21,7 +21,7 @@ from pathlib import Path
 
 from fedlora.client.local_training import DPPlan, privacy_units
 from fedlora.client.site_policy import SitePolicy
-from fedlora.config import Config
+from fedlora.config import Config, evaluated_rounds
 from fedlora.disk_cache import cached_in_file
 from fedlora.text_data import Example
 from fedlora.privacy.accounting import History, calibrate_noise, sample_rate
@@ -51,7 +51,7 @@ def _calibrated(state_dir: Path | None, target: float, delta: float, rate: float
 def eval_mechanism(config: Config, state_dir: Path | None = None) -> tuple[float, float, int]:
     """One evaluation as a mechanism: (noise multiplier, sample rate 1, releases)."""
     privacy = config.privacy
-    releases = EVAL_RELEASES * (config.federation.rounds + 1)
+    releases = EVAL_RELEASES * planned_evaluations(config)
     sigma = _calibrated(state_dir, privacy.eval_epsilon, privacy.delta, 1.0, releases, privacy.accountant)
     return (sigma, 1.0, EVAL_RELEASES)
 
@@ -62,7 +62,7 @@ def calibrated_plan(config: Config, train: list[Example], state_dir: Path | None
     privacy.target_epsilon."""
     units = len(privacy_units(train))
     rate = sample_rate(config.train.batch_size, units)
-    evaluations = [eval_mechanism(config, state_dir)] * (config.federation.rounds + 1)
+    evaluations = [eval_mechanism(config, state_dir)] * planned_evaluations(config)
     privacy = config.privacy
     sigma = _calibrated(state_dir, privacy.target_epsilon, privacy.delta, rate,
                         config.federation.rounds * config.train.local_steps, privacy.accountant, evaluations)
@@ -75,7 +75,7 @@ def distributed_plan(config: Config, values: int, state_dir: Path | None = None)
     rounds plus the planned evaluations spend privacy.target_epsilon (in RDP)."""
     privacy = config.privacy
     l2, l1 = sensitivities(values, LEVELS)
-    evaluations = [eval_mechanism(config, state_dir)] * (config.federation.rounds + 1)
+    evaluations = [eval_mechanism(config, state_dir)] * planned_evaluations(config)
     sigma = _calibrated(state_dir, privacy.target_epsilon, privacy.delta, privacy.distributed_sample_rate,
                         config.federation.rounds, privacy.accountant, evaluations, (l2, l1))
     return DistributedPlan(sigma, privacy.distributed_sample_rate, l2, l1, privacy.distributed_tolerance)
@@ -85,8 +85,13 @@ def remaining_plan(config: Config, plan: DPPlan, server_round: int, state_dir: P
     """What the run still plans after this round's training: (the later rounds, the
     evaluations of this and later rounds)."""
     later_rounds = [(plan.noise_multiplier, plan.sample_rate, plan.steps)] * max(0, config.federation.rounds - server_round)
-    evaluations = [eval_mechanism(config, state_dir)] * max(0, config.federation.rounds - server_round + 1)
+    evaluations = [eval_mechanism(config, state_dir)] * planned_evaluations(config, server_round)
     return later_rounds, evaluations
+
+
+def planned_evaluations(config: Config, from_round: int = 0) -> int:
+    """The evaluations the run plans from `from_round` on (config.evaluated_rounds)."""
+    return sum(1 for r in evaluated_rounds(config) if r >= from_round)
 
 
 def plan_within_limit(config: Config, plan: DPPlan, ledger: SiteLedger, policy: SitePolicy, delta: float,

@@ -23,7 +23,8 @@ from fedlora.client.local_evaluation import evaluate_locally
 from fedlora.client.local_training import distributed_gradient_sum, frozen, train_locally
 from fedlora.client.model_cache import cached_model
 from fedlora.client.site_data import load_site_data
-from fedlora.client.site_privacy import calibrated_plan, distributed_plan, eval_mechanism, plan_within_limit, remaining_plan
+from fedlora.client.site_privacy import (calibrated_plan, distributed_plan, eval_mechanism, plan_within_limit,
+                                         planned_evaluations, remaining_plan)
 from fedlora.config import Config
 from fedlora.messages import DECLINED_METRICS, EVALUATE_METRICS, TRAIN_METRICS, metric_record
 from fedlora.privacy import secure_aggregation_records as records
@@ -164,7 +165,7 @@ def train_distributed(msg: Message, context: Context, config: Config, server_rou
         ledger.record(run, accountant, delta, Mechanism(server_round, *plan.mechanism[:3], unit="example", kind="distributed",
                                                        l2=plan.l2, l1=plan.l1, trust=plan.trust(sharers)), limit)
         later = [plan.mechanism] * max(0, config.federation.rounds - server_round)
-        evaluations = [eval_mechanism(config, state_dir)] * max(0, config.federation.rounds - server_round + 1)
+        evaluations = [eval_mechanism(config, state_dir)] * planned_evaluations(config, server_round)
         planned = ledger.epsilon(delta, accountant, extra=later + evaluations)
     integer_sum = np.concatenate([sums[k].flatten().numpy() for k in sorted(sums)])
     noisy = noisy_input(integer_sum, len(site.train), plan.share(sharers), masking.spec, np.random.default_rng())

@@ -129,6 +129,10 @@ class FederationSection:
     min_clients: int = 2
     round_timeout: float = 600.0  # seconds to wait for replies in one round
     round_retries: int = 2  # more attempts for a round that gathers fewer than min_clients updates
+    # Evaluate the global adapter after every k-th round (and after the last; round 0 always).
+    # Under DP the planned evaluations share privacy.eval_epsilon, so fewer are less noisy;
+    # many one-step rounds (privacy.mode = "distributed") also save the evaluations' time.
+    evaluate_every: int = 1
     # Sites asked to train (and evaluate) each round, sampled from the run seed; 0 = every connected site.
     clients_per_round: int = 0
     # Secure aggregation (privacy/secure_aggregation.py): the coordinator learns only the sum
@@ -251,7 +255,7 @@ POSITIVE: tuple[str, ...] = (
     "federation.rounds", "federation.min_clients", "federation.round_timeout", "federation.secure_aggregation_clip",
     "simulation.dataset_size", "simulation.clients", "simulation.alpha",
     "simulation.cpus_per_client", "strategy.tau", "privacy.eval_epsilon", "privacy.eval_loss_clip",
-    "privacy.distributed_sample_rate",
+    "privacy.distributed_sample_rate", "federation.evaluate_every",
 )
 
 # [0, 1): exponential decay rates.
@@ -347,6 +351,12 @@ def check_secure_aggregation(config: Config, where: str) -> None:
     if 0 < config.federation.clients_per_round < threshold:
         raise ConfigError(f"{where}: key 'federation.secure_aggregation_threshold' ({threshold}) exceeds "
                           f"federation.clients_per_round ({config.federation.clients_per_round}): no round could unmask")
+
+
+def evaluated_rounds(config: Config) -> list[int]:
+    """The rounds after which the global adapter is evaluated (0 is the initial adapter)."""
+    every, rounds = config.federation.evaluate_every, config.federation.rounds
+    return [r for r in range(rounds + 1) if r % every == 0 or r == rounds]
 
 
 def check_distributed(config: Config, where: str) -> None:

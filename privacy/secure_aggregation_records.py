@@ -47,7 +47,7 @@ def noise_terms(config: Config) -> str:
     if p.mode != "distributed":
         return ""
     return (f"distributed skellam target_epsilon={p.target_epsilon!r} eval_epsilon={p.eval_epsilon!r} delta={p.delta!r} "
-            f"rounds={config.federation.rounds} sample_rate={p.distributed_sample_rate!r} tolerance={p.distributed_tolerance} "
+            f"rounds={config.federation.rounds} evaluate_every={config.federation.evaluate_every} sample_rate={p.distributed_sample_rate!r} tolerance={p.distributed_tolerance} "
             f"max_grad_norm={p.max_grad_norm!r} levels={LEVELS}")
 
 

@@ -20,7 +20,7 @@ from flwr.serverapp import Grid
 from fedlora.adapter_state import Adapter, adapter_of, write_peft_dir
 from fedlora.base_fingerprint import model_fingerprint
 from fedlora.base_model import build_peft_model, resolve_model_dir
-from fedlora.config import Config, ConfigError
+from fedlora.config import Config, ConfigError, evaluated_rounds
 from fedlora.server.evaluation_round import evaluate_round
 from fedlora.server.message_exchange import Envelope, RoundReplies, wait_for_nodes
 from fedlora.server.progress import Progress
@@ -96,8 +96,11 @@ def run_federation(grid: Grid, config: Config) -> tuple[RunDirectory, list[dict[
             eval_row, eval_replies = unevaluated(config), RoundReplies()
         else:
             global_adapter = aggregate(strategy, global_adapter, state, config.run.seed, central)
-            evaluated = site_ranks.adapters(global_adapter, sorted(state.updates))
-            eval_row, eval_replies = evaluate_round(grid, envelope, evaluated, server_round, progress)
+            if server_round in evaluated_rounds(config):
+                evaluated = site_ranks.adapters(global_adapter, sorted(state.updates))
+                eval_row, eval_replies = evaluate_round(grid, envelope, evaluated, server_round, progress)
+            else:  # federation.evaluate_every
+                eval_row, eval_replies = unevaluated(config), RoundReplies()
         epsilon_max = max([epsilon_max] + site_epsilons(state.replies) + site_epsilons(eval_replies.ok))
         extra = {**(central.round_metrics() if central else {}), **strategy.round_metrics()}
         row = training_row(server_round, state, ended_early, eval_row, eval_replies, epsilon_max, extra, config,

@@ -214,3 +214,26 @@ def test_configs_distributed_dp_cannot_serve_are_refused(overrides, key):
     with pytest.raises(ConfigError) as info:
         load_config(None, {"privacy.mode": "distributed", "federation.secure_aggregation": True, **overrides})
     assert key in str(info.value)
+
+
+@pytest.mark.slow
+def test_a_distributed_simulation_evaluating_every_second_round_spends_exactly_its_budget(tmp_path, monkeypatch):
+    """The Flower simulation engine with distributed DP and federation.evaluate_every = 2:
+    rounds 1-3 are one distributed step each, the adapter is evaluated after rounds 0, 2
+    and 3 only, and every site ends at the target epsilon (the plan counted exactly the
+    evaluations that happened)."""
+    from fedlora.client.client_app import app
+    from tests.client_apps import run_small_simulation
+
+    overrides = {"federation.rounds": 3, "federation.evaluate_every": 2, "federation.secure_aggregation": True,
+                 "privacy.mode": "distributed", "privacy.distributed_sample_rate": 0.2, "privacy.target_epsilon": 6.0}
+    rows = run_small_simulation(app, tmp_path / "run", monkeypatch, 3, overrides)
+    assert [r["round"] for r in rows] == [0, 1, 2, 3]
+    assert [r["eval_accuracy"] is not None for r in rows] == [True, False, True, True]
+    assert all(r["clients_ok"] == 3 for r in rows[1:])
+    for site in range(3):
+        ledger = SiteLedger.load(tmp_path / "run" / "sites" / str(site))
+        (run,) = ledger.runs
+        assert [m.round for m in run.mechanisms if m.kind == "distributed"] == [1, 2, 3]
+        assert [m.round for m in run.mechanisms if m.kind == "evaluation"] == [0, 2, 3]
+        assert 6.0 - 0.05 <= epsilon_of(run.history, run.delta, run.accountant) <= 6.0
