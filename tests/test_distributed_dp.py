@@ -222,12 +222,12 @@ def test_a_distributed_simulation_evaluating_every_second_round_spends_exactly_i
     rounds 1-3 are one distributed step each, the adapter is evaluated after rounds 0, 2
     and 3 only, and every site ends at the target epsilon (the plan counted exactly the
     evaluations that happened)."""
-    from fedlora.client.client_app import app
+    from fedlora.simulations.virtual_sites import simulated_site_app
     from tests.client_apps import run_small_simulation
 
     overrides = {"federation.rounds": 3, "federation.evaluate_every": 2, "federation.secure_aggregation": True,
                  "privacy.mode": "distributed", "privacy.distributed_sample_rate": 0.2, "privacy.target_epsilon": 6.0}
-    rows = run_small_simulation(app, tmp_path / "run", monkeypatch, 3, overrides)
+    rows = run_small_simulation(simulated_site_app(), tmp_path / "run", monkeypatch, 3, overrides)
     assert [r["round"] for r in rows] == [0, 1, 2, 3]
     assert [r["eval_accuracy"] is not None for r in rows] == [True, False, True, True]
     assert all(r["clients_ok"] == 3 for r in rows[1:])
