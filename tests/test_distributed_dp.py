@@ -79,6 +79,20 @@ def test_distributed_accounting_composes_skellam_and_gaussian_entries_in_rdp():
     assert 4.0 - 0.02 <= epsilon_of([(sigma, 0.05, 10, l2, l1), quiet], 1e-5, "prv") <= 4.0
 
 
+def test_the_gaussian_entries_of_a_distributed_ledger_compose_as_dp_accounting_says():
+    """A site that took part in distributed DP states its whole total in RDP at ORDERS: its
+    Gaussian entries (evaluations, local DP rounds of other runs) against Google's
+    dp-accounting RDP accountant at the same orders."""
+    from dp_accounting import dp_event, rdp
+
+    history = [(0.8, 0.02, 100), (1.1, 0.05, 40), (13.0, 1.0, 12)]
+    reference = rdp.RdpAccountant(orders=list(skellam.ORDERS))
+    reference.compose(dp_event.ComposedDpEvent([
+        dp_event.SelfComposedDpEvent(dp_event.PoissonSampledDpEvent(q, dp_event.GaussianDpEvent(sigma)), steps)
+        for sigma, q, steps in history]))
+    assert skellam.epsilon_of_rdp_history(history, 1e-5) == pytest.approx(reference.get_epsilon(1e-5), rel=1e-2)
+
+
 def test_the_rounded_clipped_sum_is_each_records_clipped_gradient_within_rounding():
     torch.manual_seed(0)
     grads = [torch.randn(64, 3, 5) * 3, torch.randn(64, 7) * 0.01]  # large and tiny per-record norms
