@@ -15,6 +15,10 @@ protocol, client/secure_masking.py the site's side):
 4. `query.secagg_survivors`: the sites whose masked input arrived; each signs the set.
 5. `query.secagg_reveal`: the signatures; each signer reveals one share per peer.
 
+Under `privacy.mode = "distributed"` step 3's masked vector is each site's noisy integer
+sum of clipped per-record gradients plus its record count, and the coordinator turns the
+unmasked sum into the SGD step (privacy/distributed_dp.py).
+
 The threshold is the larger of `federation.secure_aggregation_threshold` and more
 than half the roster (at least 2). Fewer sites than that at any step fails the
 attempt's aggregation under a failure category; the round's retry policy applies.
