@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from fedlora.privacy import skellam
-from fedlora.privacy.secure_aggregation import QuantizationSpec, SecureAggregationError
+from fedlora.privacy.secure_aggregation import QuantizationSpec, SecureAggregationError, dequantize
 
 
 @dataclass(frozen=True)
@@ -91,12 +91,9 @@ def noisy_input(integer_sum: np.ndarray, records: int, share: float, spec: Quant
 def coordinator_step(total: np.ndarray, spec: QuantizationSpec, sample_rate: float, lr: float) -> tuple[np.ndarray, int]:
     """(the SGD step's change, the union's record count) from the unmasked modular sum:
     the noisy sum of clipped gradients over the expected union batch, times -lr."""
-    bits = spec.modulus_bits
-    signed = total[:-1].astype(np.int64)
-    signed = np.where(signed >= 1 << (bits - 1), signed - (1 << bits), signed)
     records = int(total[-1])
     if records <= 0:
         raise SecureAggregationError(f"the union's record count {records} is impossible")
-    gradient = signed.astype(np.float64) * (spec.clip / spec.levels) / (sample_rate * records)
-    return -lr * gradient, records
+    gradient_sum = dequantize(total[:-1], 1, spec)  # signed residues back in gradient units
+    return -lr * gradient_sum / (sample_rate * records), records
 

@@ -211,15 +211,12 @@ def secure_train(grid: Grid, envelope: Envelope, sent: dict[int, Adapter], froze
     if distributed:
         # The noisy sum of the union's clipped gradients and its record count: the coordinator's SGD step.
         out.mean, _ = coordinator_step(total, spec, config.privacy.distributed_sample_rate, config.train.lr)
-        for n in masked:
-            out.replies.status[n] = "ok"
-        log.info("round %d: distributed DP step from the secure sum of %d sites (%d records)", server_round, len(masked), out.weight)
-        return out
-    if out.weight != sum(out.survivors.values()):
-        # The weights are summed under the masks too; a site that masked another weight than it claimed is not named.
-        log.warning("round %d: the secure sum's weight %d differs from the survivors' claimed %d", server_round,
-                    out.weight, sum(out.survivors.values()))
-    out.mean = sa.dequantize(total[:-1], out.weight, spec)
+    else:
+        if out.weight != sum(out.survivors.values()):
+            # The weights are summed under the masks too; a site that masked another weight than it claimed is not named.
+            log.warning("round %d: the secure sum's weight %d differs from the survivors' claimed %d", server_round,
+                        out.weight, sum(out.survivors.values()))
+        out.mean = sa.dequantize(total[:-1], out.weight, spec)
     for n in masked:  # a survivor that failed a later step is in the sum all the same
         out.replies.status[n] = "ok"
     log.info("round %d: secure sum of %d sites (threshold %d of %d)", server_round, len(masked), threshold, len(roster))
