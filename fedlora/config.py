@@ -191,6 +191,10 @@ class SitePolicySection:
 class SimulationSection:
     dataset: str = "default"  # or a local JSONL/CSV file, split across the virtual clients
     dataset_size: int = 6000  # notes generated for the default dataset (more per site = less noise for the same epsilon)
+    # Fresh notes no site holds, drawn after the run to score the final adapter exactly
+    # (RUN_DIR/test.json; default dataset only); 0 = none. For studies: the federated
+    # validation figure is a noisy release under DP.
+    test_notes: int = 0
     clients: int = 5
     partition: str = "dirichlet"  # or "iid"
     alpha: float = 0.5
@@ -432,6 +436,11 @@ def validate(config: Config, where: str = "config") -> None:
         check_secure_aggregation(config, where)
     if config.privacy.mode == "distributed":
         check_distributed(config, where)
+    if config.simulation.test_notes < 0:
+        raise ConfigError(f"{where}: key 'simulation.test_notes' must be >= 0 (0 = no test set), got {config.simulation.test_notes!r}")
+    if config.simulation.test_notes and (config.simulation.dataset != "default" or config.model.task != "classification"):
+        raise ConfigError(f"{where}: key 'simulation.test_notes' needs simulation.dataset = 'default' (classification), "
+                          "whose generator can draw notes no site holds")
     if config.model.task == "causal-lm" and config.simulation.partition == "dirichlet" and config.simulation.dataset != "default":
         raise ConfigError(f"{where}: key 'simulation.partition' = 'dirichlet' needs labels; use 'iid' for causal-lm")
     if any(r <= 0 for r in config.simulation.client_ranks):

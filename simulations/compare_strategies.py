@@ -16,6 +16,7 @@ import time
 from itertools import product
 from pathlib import Path
 
+from fedlora.simulations.held_out_test import RESULT_FILE
 from fedlora.strategies import STRATEGIES
 
 PARTITIONS = {"non-IID": ("dirichlet", 0.5), "IID": ("iid", 0.5)}
@@ -47,7 +48,14 @@ def run_cell(out: Path, strategy: str, dp: bool, partition: str, seed: int, extr
         "seconds_per_round": sum(r["seconds"] for r in trained) / len(trained),
         "wall_seconds": wall,
         "epsilon": rows[-1]["epsilon_max"],
+        **held_out(run_dir),
     }
+
+
+def held_out(run_dir: Path) -> dict:
+    """The exact held-out test accuracy, when the run drew test notes (simulation.test_notes)."""
+    path = run_dir / RESULT_FILE
+    return {"test_accuracy": json.loads(path.read_text())["accuracy"]} if path.is_file() else {}
 
 
 def summary(values: list[float]) -> str:
@@ -58,22 +66,25 @@ def summary(values: list[float]) -> str:
 
 
 def table(results: list[dict]) -> str:
-    lines = ["| strategy | DP | data | runs | accuracy round 0 | final accuracy | KB up / site / round | s / round | wall s / run | epsilon |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = ["| strategy | DP | data | runs | accuracy round 0 | final accuracy | KB up / site / round | s / round | wall s / run | epsilon "
+             "| held-out test accuracy |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     cells: dict[tuple, list[dict]] = {}
     for r in results:
         cells.setdefault((r["strategy"], r["dp"], r["partition"]), []).append(r)
     for (strategy, dp, partition), runs in cells.items():
         ok = [r for r in runs if "error" not in r]
         if not ok:
-            lines.append(f"| {strategy} | {dp} | {partition} | 0 | failed: {runs[0]['error']} | | | | | |")
+            lines.append(f"| {strategy} | {dp} | {partition} | 0 | failed: {runs[0]['error']} | | | | | | |")
             continue
         failed = f" ({len(runs) - len(ok)} failed)" if len(ok) < len(runs) else ""
         mean = lambda key: statistics.mean(r[key] for r in ok)  # noqa: E731
+        tested = [r["test_accuracy"] for r in ok if "test_accuracy" in r]
         lines.append(
             f"| {strategy} | {dp} | {partition} | {len(ok)}{failed} | {summary([r['accuracy_round0'] for r in ok])} "
             f"| {summary([r['accuracy'] for r in ok])} | {mean('bytes_up_per_site_round') / 1e3:.1f} "
-            f"| {mean('seconds_per_round'):.1f} | {mean('wall_seconds'):.0f} | {max(r['epsilon'] for r in ok):.2f} |"
+            f"| {mean('seconds_per_round'):.1f} | {mean('wall_seconds'):.0f} | {max(r['epsilon'] for r in ok):.2f} "
+            f"| {summary(tested) if tested else ''} |"
         )
     return "\n".join(lines)
 

@@ -70,6 +70,11 @@ def simulate(config: Config) -> tuple[RunDirectory, list[dict[str, Any]]]:
     if "rows" not in result:
         raise RuntimeError("the simulation ended without finishing its rounds (see the log above)")
     print(summary_table(result["rows"]))
+    if config.simulation.test_notes:
+        from fedlora.simulations.held_out_test import held_out_accuracy
+
+        test = held_out_accuracy(result["run_dir"].path, config)
+        print(f"held-out test: accuracy {test['accuracy']:.4f} on {test['notes']} fresh notes (no site holds them)")
     from fedlora.server.run_report import write_report
 
     print(f"report: {write_report(result['run_dir'].path)}")

@@ -25,6 +25,12 @@ def test_seeds_are_summarised_as_mean_and_spread():
     expected = f"{statistics.mean([0.8, 0.9, 0.85]):.3f} ± {statistics.stdev([0.8, 0.9, 0.85]):.3f}"
     assert lines[2].startswith("| fedavg | yes | non-IID | 3 | 0.200 ± 0.000 | " + expected + " | 2.0 | 10.0 | 110 | 7.92 |")
     assert "| ffa | yes | IID | 0 | failed: boom |" in lines[3]
+    assert lines[2].endswith("| 7.92 |  |")  # no held-out test set drawn
+
+
+def test_held_out_accuracy_is_summarised_when_drawn():
+    results = [{**run(seed, 0.5, 100), "test_accuracy": acc} for seed, acc in enumerate([0.70, 0.74, 0.78])]
+    assert table(results).splitlines()[2].endswith(f"| {statistics.mean([0.70, 0.74, 0.78]):.3f} ± {statistics.stdev([0.70, 0.74, 0.78]):.3f} |")
 
 
 @pytest.mark.parametrize("args", [["--seeds", "0"], ["--partitions", "sideways"], ["--strategies", "nope"]])
