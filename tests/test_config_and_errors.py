@@ -112,3 +112,12 @@ def test_a_run_that_ends_early_exits_3_and_says_what_was_trained(monkeypatch, ca
         assert main(["simulate", "--rounds", "3"]) == code
         err = capsys.readouterr().err
         assert ("run ended early: 1 of 3 rounds trained" in err) == (code == EXIT_ENDED_EARLY)
+
+
+def test_held_out_test_notes_need_the_generated_dataset(tmp_path, capsys):
+    data = tmp_path / "notes.jsonl"
+    data.write_text("".join(f'{{"text": "note {i}", "label": "{"ab"[i % 2]}"}}\n' for i in range(20)))
+    code, err = run_cli(capsys, "--set", f"simulation.dataset={data}", "--set", "simulation.test_notes=100")
+    assert code == 2 and len(err.splitlines()) == 1 and "simulation.test_notes" in err and "default" in err
+    code, err = run_cli(capsys, "--set", "simulation.test_notes=-1")
+    assert code == 2 and "simulation.test_notes" in err and ">= 0" in err

@@ -25,7 +25,7 @@ def test_three_clients_two_rounds_write_a_complete_run_directory(tmp_path):
     env = {**os.environ, "FEDLORA_MODEL_LOAD_LOG": str(load_log)}
     cmd = [sys.executable, "-m", "fedlora.cli", "simulate", "--clients", "3", "--rounds", "2", "--output", str(out),
            "--set", "simulation.dataset_size=300", "--set", "train.local_steps=2", "--set", "train.batch_size=16",
-           "--set", "simulation.cpus_per_client=1"]
+           "--set", "simulation.cpus_per_client=1", "--set", "simulation.test_notes=200"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
@@ -78,6 +78,25 @@ def test_three_clients_two_rounds_write_a_complete_run_directory(tmp_path):
     final = load_file(str(out / "checkpoints" / "round-0002" / "adapter.safetensors"))
     assert set(loaded) == set(final)
     assert all(torch.equal(loaded[k].float(), final[k]) for k in final)
+
+    # test.json: the final adapter scored on 200 fresh notes from another seed than the
+    # sites' notes, exactly (no DP noise: no site holds them); recomputed here by hand.
+    from transformers import AutoTokenizer
+
+    from fedlora.simulations.held_out_test import TEST_SEED_OFFSET
+    from fedlora.simulations.triage_notes import generate_notes
+
+    test = json.loads((out / "test.json").read_text())
+    notes = generate_notes(200, config.run.seed + TEST_SEED_OFFSET)
+    assert notes != generate_notes(300, config.run.seed)[:200]
+    tokenizer = AutoTokenizer.from_pretrained(adapter_config["base_model_name_or_path"])
+    batch = tokenizer([n["text"] for n in notes], truncation=True, max_length=config.model.max_length, padding=True,
+                      return_tensors="pt")
+    with torch.no_grad():
+        predicted = model.eval()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.argmax(-1)
+    hits = sum(labels[int(p)] == n["label"] for p, n in zip(predicted, notes))
+    assert test["notes"] == 200 and test["accuracy"] == pytest.approx(hits / 200, abs=1e-9)
+    assert f"held-out test: accuracy {test['accuracy']:.4f} on 200 fresh notes" in proc.stdout
 
     # The base model is loaded at most once per worker process (never per client or round).
     pids = Counter(load_log.read_text().split())
