@@ -16,13 +16,13 @@ from pathlib import Path
 import numpy as np
 from flwr.app import Context, Message, RecordDict
 
-from fedlora.adapter_state import adapter_of, from_record, put_adapter, to_record
+from fedlora.adapter_state import Adapter, adapter_of, from_record, put_adapter, to_record
 from fedlora.client import secure_masking
 from fedlora.client.client_app import screen_request, site_config
 from fedlora.client.local_evaluation import evaluate_locally
 from fedlora.client.local_training import distributed_gradient_sum, frozen, train_locally
-from fedlora.client.model_cache import cached_model
-from fedlora.client.site_data import load_site_data
+from fedlora.client.model_cache import CachedModel, cached_model
+from fedlora.client.site_data import SiteData, load_site_data
 from fedlora.client.site_privacy import (calibrated_plan, distributed_plan, eval_mechanism, plan_within_limit,
                                          planned_evaluations, remaining_plan)
 from fedlora.config import Config
@@ -63,6 +63,15 @@ def budget_declined(msg: Message, config: Config, server_round: int, decision: B
     return Message(content=RecordDict({"metrics": metrics}), reply_to=msg)
 
 
+def model_and_data(msg: Message, context: Context, config: Config) -> tuple[CachedModel, Adapter, SiteData]:
+    """The cached base model with the sent global adapter put in, the adapter as sent,
+    and this site's data (train and validation splits)."""
+    cached = cached_model(config, config.data.labels)
+    sent = from_record(msg.content["arrays"])
+    put_adapter(cached.model, sent)
+    return cached, sent, load_site_data(config, config.data.labels, context.node_config, cached.tokenizer)
+
+
 def train(msg: Message, context: Context) -> Message:
     start = time.perf_counter()
     config, server_round = site_config(msg, context)
@@ -79,13 +88,7 @@ def train(msg: Message, context: Context) -> Message:
     if config.privacy.mode == "distributed":
         return train_distributed(msg, context, config, server_round, policy, state_dir, masking)
 
-    # Model: the cached base model with the global adapter put in.
-    cached = cached_model(config, config.data.labels)
-    sent = from_record(msg.content["arrays"])
-    put_adapter(cached.model, sent)
-
-    # Data: this site's train split.
-    site = load_site_data(config, config.data.labels, context.node_config, cached.tokenizer)
+    cached, sent, site = model_and_data(msg, context, config)
 
     # Train (with the factors the strategy keeps frozen, e.g. LoRA A under ffa).
     frozen_factors = get_strategy(config.strategy).frozen_factors
@@ -143,15 +146,14 @@ def train_distributed(msg: Message, context: Context, config: Config, server_rou
     """Distributed DP (privacy/distributed_dp.py): this site's noisy share of one DP-SGD step
     over the union of the sites' records, masked; the coordinator takes the step."""
     start = time.perf_counter()
-    cached = cached_model(config, config.data.labels)
-    put_adapter(cached.model, from_record(msg.content["arrays"]))
-    site = load_site_data(config, config.data.labels, context.node_config, cached.tokenizer)
+    cached, sent, site = model_and_data(msg, context, config)
     frozen_factors = get_strategy(config.strategy).frozen_factors
     sharers = len(masking.sharers)
 
     # The plan is the run's, the same at every site (its terms are bound into the aggregation
     # context); the site's own ledger and limit decide whether it takes part.
-    values = sum(t.numel() for t in trained_part(adapter_of(cached.model), frozen_factors).values())
+    # put_adapter checked `sent` key by key and shape by shape against this site's own model.
+    values = sum(t.numel() for t in trained_part(sent, frozen_factors).values())
     plan = distributed_plan(config, values, state_dir)
     run, delta, accountant, limit = config.run.output_dir, config.privacy.delta, config.privacy.accountant, policy.max_epsilon
     with open_ledger(state_dir) as ledger:
@@ -186,9 +188,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     refusal, policy, state_dir = screen_request(msg, context, config, server_round)
     if refusal is not None:
         return refusal
-    cached = cached_model(config, config.data.labels)
-    put_adapter(cached.model, from_record(msg.content["arrays"]))
-    site = load_site_data(config, config.data.labels, context.node_config, cached.tokenizer)
+    cached, _, site = model_and_data(msg, context, config)
     pad_id, run, classification = cached.tokenizer.pad_token_id, config.run.output_dir, config.model.task == "classification"
 
     if not config.privacy.enabled:  # the policy allowed it: exact sums
