@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fedlora.client.local_training import forward_logits, on_device, sequence_losses
+from fedlora.client.local_training import batch_logits, kept_prefix, on_device, sequence_losses
 from fedlora.config import Config
 from fedlora.text_data import Example, collate
 
@@ -33,9 +33,11 @@ def evaluate_locally(model: torch.nn.Module, examples: list[Example], config: Co
     model.eval()
     classification = config.model.task == "classification"
     losses, hits = [], []
+    prefix = kept_prefix(model, config)
     for start in range(0, len(examples), 128):
-        batch = on_device(collate(examples[start : start + 128], pad_id), model)
-        logits = forward_logits(model, batch)
+        chosen = examples[start : start + 128]
+        batch = on_device(collate(chosen, pad_id), model)
+        logits = batch_logits(model, prefix, chosen, batch)
         losses.append(sequence_losses(logits, batch["labels"], config.model.task).float().cpu())
         if classification:
             hits.append((logits.argmax(dim=-1) == batch["labels"]).float().cpu())

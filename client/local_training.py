@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from fedlora.adapter_state import adapter_keys
+from fedlora.client.frozen_prefix import FrozenPrefix, frozen_prefix
 from fedlora.base_model import ModelError
 from fedlora.config import Config
 from fedlora.text_data import IGNORE_INDEX, Example, collate
@@ -110,6 +111,19 @@ def forward_logits(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> to
     return model(**inputs).logits
 
 
+def batch_logits(model: torch.nn.Module, prefix: FrozenPrefix | None, examples: list[Example],
+                 batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The logits of a collated batch of `examples`: through the kept frozen lower layers
+    when there are some (client/frozen_prefix.py), else through the whole model."""
+    if prefix is None:
+        return forward_logits(model, batch)
+    return prefix.logits([e.input_ids for e in examples], batch)
+
+
+def kept_prefix(model: torch.nn.Module, config: Config) -> FrozenPrefix | None:
+    return frozen_prefix(model) if config.train.cache_frozen_layers else None
+
+
 def make_optimizer(params: list[torch.nn.Parameter], config: Config) -> torch.optim.Optimizer:
     if config.train.optimizer == "sgd":
         return torch.optim.SGD(params, lr=config.train.lr)
@@ -149,6 +163,7 @@ def train_locally(
     losses: list[float] = []
     anchor = [p.detach().clone() for p in params]  # the global adapter: for FedProx and the no-op tripwire
     mu = config.train.prox_mu
+    prefix = kept_prefix(model, config)  # layers below the first LoRA layer, computed once per example
 
     def add_proximal_gradient() -> None:
         """FedProx: the gradient of mu/2 * ||w - w_global||^2. It does not touch the
@@ -160,9 +175,9 @@ def train_locally(
     if plan is None:  # plain LoRA training, for comparison
         order = torch.Generator().manual_seed(seed)
         for _ in range(config.train.local_steps):
-            idx = torch.randperm(n, generator=order)[:batch_size].tolist()
-            batch = on_device(collate([examples[i] for i in idx], pad_id), model)
-            loss = sequence_losses(forward_logits(model, batch), batch["labels"], task).mean()
+            chosen = [examples[i] for i in torch.randperm(n, generator=order)[:batch_size].tolist()]
+            batch = on_device(collate(chosen, pad_id), model)
+            loss = sequence_losses(batch_logits(model, prefix, chosen, batch), batch["labels"], task).mean()
             loss.backward()
             add_proximal_gradient()
             optimizer.step()
@@ -186,8 +201,9 @@ def train_locally(
             if not rows:
                 mark_empty_batch(dp_optimizer)  # still a noised, accounted step
             else:
-                batch = on_device(collate([examples[i] for i in rows], pad_id), model)
-                per_example = sequence_losses(forward_logits(dp_model, batch), batch["labels"], task)
+                chosen = [examples[i] for i in rows]
+                batch = on_device(collate(chosen, pad_id), model)
+                per_example = sequence_losses(batch_logits(dp_model, prefix, chosen, batch), batch["labels"], task)
                 unit_index = torch.tensor(unit_of_row, device=per_example.device)
                 num_units = unit_of_row[-1] + 1
                 # Each unit's rows weigh 1/n_u, so its per-row gradients sum to its mean gradient.
@@ -220,8 +236,10 @@ def distributed_gradient_sum(
         return {k: torch.zeros(p.shape, dtype=torch.int64) for k, p in zip(keys, params)}, 0
     unused = torch.optim.SGD(params, lr=0.0)  # private_optimizer wants one; it never steps
     with private_optimizer(model, unused, 0.0, config.privacy.max_grad_norm, len(rows), impl=config.privacy.dp_impl) as (dp_model, _):
-        batch = on_device(collate([examples[i] for i in rows], pad_id), model)
-        sequence_losses(forward_logits(dp_model, batch), batch["labels"], config.model.task).mean().backward()
+        chosen = [examples[i] for i in rows]
+        batch = on_device(collate(chosen, pad_id), model)
+        logits = batch_logits(dp_model, kept_prefix(model, config), chosen, batch)
+        sequence_losses(logits, batch["labels"], config.model.task).mean().backward()
         check_per_example(named, len(rows))  # one gradient row per record, or the clipping bounds nothing
         rounded = rounded_clipped_sum([p.grad_sample for p in params], config.privacy.max_grad_norm, levels,
                                       secret_generator(params[0].device))

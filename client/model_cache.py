@@ -47,10 +47,10 @@ def cached_model(config: Config, labels: list[str]) -> CachedModel:
     device = resolve_device(config.train.device)
     key = (str(folder), config.model.task, config.model.pooling, config.model.dtype, str(device), config.train.gradient_checkpointing,
            len(labels), config.run.seed)
-    lora_key = (lora.rank, lora.alpha, lora.dropout, str(lora.target_modules))
+    lora_key = (lora.rank, lora.alpha, lora.dropout, str(lora.target_modules), lora.top_layers)
     if _cache is not None and _cache.key == key and _cache.lora_key != lora_key:
         base = _cache.model.unload()  # drop the LoRA layers, keep the loaded base
-        model = get_peft_model(base, lora_config(lora, config.model.task, base.config.model_type, resolved_pooling(config.model, folder)))
+        model = get_peft_model(base, lora_config(lora, config.model.task, base, resolved_pooling(config.model, folder)))
         trainable_in_fp32(model)
         _cache = CachedModel(key, lora_key, model, _cache.tokenizer, folder)
     if _cache is None or _cache.key != key:

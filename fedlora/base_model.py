@@ -8,6 +8,7 @@ pinned sha256 before use so a tampered download is refused.
 from __future__ import annotations
 
 import json
+import re
 import warnings
 from pathlib import Path
 
@@ -132,13 +133,16 @@ def load_base_model(model: ModelSection, num_labels: int, seed: int) -> torch.nn
     return base
 
 
-def lora_config(lora: LoraSection, task: str, model_type: str, pooling: str = "model") -> LoraConfig:
+def lora_config(lora: LoraSection, task: str, base: torch.nn.Module, pooling: str = "model") -> LoraConfig:
+    model_type = base.config.model_type
     targets = lora.target_modules
     presets = {"auto": AUTO_TARGETS, "qv": QV_TARGETS}
     if isinstance(targets, str) and targets in presets:
         if model_type not in presets[targets]:
             raise ModelError(f"lora.target_modules = {targets!r} does not know model type {model_type!r}; list the module names")
         targets = presets[targets][model_type]
+    if lora.top_layers:
+        targets = top_layer_targets(base, targets, lora.top_layers)
     # PEFT's SEQ_CLS task trains and saves the architecture's own head; a mean-pooling
     # classifier is a plain module, so its head is named as a module to save.
     mean = task == "classification" and pooling == "mean"
@@ -153,6 +157,26 @@ def lora_config(lora: LoraSection, task: str, model_type: str, pooling: str = "m
     )
 
 
+def top_layer_targets(base: torch.nn.Module, targets: str | list[str], top: int) -> list[str]:
+    """The full names of the modules that `targets` selects (PEFT's rule: a regex matches
+    the whole name, a list entry its last components) in the top `top` transformer layers.
+    Below them the model stays frozen, so a site keeps those layers' outputs
+    (client/frozen_prefix.py) and backpropagates through the top layers only."""
+    layers = base.config.num_hidden_layers
+    if top > layers:
+        raise ModelError(f"lora.top_layers = {top}: the model has {layers} layers")
+    chosen = []
+    for name, _ in base.named_modules():
+        selected = re.fullmatch(targets, name) if isinstance(targets, str) else any(
+            name == t or name.endswith("." + t) for t in targets)
+        index = re.search(r"\.(\d+)\.", name)  # the first numbered component: the layer (as PEFT reads it)
+        if selected and index and int(index.group(1)) >= layers - top:
+            chosen.append(name)
+    if not chosen:
+        raise ModelError(f"lora.top_layers = {top}: lora.target_modules selects no module in the top {top} layers")
+    return chosen
+
+
 def build_peft_model(model: ModelSection, lora: LoraSection, num_labels: int, seed: int,
                      device: torch.device | str = "cpu", checkpointing: bool = False) -> PeftModel:
     """Base model + LoRA. LoRA's A (and any new head) are initialised from `seed`; the
@@ -160,7 +184,7 @@ def build_peft_model(model: ModelSection, lora: LoraSection, num_labels: int, se
     base = load_base_model(model, num_labels, seed).to(device)
     if checkpointing:
         enable_checkpointing(base)
-    config = lora_config(lora, model.task, base.config.model_type, resolved_pooling(model, resolve_model_dir(model.path)))
+    config = lora_config(lora, model.task, base, resolved_pooling(model, resolve_model_dir(model.path)))
     torch.manual_seed(seed)
     try:
         peft_model = get_peft_model(base, config)

@@ -65,6 +65,10 @@ class LoraSection:
     # architecture, or a list of module names. Under DP fewer parameters learn faster:
     # the noise norm grows with the square root of the trainable parameter count.
     target_modules: str | list[str] = "qv"
+    # LoRA only in the top k transformer layers (0 = every layer). The layers below stay
+    # frozen: a site computes their outputs once per example and backpropagates through
+    # the top k only (client/frozen_prefix.py), which makes a step several times cheaper.
+    top_layers: int = 0
 
 
 @dataclass
@@ -78,6 +82,9 @@ class TrainSection:
     device: str = "auto"  # "auto" = cuda if this machine has a GPU, else cpu
     # Recompute activations in backward (less memory, more time); reentrant, as Opacus needs.
     gradient_checkpointing: bool = False
+    # Keep each example's hidden states below the first LoRA layer (frozen, so the same in
+    # every round) and run only the layers above it (client/frozen_prefix.py); same logits.
+    cache_frozen_layers: bool = True
 
 
 @dataclass
@@ -436,6 +443,8 @@ def validate(config: Config, where: str = "config") -> None:
         check_secure_aggregation(config, where)
     if config.privacy.mode == "distributed":
         check_distributed(config, where)
+    if config.lora.top_layers < 0:
+        raise ConfigError(f"{where}: key 'lora.top_layers' must be >= 0 (0 = every layer), got {config.lora.top_layers!r}")
     if config.simulation.test_notes < 0:
         raise ConfigError(f"{where}: key 'simulation.test_notes' must be >= 0 (0 = no test set), got {config.simulation.test_notes!r}")
     if config.simulation.test_notes and (config.simulation.dataset != "default" or config.model.task != "classification"):

@@ -1,0 +1,141 @@
+"""Frozen lower layers, computed once per example: the hidden states that enter the
+first layer with LoRA.
+
+When LoRA sits only on the top layers of an encoder (`lora.top_layers`, or
+`lora.target_modules` naming upper layers) and the head reads the masked mean
+(fedlora/mean_pooling.py), every example's hidden states below the first LoRA layer
+depend on the frozen base alone: not on the adapter, the round or the strategy. A
+site computes them the first time it meets an example, keeps them in this process
+for as long as its base model lives, and runs only the upper layers in every later
+training step and evaluation. The logits are the full model's to float rounding
+(tests/test_frozen_prefix.py); per-example gradients only ever pass through the upper
+layers, so DP-SGD and its per-example invariant are unchanged.
+
+The lower layers run without dropout (in eval mode): a kept value must not carry one
+draw's dropout mask into every later step. The upper layers keep the mode the caller
+set.
+
+Supported: BERT-family encoders (`embeddings` + `encoder.layer`, not a decoder) under a
+mean-pooling head, the default model. Anything else gets `None` from `frozen_prefix`
+and trains through the full model, as before.
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from fedlora.mean_pooling import MeanPoolingClassifier, masked_mean
+
+# Kept hidden states per base model, at most this many bytes; beyond it, examples are
+# computed per use (the same result, the full cost).
+MAX_CACHE_BYTES = 1 << 30
+
+_stores: "weakref.WeakKeyDictionary[nn.Module, PrefixStore]" = weakref.WeakKeyDictionary()
+
+
+@dataclass
+class PrefixStore:
+    """Per base model: (first LoRA layer, token ids) -> hidden states [tokens, hidden]."""
+
+    states: dict[tuple[int, tuple[int, ...]], torch.Tensor] = field(default_factory=dict)
+    nbytes: int = 0
+    computed: int = 0  # examples whose lower layers ran (a count for tests and benchmarks)
+
+
+@dataclass
+class FrozenPrefix:
+    classifier: MeanPoolingClassifier
+    first: int  # index of the first encoder layer with LoRA; layers below it are skipped
+    store: PrefixStore
+
+    def logits(self, input_ids: list[list[int]], batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The classifier's logits for a collated batch of these examples (right-padded, as
+        fedlora.text_data.collate pads), running only layers `first` and above."""
+        attention_mask = batch["attention_mask"]
+        hidden = self._lower_states(input_ids, attention_mask.shape[1], attention_mask.device)
+        backbone = self.classifier.backbone
+        mask = _bidirectional_mask(backbone, hidden, attention_mask)
+        for layer in backbone.encoder.layer[self.first:]:
+            hidden = layer(hidden, mask)
+        return self.classifier.classifier(masked_mean(hidden, attention_mask).float())
+
+    def _lower_states(self, input_ids: list[list[int]], width: int, device: torch.device) -> torch.Tensor:
+        keys = [(self.first, tuple(ids)) for ids in input_ids]
+        missing = [i for i, key in enumerate(keys) if key not in self.store.states]
+        fresh = dict(zip(missing, self._compute([input_ids[i] for i in missing], device))) if missing else {}
+        out = None
+        for i, key in enumerate(keys):
+            state = fresh.get(i)
+            if state is None:
+                state = self.store.states[key]
+            elif self.store.nbytes + state.numel() * state.element_size() <= MAX_CACHE_BYTES:
+                self.store.states[key] = state
+                self.store.nbytes += state.numel() * state.element_size()
+            if out is None:
+                out = state.new_zeros((len(keys), width, state.shape[-1]))
+            out[i, : state.shape[0]] = state
+        return out
+
+    @torch.no_grad()
+    def _compute(self, input_ids: list[list[int]], device: torch.device) -> list[torch.Tensor]:
+        """Embeddings and the layers below `first`, in eval mode; one unpadded tensor per example."""
+        backbone = self.classifier.backbone
+        lower = [backbone.embeddings, *backbone.encoder.layer[: self.first]]
+        modes = [m.training for m in lower]
+        width = max(len(ids) for ids in input_ids)
+        ids = torch.zeros((len(input_ids), width), dtype=torch.long)
+        attention_mask = torch.zeros((len(input_ids), width), dtype=torch.long)
+        for i, row in enumerate(input_ids):
+            ids[i, : len(row)] = torch.tensor(row)
+            attention_mask[i, : len(row)] = 1
+        ids, attention_mask = ids.to(device), attention_mask.to(device)
+        try:
+            for m in lower:
+                m.eval()
+            positions = torch.arange(width, device=device).unsqueeze(0).expand(len(input_ids), width)
+            hidden = backbone.embeddings(input_ids=ids, position_ids=positions)
+            mask = _bidirectional_mask(backbone, hidden, attention_mask)
+            for layer in backbone.encoder.layer[: self.first]:
+                hidden = layer(hidden, mask)
+        finally:
+            for m, mode in zip(lower, modes):
+                m.train(mode)
+        self.store.computed += len(input_ids)
+        return [hidden[i, : len(row)].clone() for i, row in enumerate(input_ids)]
+
+
+def _bidirectional_mask(backbone: nn.Module, hidden: torch.Tensor, attention_mask: torch.Tensor):
+    from transformers.masking_utils import create_bidirectional_mask
+
+    return create_bidirectional_mask(config=backbone.config, inputs_embeds=hidden, attention_mask=attention_mask)
+
+
+def frozen_prefix(model: nn.Module) -> FrozenPrefix | None:
+    """The prefix of `model` (a PEFT model, possibly wrapped by Opacus) that can be kept,
+    or None when nothing below the first LoRA layer can be skipped."""
+    classifier = next((m for m in model.modules() if isinstance(m, MeanPoolingClassifier)), None)
+    if classifier is None:
+        return None
+    backbone = classifier.backbone
+    layers = getattr(getattr(backbone, "encoder", None), "layer", None)
+    if layers is None or not hasattr(backbone, "embeddings") or getattr(backbone.config, "is_decoder", False):
+        return None
+    if any(_adapted(backbone.embeddings)):
+        return None
+    first = next((i for i, layer in enumerate(layers) if any(_adapted(layer))), len(layers))
+    if first == 0:
+        return None
+    store = _stores.get(backbone)
+    if store is None:
+        store = _stores[backbone] = PrefixStore()
+    return FrozenPrefix(classifier, first, store)
+
+
+def _adapted(module: nn.Module):
+    """Whether each parameter can change what the module computes: trainable, or LoRA
+    (a frozen LoRA factor still changes from round to round)."""
+    return (p.requires_grad or "lora_" in name for name, p in module.named_parameters())
