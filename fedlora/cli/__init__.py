@@ -106,6 +106,19 @@ def build_parser() -> argparse.ArgumentParser:
                            help="tiny: a 2-layer BERT built from a config; default: the embedded MiniLM (default: tiny)")
     sim_bench.add_argument("--modes", default="cached,reload", metavar="A,B", help="cached, reload or both (default: both)")
     sim_bench.add_argument("--json", action="store_true", help="print a JSON list, one object per mode")
+    local_bench = benches.add_parser(
+        "local-training", help="one site's round (DP-SGD steps + evaluation) with LoRA on every layer vs the top k",
+        description="One site of the default task (the embedded MiniLM, real triage notes) runs its rounds three ways, "
+                    "interleaved in one process: LoRA on query/value of every layer; on the top k layers only "
+                    "(lora.top_layers), through the whole model; and on the top k with the frozen lower layers kept per "
+                    "example (train.cache_frozen_layers). Prints train and evaluation seconds per round.")
+    local_bench.add_argument("--notes", type=int, default=1200, metavar="N", help="the site's notes, 20%% held for evaluation (default: 1200)")
+    local_bench.add_argument("--rounds", type=int, default=4, metavar="R", help="rounds, the first fills the kept states (default: 4)")
+    local_bench.add_argument("--steps", type=int, default=4, metavar="S", help="DP-SGD steps per round (default: 4)")
+    local_bench.add_argument("--batch", type=int, default=64, metavar="B", help="expected batch (default: 64)")
+    local_bench.add_argument("--seq", type=int, default=64, metavar="T", help="model.max_length (default: 64)")
+    local_bench.add_argument("--top", type=int, default=2, metavar="K", help="lora.top_layers of the two top-k variants (default: 2)")
+    local_bench.add_argument("--json", action="store_true", help="print a JSON list, one object per variant")
     deploy_bench = benches.add_parser(
         "deployment", help="a deployed site's per-round overhead: process start, model load, adapter load vs training",
         description="Flower runs every ClientApp message in a fresh process. Start fresh processes that do what a "
@@ -127,6 +140,16 @@ def run_bench(args: argparse.Namespace) -> int:
             raise ConfigError("--repeats must be >= 1")
         result = bench_deployment(args.repeats, progress=lambda line: print(line, file=sys.stderr, flush=True))
         print(json.dumps(result, indent=1) if args.json else deployment_table(result))
+        return 0
+    if args.bench == "local-training":
+        from fedlora.simulations.bench_local_training import LocalBenchOptions, bench_local_training
+        from fedlora.simulations.bench_local_training import format_table as local_table
+
+        if min(args.notes, args.rounds, args.steps, args.batch, args.seq, args.top) < 1 or args.notes < 10:
+            raise ConfigError("--notes must be >= 10 and --rounds, --steps, --batch, --seq, --top >= 1")
+        options = LocalBenchOptions(args.notes, args.rounds, args.steps, args.batch, args.seq, args.top)
+        results = bench_local_training(options, progress=lambda line: print(line, file=sys.stderr, flush=True))
+        print(json.dumps(results, indent=1) if args.json else local_table(results, options))
         return 0
     if args.bench == "simulation":
         from fedlora.simulations.bench_simulation import SimulationBenchOptions, bench_simulation
