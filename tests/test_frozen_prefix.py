@@ -148,3 +148,20 @@ def test_top_layers_selects_the_upper_layers_of_any_preset(tiny_models):
     deep = load_config(None, {"model.path": str(tiny_models["bert"]), "model.pooling": "mean", "lora.top_layers": 3})
     with pytest.raises(ModelError, match="lora.top_layers = 3: the model has 2 layers"):
         build_peft_model(deep.model, deep.lora, num_labels=3, seed=0)
+
+
+def test_bench_local_training_reports_every_variant(capsys):
+    """`fedlora bench local-training` on a small site: three variants, the top-k ones train
+    a third of the values, and bad options are one-line errors."""
+    from fedlora.cli import main
+
+    assert main(["bench", "local-training", "--notes", "60", "--rounds", "2", "--steps", "1", "--batch", "8",
+                 "--seq", "24", "--json"]) == 0
+    import json
+
+    results = json.loads(capsys.readouterr().out)
+    assert [r["variant"] for r in results] == ["every layer", "top k, no cache", "top k, kept prefix"]
+    assert results[1]["trainable"] == results[2]["trainable"] < results[0]["trainable"]
+    assert all(r["train_s"] > 0 and r["eval_s"] > 0 for r in results)
+    assert main(["bench", "local-training", "--rounds", "0"]) == 2
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1
