@@ -29,6 +29,7 @@ import numpy as np
 
 from fedlora.privacy import skellam
 from fedlora.privacy.secure_aggregation import QuantizationSpec, SecureAggregationError, dequantize
+from fedlora.privacy.secure_aggregation_records import MAX_DISTRIBUTED_RECORDS
 
 
 @dataclass(frozen=True)
@@ -81,8 +82,8 @@ def noisy_input(integer_sum: np.ndarray, records: int, share: float, spec: Quant
     """The vector a site masks: its integer sum plus its Skellam share, then its record
     count, as residues modulo 2^bits."""
     spec.check()
-    if not 0 < records <= spec.max_weight // 4:
-        raise SecureAggregationError(f"distributed DP sums at most {spec.max_weight // 4} records per site (this site has {records})")
+    if not 0 < records <= MAX_DISTRIBUTED_RECORDS:
+        raise SecureAggregationError(f"distributed DP sums at most {MAX_DISTRIBUTED_RECORDS} records per site (this site has {records})")
     noisy = integer_sum.astype(np.int64) + skellam.skellam_noise(share, integer_sum.shape[0], rng)
     mask = np.uint64((1 << spec.modulus_bits) - 1)
     return np.concatenate([noisy.astype(np.uint64) & mask, np.array([records], dtype=np.uint64)])

@@ -29,9 +29,11 @@ REPLY_KEYS = {
 }
 LEVELS = 1 << 24  # quantization steps per clip
 MAX_WEIGHT = 1 << 16  # a site's weight (its num-examples) is capped here: it sizes the modulus
-# Distributed DP sums records' rounded gradients, not weighted changes: at most MAX_WEIGHT
-# records per site and step, and 4x headroom in the modulus for the Skellam noise.
-DISTRIBUTED_MAX_WEIGHT = 4 * MAX_WEIGHT
+# Distributed DP sums records' rounded gradients, not weighted changes: at most
+# MAX_DISTRIBUTED_RECORDS per site and step (privacy/distributed_dp.py checks it), and 4x
+# headroom in the modulus for the Skellam noise.
+MAX_DISTRIBUTED_RECORDS = MAX_WEIGHT
+DISTRIBUTED_MAX_WEIGHT = 4 * MAX_DISTRIBUTED_RECORDS
 
 
 def quantization(distributed: bool, clip: float, sites: int) -> QuantizationSpec:
