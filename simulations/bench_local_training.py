@@ -46,7 +46,7 @@ def bench_local_training(options: LocalBenchOptions, progress=print) -> list[dic
     labels = sorted(DEPARTMENTS)
     base = {"model.max_length": options.seq, "train.local_steps": options.steps, "train.batch_size": options.batch}
     configs = {
-        VARIANTS[0]: load_config(None, base),
+        VARIANTS[0]: load_config(None, {**base, "lora.top_layers": 0}),
         VARIANTS[1]: load_config(None, {**base, "lora.top_layers": options.top, "train.cache_frozen_layers": False}),
         VARIANTS[2]: load_config(None, {**base, "lora.top_layers": options.top}),
     }

@@ -83,7 +83,7 @@ def build_bench_model(name: str, *, batch: int, seq: int, rank: int, targets: st
         model_type, vocab = base.config.model_type, base.config.vocab_size
     base.to(dev)  # on its device before LoRA goes on (docs/architecture.md: Opacus #820)
     target_list: str | list[str] = targets if targets in ("qv", "auto") else [t.strip() for t in targets.split(",")]
-    model = get_peft_model(base, lora_config(LoraSection(rank=rank, alpha=2.0 * rank, target_modules=target_list),
+    model = get_peft_model(base, lora_config(LoraSection(rank=rank, alpha=2.0 * rank, target_modules=target_list, top_layers=0),
                                              task, base))
     trainable_in_fp32(model)
     model.train()
