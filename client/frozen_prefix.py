@@ -15,8 +15,8 @@ The lower layers run without dropout (in eval mode): a kept value must not carry
 draw's dropout mask into every later step. The upper layers keep the mode the caller
 set.
 
-Supported: BERT-family encoders (`embeddings` + `encoder.layer`, not a decoder) under a
-mean-pooling head, the default model. Anything else gets `None` from `frozen_prefix`
+Supported: BERT and RoBERTa encoders (`embeddings` + `encoder.layer`) under a
+mean-pooling head, the default model among them. Anything else gets `None` from `frozen_prefix`
 and trains through the full model, as before.
 """
 
@@ -29,6 +29,10 @@ import torch
 from torch import nn
 
 from fedlora.mean_pooling import MeanPoolingClassifier, masked_mean
+
+# Encoders whose layers take (hidden states, attention mask) and nothing else: positions
+# enter once, in the embeddings. (A rotary encoder needs positions in every layer.)
+SUPPORTED = ("bert", "roberta")
 
 # Kept hidden states per base model, at most this many bytes; beyond it, examples are
 # computed per use (the same result, the full cost).
@@ -121,11 +125,11 @@ def frozen_prefix(model: nn.Module) -> FrozenPrefix | None:
     if classifier is None:
         return None
     backbone = classifier.backbone
-    layers = getattr(getattr(backbone, "encoder", None), "layer", None)
-    if layers is None or not hasattr(backbone, "embeddings") or getattr(backbone.config, "is_decoder", False):
+    if getattr(backbone.config, "model_type", None) not in SUPPORTED or getattr(backbone.config, "is_decoder", False):
         return None
     if any(_adapted(backbone.embeddings)):
         return None
+    layers = backbone.encoder.layer
     first = next((i for i, layer in enumerate(layers) if any(_adapted(layer))), len(layers))
     if first == 0:
         return None
