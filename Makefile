@@ -27,7 +27,7 @@ demo: install
 	$(VENV)/bin/fedlora simulate
 
 test: install-dev
-	$(PY) -m pytest -q -ra
+	$(PY) -m pytest -q -ra --durations=20
 
 clean:
 	rm -rf runs .pytest_cache
