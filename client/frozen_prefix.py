@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from fedlora.mean_pooling import MeanPoolingClassifier, masked_mean
+from fedlora.text_data import Example, collate
 
 # Encoders whose layers take (hidden states, attention mask) and nothing else: positions
 # enter once, in the embeddings. (A rotary encoder needs positions in every layer.)
@@ -90,19 +91,13 @@ class FrozenPrefix:
         backbone = self.classifier.backbone
         lower = [backbone.embeddings, *backbone.encoder.layer[: self.first]]
         modes = [m.training for m in lower]
-        width = max(len(ids) for ids in input_ids)
-        ids = torch.zeros((len(input_ids), width), dtype=torch.long)
-        attention_mask = torch.zeros((len(input_ids), width), dtype=torch.long)
-        for i, row in enumerate(input_ids):
-            ids[i, : len(row)] = torch.tensor(row)
-            attention_mask[i, : len(row)] = 1
-        ids, attention_mask = ids.to(device), attention_mask.to(device)
+        # Padded as the training loop pads; the pad id is masked out, so 0 serves.
+        batch = {k: v.to(device) for k, v in collate([Example(ids, 0) for ids in input_ids], 0).items()}
         try:
             for m in lower:
                 m.eval()
-            positions = torch.arange(width, device=device).unsqueeze(0).expand(len(input_ids), width)
-            hidden = backbone.embeddings(input_ids=ids, position_ids=positions)
-            mask = _bidirectional_mask(backbone, hidden, attention_mask)
+            hidden = backbone.embeddings(input_ids=batch["input_ids"], position_ids=batch["position_ids"])
+            mask = _bidirectional_mask(backbone, hidden, batch["attention_mask"])
             for layer in backbone.encoder.layer[: self.first]:
                 hidden = layer(hidden, mask)
         finally:
