@@ -4,8 +4,9 @@ What a site may release is a sum over its privacy units (examples, or users unde
 user-level DP) of bounded per-unit values: the unit count, correct predictions
 (classification) and losses. Each unit contributes at most 1 to the count, at most 1
 to `correct` (its mean accuracy) and at most `loss_clip` to `loss` (its mean clipped
-loss), so under DP each sum has a known sensitivity and is released with Gaussian
-noise (privacy/noisy_release.py). The coordinator divides sums by sums.
+loss; a non-finite loss counts as the clip and as incorrect, privacy/finite.py), so
+under DP each sum has a known sensitivity and is released with Gaussian noise
+(privacy/noisy_release.py). The coordinator divides sums by sums.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch
 
 from fedlora.client.local_training import batch_logits, kept_prefix, on_device, sequence_losses
 from fedlora.config import Config
+from fedlora.privacy.finite import sanitized_losses
 from fedlora.text_data import Example, collate
 
 
@@ -43,9 +45,9 @@ def evaluate_locally(model: torch.nn.Module, examples: list[Example], config: Co
             hits.append((logits.argmax(dim=-1) == batch["labels"]).float().cpu())
     if not examples:  # a site too small for a validation split releases zeros
         return EvalSums(0.0, 0.0 if classification else None, 0.0)
-    loss = torch.cat(losses)
-    if loss_clip is not None:
-        loss = loss.clamp(0.0, loss_clip)
+    # A non-finite loss (a head that overflows near one record) counts as the clip and as
+    # incorrect: clamp keeps NaN, and a noisy sum of NaN would say the record is there.
+    loss, finite = sanitized_losses(torch.cat(losses), loss_clip)
     unit_of = _unit_index(examples)
     units = int(unit_of.max()) + 1
     rows_per_unit = torch.bincount(unit_of, minlength=units).float()
@@ -53,7 +55,7 @@ def evaluate_locally(model: torch.nn.Module, examples: list[Example], config: Co
     def per_unit_sum(values: torch.Tensor) -> float:
         return float((torch.zeros(units).index_add_(0, unit_of, values) / rows_per_unit).sum())
 
-    correct = per_unit_sum(torch.cat(hits)) if classification else None
+    correct = per_unit_sum(torch.cat(hits) * finite) if classification else None
     return EvalSums(float(units), correct, per_unit_sum(loss))
 
 

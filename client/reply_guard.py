@@ -29,6 +29,7 @@ from fedlora.messages import (
     DECLINED_METRICS, EVALUATE_METRICS, QUERY_METRICS, REFUSED_METRICS, SITE_ERROR_CATEGORIES, TRAIN_METRICS,
 )
 from fedlora.text_data import DataError
+from fedlora.privacy.finite import NonFiniteRelease
 from fedlora.privacy.site_audit import AuditError
 from fedlora.privacy.site_ledger import LedgerError
 
@@ -49,7 +50,7 @@ def error_category(exc: BaseException) -> str:
     """The fixed category an exception is reported to the coordinator as."""
     if isinstance(exc, DataError):
         return "data error"
-    if isinstance(exc, ModelError):
+    if isinstance(exc, (ModelError, NonFiniteRelease)):
         return "model error"
     if isinstance(exc, (PolicyError, LedgerError, AuditError, ConfigError, PeerKeyError)):
         return "policy"

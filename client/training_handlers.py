@@ -30,6 +30,7 @@ from fedlora.messages import DECLINED_METRICS, EVALUATE_METRICS, TRAIN_METRICS, 
 from fedlora.privacy import secure_aggregation_records as records
 from fedlora.privacy.budget_guard import BudgetDecision, check_budget
 from fedlora.privacy.distributed_dp import noisy_input
+from fedlora.privacy.finite import check_finite_tensors, check_finite_values
 from fedlora.privacy.noisy_release import noisy_sum
 from fedlora.privacy.secure_aggregation import SecureAggregationError
 from fedlora.privacy.site_audit import append_audit
@@ -131,6 +132,9 @@ def train(msg: Message, context: Context) -> Message:
     # Reply: the trained adapter tensors (or, under secure aggregation, their masked change)
     # and whitelisted scalars only.
     trained = trained_part(adapter_of(cached.model), frozen_factors)
+    # The last line (privacy/finite.py): a non-finite update is refused, after its ledger entry.
+    check_finite_tensors(trained, "the trained adapter")
+    check_finite_values(values)
     metrics = metric_record(values, TRAIN_METRICS)
     if masking is not None:
         weight = max(1, min(int(values["num-examples"]), records.MAX_WEIGHT))
@@ -214,4 +218,5 @@ def evaluate(msg: Message, context: Context) -> Message:
         log.info("round %d: evaluated %d units, released with noise multiplier %.2f; epsilon %.3f",
                  server_round, int(sums.units), sigma, decision.epsilon_after)
     append_audit(state_dir, "evaluated", run, round=server_round)
+    check_finite_values(values)  # the last line (privacy/finite.py): after the ledger entry
     return Message(content=RecordDict({"metrics": metric_record(values, EVALUATE_METRICS)}), reply_to=msg)

@@ -18,7 +18,7 @@ Adapter = dict[str, torch.Tensor]
 
 
 class AdapterMismatch(ValueError):
-    """Received adapter tensors do not fit the model (keys or shapes)."""
+    """Received adapter tensors do not fit the model (keys, shapes, or non-finite values)."""
 
 
 def adapter_of(model: PeftModel) -> Adapter:
@@ -36,7 +36,8 @@ def adapter_keys(model: PeftModel, params: list[torch.nn.Parameter]) -> list[str
 
 
 def put_adapter(model: PeftModel, adapter: Adapter) -> None:
-    """Load `adapter` into the model; every key and shape must match exactly."""
+    """Load `adapter` into the model; every key and shape must match exactly, and every
+    value must be finite (a NaN or inf the coordinator sends would pass every DP bound)."""
     expected = get_peft_model_state_dict(model)
     missing = sorted(set(expected) - set(adapter))
     unexpected = sorted(set(adapter) - set(expected))
@@ -45,6 +46,8 @@ def put_adapter(model: PeftModel, adapter: Adapter) -> None:
     for key, value in adapter.items():
         if tuple(value.shape) != tuple(expected[key].shape):
             raise AdapterMismatch(f"adapter tensor {key}: shape {tuple(value.shape)}, model expects {tuple(expected[key].shape)}")
+        if not bool(torch.isfinite(value).all()):
+            raise AdapterMismatch(f"adapter tensor {key} holds non-finite values")
     result = set_peft_model_state_dict(model, adapter)
     if getattr(result, "unexpected_keys", None):
         raise AdapterMismatch(f"adapter keys not used by the model: {result.unexpected_keys[:3]}")

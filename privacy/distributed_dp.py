@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from fedlora.privacy import skellam
+from fedlora.privacy.finite import finite_rows
 from fedlora.privacy.secure_aggregation import QuantizationSpec, SecureAggregationError, dequantize
 from fedlora.privacy.secure_aggregation_records import MAX_DISTRIBUTED_RECORDS
 
@@ -65,9 +66,13 @@ def rounded_clipped_sum(grad_samples: list, max_grad_norm: float, levels: int, g
     import torch
 
     rows = grad_samples[0].shape[0]
+    # A record whose gradient holds NaN or inf contributes nothing (clip factor 0,
+    # privacy/finite.py): a NaN factor would make the sum, and the released integers, garbage.
+    finite = finite_rows(grad_samples)
+    grad_samples = [torch.where(finite.view(-1, *([1] * (g.dim() - 1))).to(g.device), g, 0) for g in grad_samples]
     norms = torch.stack([g.reshape(rows, -1).to(torch.float64).norm(dim=1) for g in grad_samples], dim=1).norm(dim=1)
     # Opacus's clipping factor, then the scale: every record's vector has norm <= levels.
-    factor = (max_grad_norm / (norms + 1e-6)).clamp(max=1.0) * (levels / max_grad_norm)
+    factor = (max_grad_norm / (norms + 1e-6)).clamp(max=1.0) * (levels / max_grad_norm) * finite.to(norms.device)
     sums = []
     for g in grad_samples:
         scaled = g.to(torch.float64) * factor.view(-1, *([1] * (g.dim() - 1)))

@@ -18,7 +18,8 @@ yields one row per token and would be clipped per token, silently. The optimizer
 returned here therefore refuses to step (`PerExampleError`) unless every trainable
 parameter's `grad_sample` has one row per sampled unit: exactly the count the training
 loop declares each step, or, where none is declared, one count for all parameters that
-is no larger than the rows fed to forward.
+is no larger than the rows fed to forward. A unit whose gradient rows hold any NaN or
+inf is then zeroed (clip factor 0, privacy/finite.py) before Opacus clips.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ import torch
 from opacus import GradSampleModule
 from opacus.optimizers import DPOptimizer
 
+from fedlora.privacy.finite import zero_non_finite_rows
 from fedlora.privacy.lora_grad_sample import lora_grad_sample_hooks, uncovered_parameters
 
 # The frozen base's inputs never require grad, so torch warns on every backward
@@ -135,6 +137,11 @@ class CheckedDPOptimizer(DPOptimizer):
                 raise PerExampleError("the number of sampled units of this step is unknown: call expect_units() before step()")
             check_at_most(self._named, self._forward_rows)
         self._reset_count()
+        # Both paths (Opacus's GradSampleModule and the fast hooks) meet here, before
+        # Opacus clips: a NaN row would get a NaN clip factor and make the whole noised
+        # step NaN exactly when that unit was sampled. Its rows become zero instead.
+        if self._named:
+            zero_non_finite_rows([p.grad_sample for p in self.params])
         return super().pre_step(closure)
 
     def zero_grad(self, set_to_none: bool = False) -> None:
