@@ -30,7 +30,7 @@ from fedlora.base_fingerprint import model_fingerprint
 from fedlora.client import secure_masking
 from fedlora.client.peer_keys import PeerKeyError, SigningKeys, site_signing_keys
 from fedlora.client.reply_guard import guarded_replies
-from fedlora.client.site_policy import SitePolicy, site_policy, site_state_dir, violation
+from fedlora.client.site_policy import SitePolicy, round_outside_plan, site_policy, site_state_dir, violation
 from fedlora.config import Config
 from fedlora.messages import (
     DECLINED_METRICS, POLICY_METRIC_PREFIX, QUERY_METRICS, REFUSED_METRICS, metric_record, read_config_record,
@@ -87,6 +87,8 @@ def screen_request(msg: Message, context: Context, config: Config, server_round:
     run = config.run.output_dir
     append_audit(state_dir, "request", run, message=kind, round=server_round, asks=requested(config))
     key = violation(policy, config)
+    if key is None and round_outside_plan(msg.metadata.message_type, server_round, config):
+        key = "round"
     if key is None and kind == MessageType.EVALUATE and policy.max_evaluations:
         done = sum(1 for e in read_audit(state_dir) if e["event"] == "evaluated" and e["run"] == run)
         key = "max-evaluations" if done >= policy.max_evaluations else None

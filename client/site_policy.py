@@ -172,6 +172,15 @@ def violation(policy: SitePolicy, config: Config) -> str | None:
     return None
 
 
+def round_outside_plan(message_type: str, server_round: int, config: Config) -> bool:
+    """A request for a round the run does not plan: training rounds (and secure aggregation's
+    keys for them) are 1..federation.rounds; evaluations and rank queries may also ask about
+    round 0 (the untrained adapter). A later round would calibrate for no remaining steps
+    (and once looped forever holding the ledger lock); it is declined before anything is read."""
+    first = 1 if message_type in ("train", "query.secagg_keys") else 0
+    return not first <= server_round <= config.federation.rounds
+
+
 def site_state_dir(config: Config, node_config: dict) -> Path:
     """Where this site keeps its ledger, audit log and local state."""
     if "state-dir" in node_config:

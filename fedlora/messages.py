@@ -26,6 +26,9 @@ POLICY_KEYS = (
     "max-epsilon", "max-delta", "privacy-unit", "user-column", "allow-no-dp", "text-column", "label-column",
     "prompt-column", "response-column", "max-evaluations", "calibrate-to-limit", "peer-keys",
     "require-secure-aggregation", "allow-distributed-dp", "min-distributed-tolerance",
+    # Not node-config keys: what the request itself must keep to. "round": the round lies
+    # outside the run's own plan (1..federation.rounds; evaluation and queries also 0).
+    "round",
 )
 POLICY_METRIC_PREFIX = "policy."  # a policy decline carries the metric "policy.<key>" = 1
 # A site that declines a message replies with these (and no arrays): its budget guard

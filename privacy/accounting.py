@@ -105,6 +105,10 @@ def _calibrate(target: float, delta: float, rate: float, steps: int, accountant:
     def spent(sigma: float) -> float:
         return epsilon_of([*fixed, (sigma, rate, steps, *sensitivities)], delta, accountant)
 
+    if steps <= 0 or not rate > 0:
+        # Epsilon would not depend on sigma: the bracket below would halve sigma forever
+        # (a round past the run's plan asked exactly this, holding the ledger lock).
+        raise ValueError(f"nothing to calibrate: {steps} steps at sampling rate {rate}")
     floor = epsilon_of(list(fixed), delta, accountant)
     if floor >= target:
         raise ValueError(f"the mechanisms already counted spend epsilon {floor:.3f} >= the target {target:.3f}")
@@ -113,6 +117,8 @@ def _calibrate(target: float, delta: float, rate: float, steps: int, accountant:
     low, high = 0.5, 2.0
     eps_low, eps_high = spent(low), spent(high)
     while eps_low < target:
+        if low < 1e-12:
+            raise ValueError(f"no noise multiplier spends epsilon {target:.3f}: even sigma {low:g} spends less")
         low, high, eps_high = low / 4, low, eps_low
         eps_low = spent(low)
     while eps_high > target:
