@@ -7,14 +7,18 @@ aggregation in progress live in `context.state` (kept by the site's own SuperNod
 sent). They are replaced by the next `secagg_keys` and dropped after the reveal.
 
 What could a coordinator that chose a value learn? It sends the aggregation's nonce, the
-roster, the threshold, the sharers, the quantization and the survivor set. The site
-checks each: the nonce is new to this site (kept in its state dir); every key in the
-roster is signed by a peer the site trusts; the threshold is at least 2 and exceeds half
-the roster; it masks only with at least `threshold` sharers, once per aggregation (each
-step runs once, in order: a second masked input from the same secrets would reveal the
+run config, the adapter, the roster, the threshold, the sharers, the quantization and
+the survivor set. The site checks each: the nonce is new to this site (kept in its state
+dir); the context every key signature covers binds the run config, the adapter (its
+digest at the keys step, the adapter itself at the train step) and the quantization, so
+sites told different things cannot verify each other's keys; every key in the roster is
+signed by a peer the site trusts; the threshold is at least 2 and exceeds half the
+roster; it masks only with at least `threshold` sharers, once per aggregation (each step
+runs once, in order: a second masked input from the same secrets would reveal the
 difference); the quantization is fedlora's own (levels, weight cap, one site count per
-sharer), only the clip is the run's; the train request names this aggregation's nonce;
-and it reveals only with `threshold` signatures on the same survivor set and view.
+sharer) at federation.secure_aggregation_clip; the train request names this
+aggregation's nonce; and it reveals only with `threshold` signatures on the same
+survivor set and view.
 Everything about the request is checked before the site reads its data or trains. A
 failed step drops the aggregation's secrets.
 """
@@ -32,6 +36,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
 
 from fedlora.client.peer_keys import SigningKeys
+from fedlora.messages import run_config_digest
 from fedlora.privacy import secure_aggregation as sa
 from fedlora.privacy import secure_aggregation_records as records
 
@@ -45,8 +50,11 @@ CONTEXTS_FILE = "secure-aggregation-contexts"  # every aggregation context this 
 
 def advertise_keys(msg: Message, context: Context, signing: SigningKeys, config: Config, server_round: int, state_dir: Path) -> Message:
     """Step 1: fresh keys for a context this site never used, signed by its node key. The
-    context binds distributed DP's noise terms: sites told different terms cannot mask together."""
-    agreed = records.aggregation_context(config.run.output_dir, server_round, _nonce(msg), records.noise_terms(config))
+    context binds what shapes every masked input (the run config, the adapter the
+    coordinator says it will send, the quantization, distributed DP's noise terms): sites
+    told different things cannot verify each other's keys, and refuse at the roster."""
+    adapter = records.check_digest(msg.content[records.RECORD].get("adapter"), "adapter")
+    agreed = _context(msg, config, server_round, adapter)
     used = state_dir / CONTEXTS_FILE
     if used.exists() and agreed.hex() in used.read_text().split():
         raise sa.SecureAggregationError("the coordinator reused an aggregation context")
@@ -79,24 +87,27 @@ class MaskingRequest:
 
 def check_masking_request(msg: Message, context: Context, config: Config, server_round: int) -> MaskingRequest:
     """Step 3, before any data is read: the request belongs to this site's aggregation in
-    progress (its nonce and noise terms), names enough sharers from the roster, relays
-    shares only from them, and asks for fedlora's own quantization at the run's clip (under
-    distributed DP: at privacy.max_grad_norm, which the sensitivities are counted in)."""
+    progress (its nonce, config, adapter and noise terms), names enough sharers from the
+    roster, relays shares only from them, and asks for fedlora's own quantization at
+    federation.secure_aggregation_clip (under distributed DP: at privacy.max_grad_norm,
+    which the sensitivities are counted in)."""
     with aggregation_step(context) as (state, _):
         record = msg.content[records.RECORD]
-        agreed = records.aggregation_context(config.run.output_dir, server_round, _nonce(msg), records.noise_terms(config))
-        if agreed != state.context:
-            raise sa.SecureAggregationError("the train request is not for this site's aggregation in progress")
+        # The adapter that arrived, the config and the clip: what the keys were signed for.
+        sent = records.adapter_digest({k: a.numpy() for k, a in msg.content["arrays"].items()})
+        if _context(msg, config, server_round, sent) != state.context:
+            raise sa.SecureAggregationError("the train request (its config, adapter or quantization) is not for this "
+                                            "site's aggregation in progress")
         sharers = set(records.unpack_ids(record["sharers"]))
         sa.check_can_mask(state, sharers)
         senders, blobs = records.unpack_ids(record["shares-from"]), list(record["shares"])
         if len(senders) != len(blobs) or not set(senders) <= sharers - {state.site}:
             raise sa.SecureAggregationError("the relayed shares do not come from the sharers")
         spec = records.spec_from(record)
-        distributed = config.privacy.mode == "distributed"
-        own = records.quantization(distributed, config.privacy.max_grad_norm if distributed else spec.clip, len(sharers))
+        own = records.quantization(config.privacy.mode == "distributed", records.run_clip(config), len(sharers))
         if spec != own:
-            raise sa.SecureAggregationError("the quantization is not fedlora's for this number of sites")
+            raise sa.SecureAggregationError("the quantization is not fedlora's at federation.secure_aggregation_clip "
+                                            "for this number of sites")
         return MaskingRequest(sharers, dict(zip(senders, blobs)), spec)
 
 
@@ -153,6 +164,13 @@ def reveal_shares(msg: Message, context: Context) -> Message:
         revealed = sa.reveal(state, received, survivors, dict(zip(signers, signatures)))
     del context.state[STATE]
     return reply(msg, records.reveal_reply(revealed))
+
+
+def _context(msg: Message, config: Config, server_round: int, adapter: str) -> bytes:
+    """The aggregation context from the message as received (its config record, not the
+    site's own additions to it) and the adapter digest."""
+    terms = records.bound_terms(config, run_config_digest(msg.content["config"]), adapter)
+    return records.aggregation_context(config.run.output_dir, server_round, _nonce(msg), terms)
 
 
 def _nonce(msg: Message) -> bytes:

@@ -11,6 +11,9 @@ Nothing else leaves a site.
 
 from __future__ import annotations
 
+import hashlib
+import json
+
 from flwr.app import ConfigRecord, MetricRecord
 
 from fedlora.config import Config, from_flat
@@ -63,6 +66,16 @@ def read_config_record(record: ConfigRecord) -> tuple[Config, int]:
     server_round = int(flat.pop(ROUND_KEY))
     flat.pop(FINGERPRINT_KEY, None)
     return from_flat(flat, where="coordinator config"), server_round
+
+
+def run_config_digest(record: ConfigRecord) -> str:
+    """SHA-256 of the run config a message carries, without the round: the resolved config
+    (parsed, so both ends hash the same values whatever the transport did to their types)
+    and the base model's fingerprint. Secure aggregation binds it into the aggregation
+    context (privacy/secure_aggregation_records.py: bound_terms)."""
+    config, _ = read_config_record(record)
+    canonical = {**config.to_flat(), FINGERPRINT_KEY: sent_fingerprint(record)}
+    return hashlib.sha256(json.dumps(canonical, sort_keys=True, default=repr).encode()).hexdigest()
 
 
 def sent_fingerprint(record: ConfigRecord) -> str:

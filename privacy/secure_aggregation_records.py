@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import hashlib
 import struct
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
+
+import numpy as np
 
 from fedlora.privacy.secure_aggregation import AdvertisedKeys, QuantizationSpec, SecureAggregationError
 
@@ -53,11 +56,55 @@ def noise_terms(config: Config) -> str:
             f"max_grad_norm={p.max_grad_norm!r} levels={LEVELS}")
 
 
+def run_clip(config: Config) -> float:
+    """The clip every masked input is quantized at: the run's federation.secure_aggregation_clip
+    (under distributed DP privacy.max_grad_norm, which the sensitivities are counted in). A
+    site accepts no other: a coordinator that gave the other sites a huge clip would round
+    their inputs to 0 and leave the target's update alone in the sum."""
+    distributed = config.privacy.mode == "distributed"
+    return config.privacy.max_grad_norm if distributed else config.federation.secure_aggregation_clip
+
+
+def quantization_terms(config: Config) -> str:
+    """What shapes the quantization, but for the number of sharers (unknown at the keys step,
+    checked against the sharers named at the train step)."""
+    spec = quantization(config.privacy.mode == "distributed", run_clip(config), 1)
+    return f"clip={spec.clip!r} levels={spec.levels} max_weight={spec.max_weight}"
+
+
+def adapter_digest(arrays: Mapping[str, np.ndarray]) -> str:
+    """SHA-256 over an adapter's tensors as they travel (name, dtype, shape, bytes; by name)."""
+    h = hashlib.sha256(b"fedlora adapter/1\n")
+    for key in sorted(arrays):
+        array = np.ascontiguousarray(arrays[key])
+        h.update(f"{key}\n{array.dtype.str}\n{array.shape}\n".encode())
+        h.update(array.tobytes())
+    return h.hexdigest()
+
+
+def bound_terms(config: Config, config_digest: str, adapter: str) -> str:
+    """Everything that shapes a site's masked input, for the aggregation context: the run
+    config (`config_digest`, without the round and the nonce), the adapter sent
+    (`adapter_digest`), the quantization and distributed DP's noise terms. Sites told
+    different things sign keys for different contexts, so they cannot verify each other's
+    keys and refuse at the roster, before training."""
+    return (f"{noise_terms(config)}\nconfig={config_digest}\nadapter={adapter}\n"
+            f"quantization={quantization_terms(config)}")
+
+
 def aggregation_context(run: str, server_round: int, nonce: bytes, terms: str = "") -> bytes:
     """What every signature of one aggregation is bound to: the run, the round, the
     coordinator's nonce for this attempt (a site refuses a context it has seen) and the
-    noise terms of distributed DP (`noise_terms`)."""
+    terms that shape each masked input (`bound_terms`)."""
     return hashlib.sha256(f"fedlora aggregation\n{run}\n{server_round}\n{terms}\n".encode() + nonce).digest()
+
+
+def check_digest(value: Any, what: str) -> str:
+    """A SHA-256 hex digest the coordinator relays (it is hashed into the context, so a
+    wrong one only makes the site's keys unverifiable; the form is checked to fail early)."""
+    if not isinstance(value, str) or len(value) != 64 or any(c not in "0123456789abcdef" for c in value):
+        raise SecureAggregationError(f"the {what} digest must be 64 lowercase hex digits")
+    return value
 
 
 def pack_ids(ids: list[int] | set[int] | frozenset[int]) -> bytes:

@@ -4,8 +4,10 @@ coordinator learns the weighted sum of the sites' changes, never one site's upda
 Five exchanges over the sites of the attempt (privacy/secure_aggregation.py has the
 protocol, client/secure_masking.py the site's side):
 
-1. `query.secagg_keys`: a fresh nonce; each site replies with its signed keys. The
-   roster is every site whose signature verifies. A site without trusted peer keys
+1. `query.secagg_keys`: a fresh nonce and the digest of the adapter the site will be
+   sent; each site replies with its keys, signed over a context that binds the run
+   config, that adapter and the quantization. The roster is every site whose signature
+   verifies. A site without trusted peer keys
    declines (site policy: peer-keys).
 2. `query.secagg_shares`: the roster; each site checks it and replies with encrypted
    shares of its secrets for each peer.
@@ -28,7 +30,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -37,6 +39,7 @@ from flwr.app import ArrayRecord, ConfigRecord, MessageType, RecordDict
 from flwr.serverapp import Grid
 
 from fedlora.adapter_state import Adapter, to_record
+from fedlora.messages import run_config_digest
 from fedlora.privacy import secure_aggregation as sa
 from fedlora.privacy import secure_aggregation_records as records
 from fedlora.privacy.distributed_dp import coordinator_step
@@ -96,7 +99,20 @@ def secure_train(grid: Grid, envelope: Envelope, sent: dict[int, Adapter], froze
     out = SecureAttempt()
     nonce = new_nonce()
     distributed = config.privacy.mode == "distributed"
-    context = records.aggregation_context(config.run.output_dir, server_round, nonce, records.noise_terms(config))
+    # The context binds the config, the adapter and the quantization (records.bound_terms).
+    # A linear strategy sends every site the same adapter; a site sent another one signs
+    # for another context, and its keys are excluded at the roster.
+    by_object: dict[int, tuple[ArrayRecord, str]] = {}  # one record (and digest) per distinct adapter object
+    for a in sent.values():
+        if id(a) not in by_object:
+            record = to_record(a)
+            by_object[id(a)] = (record, records.adapter_digest({k: x.numpy() for k, x in record.items()}))
+    arrays = {v: by_object[id(a)][0] for v, a in sent.items()}
+    digests = {v: by_object[id(a)][1] for v, a in sent.items()}
+    adapter = Counter(digests.values()).most_common(1)[0][0] if digests else records.adapter_digest({})
+    config_digest = run_config_digest(envelope.config_record(server_round))
+    context = records.aggregation_context(config.run.output_dir, server_round, nonce,
+                                          records.bound_terms(config, config_digest, adapter))
 
     def step(nodes: list[int] | set[int], action: str, values: dict[int, dict], phase: str) -> RoundReplies:
         contents = {n: _with_secagg(envelope.content(server_round), values[n]) for n in sorted(nodes)}
@@ -113,7 +129,8 @@ def secure_train(grid: Grid, envelope: Envelope, sent: dict[int, Adapter], froze
         return out
 
     # 1. Keys: the roster is every site whose keys are signed by the node key they name.
-    replies = step(list(sent), "secagg_keys", dict.fromkeys(sent, {"nonce": nonce}), "secure keys")
+    keys_values = {v: {"nonce": nonce, "adapter": digests[v]} for v in sent}
+    replies = step(list(sent), "secagg_keys", keys_values, "secure keys")
     advertised = []
     for m in replies.ok:
         node = m.metadata.src_node_id
@@ -154,15 +171,13 @@ def secure_train(grid: Grid, envelope: Envelope, sent: dict[int, Adapter], froze
         return fail(sharers, TOO_FEW_SITES, f"{len(sharers)} sites shared keys, fewer than {threshold}")
 
     # 3. Train: each site's weighted change, quantized and masked.
-    clip = config.privacy.max_grad_norm if distributed else config.federation.secure_aggregation_clip
-    spec = records.quantization(distributed, clip, len(sharers))
+    spec = records.quantization(distributed, records.run_clip(config), len(sharers))
     shared = {"nonce": nonce, "sharers": records.pack_ids(sharers), **records.spec_record(spec)}
-    arrays: dict[int, ArrayRecord] = {}
     contents = {}
     for v in sorted(sharers):
         senders = sorted(s for s in inbox[v] if s in sharers)
         values = {**shared, "shares-from": records.pack_ids(senders), "shares": [inbox[v][s] for s in senders]}
-        contents[v] = _with_secagg(envelope.content(server_round, arrays.setdefault(id(sent[v]), to_record(sent[v]))), values)
+        contents[v] = _with_secagg(envelope.content(server_round, arrays[v]), values)
     replies = exchange(grid, contents, MessageType.TRAIN, server_round, config.federation.round_timeout, progress, "train")
     _merge(out.replies, replies)
     length = sum(t.numel() for t in trained_part(sent[min(sharers)], frozen_factors).values()) + 1
