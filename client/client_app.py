@@ -152,7 +152,7 @@ def secagg_keys(msg: Message, context: Context) -> Message:
     signing = site_signing_keys(config, context.node_config)
     if signing is None:
         return policy_declined(msg, config, server_round, "peer-keys", policy, state_dir)
-    return secure_masking.advertise_keys(msg, context, signing, config, server_round, state_dir)
+    return secure_masking.advertise_keys(msg, context, signing, config, server_round, state_dir, policy.min_sites)
 
 
 def secagg_shares(msg: Message, context: Context) -> Message:

@@ -48,7 +48,8 @@ STATE = "secagg"  # the context.state ConfigRecord
 CONTEXTS_FILE = "secure-aggregation-contexts"  # every aggregation context this site took part in
 
 
-def advertise_keys(msg: Message, context: Context, signing: SigningKeys, config: Config, server_round: int, state_dir: Path) -> Message:
+def advertise_keys(msg: Message, context: Context, signing: SigningKeys, config: Config, server_round: int, state_dir: Path,
+                   min_sites: int = 0) -> Message:
     """Step 1: fresh keys for a context this site never used, signed by its node key. The
     context binds what shapes every masked input (the run config, the adapter the
     coordinator says it will send, the quantization, distributed DP's noise terms): sites
@@ -61,6 +62,7 @@ def advertise_keys(msg: Message, context: Context, signing: SigningKeys, config:
     with used.open("a") as f:
         f.write(agreed.hex() + "\n")
     state, keys = sa.advertise(context.node_id, agreed, signing.node_key)
+    state.min_sites = min_sites  # the site's policy, checked at the roster, the sharers and the survivors
     save(context, state, {})
     return reply(msg, records.keys_reply(keys))
 
@@ -205,7 +207,7 @@ def save(context: Context, state: sa.MaskingSite, received: dict[int, bytes]) ->
         "cipher-private": state.cipher_private.private_bytes_raw(), "mask-private": state.mask_private.private_bytes_raw(),
         "self-seed": state.self_seed, "own-seed-share": state.own_seed_share, "sharers": records.pack_ids(state.sharers),
         "received-from": records.pack_ids(list(received)), "received": list(received.values()),
-        "min-survivors": state.min_survivors,
+        "min-survivors": state.min_survivors, "min-sites": state.min_sites,
     }
     if state.signed_survivors is not None:
         values["signed-survivors"] = records.pack_ids(state.signed_survivors)
@@ -223,6 +225,7 @@ def load(context: Context) -> tuple[sa.MaskingSite, dict[int, bytes]]:
                            threshold=int(v["threshold"]), step=str(v["step"]))
     state.own_seed_share = v["own-seed-share"]
     state.min_survivors = int(v.get("min-survivors", 0))
+    state.min_sites = int(v["min-sites"])
     state.sharers = frozenset(records.unpack_ids(v["sharers"]))
     if "signed-survivors" in v:
         state.signed_survivors = frozenset(records.unpack_ids(v["signed-survivors"]))

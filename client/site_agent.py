@@ -68,6 +68,7 @@ class SiteSettings:
     require_secure_aggregation: bool = False  # decline runs without it
     allow_distributed_dp: bool = False  # take part in privacy.mode = "distributed"
     min_distributed_tolerance: int = 1  # ... only if the run tolerates at least this many dropped or colluding sites
+    min_sites: int = 3  # secure aggregation: the smallest roster, sharer set and survivor set this site joins
 
     def policy(self) -> dict[str, str | float | int | bool]:
         """The site policy as node config values (every key always present but
@@ -82,7 +83,7 @@ class SiteSettings:
             "max-evaluations": int(self.max_evaluations), "calibrate-to-limit": bool(self.calibrate_to_limit),
             "require-secure-aggregation": bool(self.require_secure_aggregation),
             "allow-distributed-dp": bool(self.allow_distributed_dp),
-            "min-distributed-tolerance": int(self.min_distributed_tolerance),
+            "min-distributed-tolerance": int(self.min_distributed_tolerance), "min-sites": int(self.min_sites),
         })
         return values
 
@@ -277,6 +278,8 @@ def _check_policy(site: SiteSettings) -> None:
         raise SiteError(f"--privacy-unit must be one of {', '.join(PRIVACY_UNITS)}, got {site.privacy_unit!r}")
     if site.max_evaluations < 0:
         raise SiteError(f"--max-evaluations must be >= 0 (0 = no cap), got {site.max_evaluations}")
+    if site.min_sites < 2:
+        raise SiteError(f"--min-sites must be >= 2 (secure aggregation's smallest sum), got {site.min_sites}")
     for flag, name in (("--user-column", site.user_column), ("--text-column", site.text_column),
                        ("--label-column", site.label_column), ("--prompt-column", site.prompt_column),
                        ("--response-column", site.response_column)):

@@ -45,6 +45,9 @@ class SitePolicy:
     # and only with at least its own tolerance (docs/privacy.md).
     allow_distributed_dp: bool = False
     min_distributed_tolerance: int = 1
+    # The smallest aggregation this site joins under secure aggregation: roster, sharers and
+    # survivors (docs/privacy.md, "How many may collude"). The coordinator picks the threshold.
+    min_sites: int = 3
 
 
 def _flag(node_config: dict, key: str, default: bool) -> bool:
@@ -90,6 +93,7 @@ def _from_node_config(node_config: dict, base: SitePolicy) -> SitePolicy:
         require_secure_aggregation=_flag(node_config, "require-secure-aggregation", base.require_secure_aggregation),
         allow_distributed_dp=_flag(node_config, "allow-distributed-dp", base.allow_distributed_dp),
         min_distributed_tolerance=int(_number(node_config, "min-distributed-tolerance", base.min_distributed_tolerance, int)),
+        min_sites=int(_number(node_config, "min-sites", base.min_sites, int)),
     )
     if not policy.max_epsilon > 0:
         raise PolicyError(f"node config 'max-epsilon' must be > 0, got {node_config.get('max-epsilon')!r}")
@@ -99,6 +103,8 @@ def _from_node_config(node_config: dict, base: SitePolicy) -> SitePolicy:
         raise PolicyError(f"node config 'privacy-unit' must be example or user, got {policy.privacy_unit!r}")
     if policy.max_evaluations < 0:
         raise PolicyError(f"node config 'max-evaluations' must be >= 0 (0 = no cap), got {policy.max_evaluations!r}")
+    if policy.min_sites < 2:
+        raise PolicyError(f"node config 'min-sites' must be >= 2 (secure aggregation's smallest sum), got {policy.min_sites!r}")
     if policy.min_distributed_tolerance < 0:
         raise PolicyError(f"node config 'min-distributed-tolerance' must be >= 0, got {policy.min_distributed_tolerance!r}")
     return policy
@@ -128,6 +134,7 @@ def simulation_policy(config: Config) -> SitePolicy:
         # One operator runs every virtual site: the run's own distributed setting stands.
         allow_distributed_dp=True,
         min_distributed_tolerance=0,
+        min_sites=2,  # one machine holds every party: the floor protects nothing there
     )
 
 

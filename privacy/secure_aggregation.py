@@ -34,16 +34,21 @@ least `threshold` survivors signed that same statement. A coordinator that names
 as a survivor to some sites and as dropped to others (to get both its seed and its mask
 key) needs `threshold` signatures on each of two statements. Each honest site signs
 one, and a colluding site signs both, so with c colluders that takes 2 * threshold <=
-n + c: the protocol holds against c <= 2 * threshold - n - 1 colluding sites (n the
+n + c: no site's two secrets can be rebuilt while c <= 2 * threshold - n - 1 (n the
 roster). `threshold` must exceed half the roster (accept_roster), so it always holds
 without collusion; a larger threshold buys collusion tolerance at the price of dropout
-tolerance (n - threshold sites may drop).
+tolerance (n - threshold sites may drop). The sum itself is the other way in: the
+coordinator subtracts the colluders' inputs from it, so a sum of s survivors hides an
+honest site's input only while c <= s - 2. Each site sets its own floor on s (and on the
+roster and the sharers), `min_sites`: with threshold 2, a roster of the site and one
+colluder would otherwise give its input away (docs/privacy.md, "How many may collude").
 
 Each step runs once per aggregation, in order (`MaskingSite.step`): a site never masks
 two inputs with the same secrets, and masks only with at least `threshold` others.
 
 Assumed, not enforced here: the coordinator relays every message (it can drop any,
-which at worst fails the round), and at most 2 * threshold - n - 1 sites collude with it.
+which at worst fails the round), and at most min(2 * threshold - n - 1, max(threshold,
+min_sites) - 2) sites collude with it.
 """
 
 from __future__ import annotations
@@ -165,6 +170,10 @@ class MaskingSite:
     # Distributed DP: fewer survivors than this carry less noise than this site's share
     # assumed (privacy/distributed_dp.py), so it reveals nothing to them.
     min_survivors: int = 0
+    # The site's own floor (policy `min-sites`) on the roster, the sharers and the survivors:
+    # the threshold is the coordinator's choice, and a sum of this site and colluders alone
+    # is this site's input once the colluders' inputs are subtracted.
+    min_sites: int = 0
     # Each step once, in order: a second masked input from the same secrets would give
     # the coordinator the difference of two of this site's inputs, with no reveal at all.
     step: str = "advertised"
@@ -251,8 +260,14 @@ def accept_roster(state: MaskingSite, roster: list[AdvertisedKeys], trusted: set
     if 2 * threshold <= len(roster):
         raise SecureAggregationError(f"threshold {threshold} of {len(roster)} sites: it must exceed half the roster, "
                                      "or a coordinator could split the sites over two survivor sets")
+    _check_floor(state, len(roster), "in the roster")
     state.roster = by_site
     state.threshold = threshold
+
+
+def _check_floor(state: MaskingSite, sites: int, where: str) -> None:
+    if sites < state.min_sites:
+        raise SecureAggregationError(f"{sites} sites {where}, fewer than this site's min-sites {state.min_sites}")
 
 
 def _agreed(private: X25519PrivateKey, public: bytes, purpose: bytes, context: bytes, u: int, v: int) -> bytes:
@@ -327,6 +342,7 @@ def check_can_mask(state: MaskingSite, sharers: set[int]) -> None:
         # Fewer pairwise masks than the threshold: the coordinator could rebuild this
         # site's self-mask from the others' shares and read its input.
         raise SecureAggregationError(f"{len(sharers)} sites named as having shared keys, fewer than the threshold {state.threshold}")
+    _check_floor(state, len(sharers), "named as having shared keys")
 
 
 def masked_input(state: MaskingSite, quantized: np.ndarray, sharers: set[int], bits: int) -> np.ndarray:
@@ -364,6 +380,7 @@ def sign_survivors(state: MaskingSite, survivors: set[int], node_key: ec.Ellipti
         raise SecureAggregationError("the coordinator named a second, different survivor set")
     if state.site not in survivors or not survivors <= state.sharers:
         raise SecureAggregationError("the survivors named are not sites that shared keys")
+    _check_floor(state, len(survivors), "named as survivors")
     if state.signed_survivors is None:
         _advance(state, "masked", "signed")
     state.signed_survivors = frozenset(survivors)
@@ -396,6 +413,7 @@ def reveal(state: MaskingSite, received: dict[int, bytes], survivors: set[int],
         raise SecureAggregationError("this site did not sign this survivor set")
     if len(survivors) < threshold:
         raise SecureAggregationError(f"{len(survivors)} survivors, fewer than the threshold {threshold}: nothing is revealed")
+    _check_floor(state, len(survivors), "named as survivors")
     if len(survivors) < state.min_survivors:
         raise SecureAggregationError(f"{len(survivors)} survivors, fewer than the {state.min_survivors} whose noise shares "
                                      "the distributed DP guarantee needs: nothing is revealed")

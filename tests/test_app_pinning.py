@@ -184,7 +184,7 @@ def test_every_policy_key_survives_flowers_node_config_parser(site):
 
     site.key, public = create_site_key(site.state_dir.parent / "keys", "site 0")
     site.peer_keys, site.require_secure_aggregation = public, True
-    site.allow_distributed_dp, site.min_distributed_tolerance = True, 2
+    site.allow_distributed_dp, site.min_distributed_tolerance, site.min_sites = True, 2, 4
     validate_site(site)
     expected = {
         "data-path": str(site.data_path), "model-path": site.model_path, "state-dir": str(site.state_dir),
@@ -192,7 +192,7 @@ def test_every_policy_key_survives_flowers_node_config_parser(site):
         "allow-no-dp": True, "text-column": "note text", "label-column": "dept=label", "prompt-column": "it's",
         "response-column": "réponse", "max-evaluations": 3, "calibrate-to-limit": False, "lora-rank": 4,
         "require-secure-aggregation": True, "peer-keys": str(public), "node-key": str(site.key),
-        "allow-distributed-dp": True, "min-distributed-tolerance": 2,
+        "allow-distributed-dp": True, "min-distributed-tolerance": 2, "min-sites": 4,
     }
     parsed = parse_config_args([site.node_config()])
     assert parsed == expected
@@ -206,7 +206,7 @@ def test_every_policy_key_survives_flowers_node_config_parser(site):
         "max-delta": 1e-5, "privacy-unit": "example", "user-column": "user_id", "allow-no-dp": False,
         "text-column": "text", "label-column": "label", "prompt-column": "prompt", "response-column": "response",
         "max-evaluations": 0, "calibrate-to-limit": True, "require-secure-aggregation": False,
-        "allow-distributed-dp": False, "min-distributed-tolerance": 1}
+        "allow-distributed-dp": False, "min-distributed-tolerance": 1, "min-sites": 3}
 
 
 @pytest.mark.parametrize("change, message", [

@@ -80,6 +80,9 @@ def add_deployment_commands(commands: argparse._SubParsersAction) -> None:
     s.add_argument("--min-distributed-tolerance", type=int, default=1, metavar="N",
                    help="under distributed DP, decline runs whose privacy.distributed_tolerance (dropped or colluding "
                         "sites the noise still covers) is below N (default 1)")
+    s.add_argument("--min-sites", type=int, default=3, metavar="N",
+                   help="under secure aggregation, refuse an aggregation whose roster, sharers or survivors are fewer "
+                        "than N sites (default 3: with 2, one colluding site and the coordinator learn this one's update)")
     s.add_argument("--lora-rank", type=int, metavar="R", help="this site's LoRA rank (needs strategy.name = 'exact' if it differs)")
     s.add_argument("--port", type=int, default=9094, help="this SuperNode's local API port (one per SuperNode on a machine)")
     s.add_argument("--insecure", action="store_true", help="no TLS (a local trial only)")
@@ -181,6 +184,7 @@ def run_client_cmd(args: argparse.Namespace) -> int:
         peer_keys=args.peer_keys and args.peer_keys.expanduser().resolve(),
         require_secure_aggregation=args.require_secure_aggregation,
         allow_distributed_dp=args.allow_distributed_dp, min_distributed_tolerance=args.min_distributed_tolerance,
+        min_sites=args.min_sites,
     ))
 
 
