@@ -37,7 +37,7 @@ from fedlora.messages import (
     sent_fingerprint,
 )
 from fedlora.model_folder import resolve_model_dir
-from fedlora.privacy.site_audit import append_audit, read_audit
+from fedlora.privacy.site_audit import EVALUATION_READ, append_audit, read_audit
 from fedlora.privacy.site_ledger import Declined, open_ledger
 
 log = logging.getLogger("fedlora.client")
@@ -90,7 +90,8 @@ def screen_request(msg: Message, context: Context, config: Config, server_round:
     if key is None and round_outside_plan(msg.metadata.message_type, server_round, config):
         key = "round"
     if key is None and kind == MessageType.EVALUATE and policy.max_evaluations:
-        done = sum(1 for e in read_audit(state_dir) if e["event"] == "evaluated" and e["run"] == run)
+        # Every evaluation that read data counts, completed or not (privacy/site_audit.py).
+        done = sum(1 for e in read_audit(state_dir) if e["event"] == EVALUATION_READ and e["run"] == run)
         key = "max-evaluations" if done >= policy.max_evaluations else None
     if key is not None:
         return policy_declined(msg, config, server_round, key, policy, state_dir), policy, state_dir

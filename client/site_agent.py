@@ -69,6 +69,7 @@ class SiteSettings:
     allow_distributed_dp: bool = False  # take part in privacy.mode = "distributed"
     min_distributed_tolerance: int = 1  # ... only if the run tolerates at least this many dropped or colluding sites
     min_sites: int = 3  # secure aggregation: the smallest roster, sharer set and survivor set this site joins
+    labels: list[str] | None = None  # classification: the labels of the site's data, in class-id order
 
     def policy(self) -> dict[str, str | float | int | bool]:
         """The site policy as node config values (every key always present but
@@ -85,6 +86,8 @@ class SiteSettings:
             "allow-distributed-dp": bool(self.allow_distributed_dp),
             "min-distributed-tolerance": int(self.min_distributed_tolerance), "min-sites": int(self.min_sites),
         })
+        if self.labels is not None:  # absent when not declared (node config values are scalars: one string)
+            values["labels"] = ",".join(self.labels)
         return values
 
     def node_config(self) -> str:
@@ -148,6 +151,9 @@ def _check_data(path: Path, site: SiteSettings | None = None) -> None:
                                 f"'{text}' (--text-column)")
             raise SiteError(f"--data-path {path}: row {number} has no column '{text}' (--text-column) and no columns "
                             f"'{prompt}' and '{response}' (--prompt-column, --response-column)")
+        if site.labels is not None and has(site.label_column) and str(row[site.label_column]) not in site.labels:
+            raise SiteError(f"--data-path {path}: row {number}: its '{site.label_column}' (--label-column) value is "
+                            "not one of --labels")
         if site.privacy_unit == "user" and not has(site.user_column):
             raise SiteError(f"--data-path {path}: row {number} has no column '{site.user_column}' "
                             f"(--user-column, needed by --privacy-unit user)")
@@ -287,6 +293,11 @@ def _check_policy(site: SiteSettings) -> None:
             raise SiteError(f"{flag}: a column name cannot be empty")
         if any(c in name for c in _UNQUOTABLE):
             raise SiteError(f"{flag} {name!r}: a column name with a double quote, backslash or line break cannot be passed to Flower")
+    if site.labels is not None:
+        if not site.labels or any(not n or n != n.strip() or "," in n or any(c in n for c in _UNQUOTABLE) for n in site.labels) \
+                or len(set(site.labels)) != len(site.labels):
+            raise SiteError("--labels: distinct, non-empty label names separated by commas (no quotes, backslashes, "
+                            "line breaks or surrounding spaces)")
 
 
 def approved_apps(site: SiteSettings) -> list[str]:

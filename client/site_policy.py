@@ -48,6 +48,11 @@ class SitePolicy:
     # The smallest aggregation this site joins under secure aggregation: roster, sharers and
     # survivors (docs/privacy.md, "How many may collude"). The coordinator picks the threshold.
     min_sites: int = 3
+    # The classification labels of this site's data, in class-id order (node config `labels`,
+    # comma-separated; `fedlora client` checks its data against them at start). A run whose
+    # data.labels differs is declined before any data is read, so whether the site holds a
+    # label never shows as a data error. Empty: not declared (that check is then the data's).
+    labels: tuple[str, ...] = ()
 
 
 def _flag(node_config: dict, key: str, default: bool) -> bool:
@@ -77,6 +82,16 @@ def _text(node_config: dict, key: str, default: str) -> str:
     return value
 
 
+def _labels(node_config: dict, key: str, default: tuple[str, ...]) -> tuple[str, ...]:
+    value = node_config.get(key)
+    if value is None:
+        return default
+    names = tuple(str(v).strip() for v in (value if isinstance(value, (list, tuple)) else str(value).split(",")))
+    if not names or any(not n for n in names) or len(set(names)) != len(names):
+        raise PolicyError(f"node config '{key}' must be distinct, non-empty label names separated by commas")
+    return names
+
+
 def _from_node_config(node_config: dict, base: SitePolicy) -> SitePolicy:
     policy = SitePolicy(
         max_epsilon=_number(node_config, "max-epsilon", base.max_epsilon),
@@ -94,6 +109,7 @@ def _from_node_config(node_config: dict, base: SitePolicy) -> SitePolicy:
         allow_distributed_dp=_flag(node_config, "allow-distributed-dp", base.allow_distributed_dp),
         min_distributed_tolerance=int(_number(node_config, "min-distributed-tolerance", base.min_distributed_tolerance, int)),
         min_sites=int(_number(node_config, "min-sites", base.min_sites, int)),
+        labels=_labels(node_config, "labels", base.labels),
     )
     if not policy.max_epsilon > 0:
         raise PolicyError(f"node config 'max-epsilon' must be > 0, got {node_config.get('max-epsilon')!r}")
@@ -169,6 +185,8 @@ def violation(policy: SitePolicy, config: Config) -> str | None:
     ):
         if asked != own:
             return key
+    if policy.labels and config.model.task == "classification" and tuple(data.labels) != policy.labels:
+        return "labels"
     if policy.require_secure_aggregation and not config.federation.secure_aggregation:
         return "require-secure-aggregation"
     if privacy.enabled and privacy.mode == "distributed":

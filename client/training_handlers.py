@@ -33,7 +33,7 @@ from fedlora.privacy.distributed_dp import noisy_input
 from fedlora.privacy.finite import check_finite_tensors, check_finite_values
 from fedlora.privacy.noisy_release import noisy_sum
 from fedlora.privacy.secure_aggregation import SecureAggregationError
-from fedlora.privacy.site_audit import append_audit
+from fedlora.privacy.site_audit import EVALUATION_READ, append_audit
 from fedlora.privacy.site_ledger import Declined, Mechanism, open_ledger
 from fedlora.strategies import get_strategy, trained_part
 
@@ -64,13 +64,20 @@ def budget_declined(msg: Message, config: Config, server_round: int, decision: B
     return Message(content=RecordDict({"metrics": metrics}), reply_to=msg)
 
 
-def model_and_data(msg: Message, context: Context, config: Config) -> tuple[CachedModel, Adapter, SiteData]:
-    """The cached base model with the sent global adapter put in, the adapter as sent,
-    and this site's data (train and validation splits)."""
+def model_with_adapter(msg: Message, config: Config) -> tuple[CachedModel, Adapter]:
+    """The cached base model with the sent global adapter put in (its keys, shapes and
+    finiteness checked), and the adapter as sent. Reads no data: a refusal here is free."""
     cached = cached_model(config, config.data.labels)
     sent = from_record(msg.content["arrays"])
     put_adapter(cached.model, sent)
-    return cached, sent, load_site_data(config, config.data.labels, context.node_config, cached.tokenizer)
+    return cached, sent
+
+
+def site_data(context: Context, config: Config, cached: CachedModel) -> SiteData:
+    """This site's data (train and validation splits). Its columns (and, with the policy
+    `labels`, its labels) were checked when the site started and against the request
+    before this is called; its size is public to the accounting (q)."""
+    return load_site_data(config, config.data.labels, context.node_config, cached.tokenizer)
 
 
 def train(msg: Message, context: Context) -> Message:
@@ -89,7 +96,8 @@ def train(msg: Message, context: Context) -> Message:
     if config.privacy.mode == "distributed":
         return train_distributed(msg, context, config, server_round, policy, state_dir, masking)
 
-    cached, sent, site = model_and_data(msg, context, config)
+    cached, sent = model_with_adapter(msg, config)
+    site = site_data(context, config, cached)
 
     # Train (with the factors the strategy keeps frozen, e.g. LoRA A under ffa).
     frozen_factors = get_strategy(config.strategy).frozen_factors
@@ -113,13 +121,14 @@ def train(msg: Message, context: Context) -> Message:
             decision = check_budget(ledger, [mechanism], delta, accountant, limit)
             if not decision.allowed:
                 return budget_declined(msg, config, server_round, decision, ledger, state_dir)
-            with frozen(cached.model, frozen_factors):
-                result = train_locally(cached.model, site.train, config, plan, cached.tokenizer.pad_token_id, seed)
-            # Recorded before the reply exists: nothing leaves the site unaccounted.
+            # Charged before training: whatever follows (the update, or an error a crafted
+            # adapter provokes on one record) depends on the data. A crash over-counts: safe.
             ledger.record(run, accountant, delta, Mechanism(server_round, *mechanism, unit=plan.unit), limit)
             epsilon = decision.epsilon_after  # the ledger now holds exactly what the guard counted
             later_rounds, evaluations = remaining_plan(config, plan, server_round, state_dir)
             planned = ledger.epsilon(delta, accountant, extra=later_rounds + evaluations)
+        with frozen(cached.model, frozen_factors):
+            result = train_locally(cached.model, site.train, config, plan, cached.tokenizer.pad_token_id, seed)
         log.info("round %d: %s, %d examples, loss %.4f; noise multiplier %.4f (q %.4f per %s, %d steps), epsilon %.3f, "
                  "expected %.3f after round %d, limit %s", server_round, site.source, len(site.train), result.loss,
                  plan.noise_multiplier, plan.sample_rate, plan.unit, plan.steps, epsilon, planned, config.federation.rounds,
@@ -150,7 +159,8 @@ def train_distributed(msg: Message, context: Context, config: Config, server_rou
     """Distributed DP (privacy/distributed_dp.py): this site's noisy share of one DP-SGD step
     over the union of the sites' records, masked; the coordinator takes the step."""
     start = time.perf_counter()
-    cached, sent, site = model_and_data(msg, context, config)
+    cached, sent = model_with_adapter(msg, config)
+    site = site_data(context, config, cached)
     frozen_factors = get_strategy(config.strategy).frozen_factors
     sharers = len(masking.sharers)
 
@@ -160,19 +170,24 @@ def train_distributed(msg: Message, context: Context, config: Config, server_rou
     values = sum(t.numel() for t in trained_part(sent, frozen_factors).values())
     plan = distributed_plan(config, values, state_dir)
     run, delta, accountant, limit = config.run.output_dir, config.privacy.delta, config.privacy.accountant, policy.max_epsilon
+    if not 0 < len(site.train) <= records.MAX_DISTRIBUTED_RECORDS:
+        # Before the ledger entry (a site too large would otherwise spend every round and never
+        # contribute); the record count is public to the accounting, as q is under local DP.
+        raise SecureAggregationError(f"distributed DP sums 1 to {records.MAX_DISTRIBUTED_RECORDS} records per site "
+                                     f"(this site has {len(site.train)})")
     with open_ledger(state_dir) as ledger:
         decision = check_budget(ledger, [plan.mechanism], delta, accountant, limit)
         if not decision.allowed:
             return budget_declined(msg, config, server_round, decision, ledger, state_dir)
-        with frozen(cached.model, frozen_factors):
-            sums, batch = distributed_gradient_sum(cached.model, site.train, config, plan.sample_rate, records.LEVELS,
-                                                   cached.tokenizer.pad_token_id)
-        # Recorded before the reply exists, with the assumption the guarantee rests on.
+        # Charged before the gradients are taken, with the assumption the guarantee rests on.
         ledger.record(run, accountant, delta, Mechanism(server_round, *plan.mechanism[:3], unit="example", kind="distributed",
                                                        l2=plan.l2, l1=plan.l1, trust=plan.trust(sharers)), limit)
         later = [plan.mechanism] * max(0, config.federation.rounds - server_round)
         evaluations = [eval_mechanism(config, state_dir)] * planned_evaluations(config, server_round)
         planned = ledger.epsilon(delta, accountant, extra=later + evaluations)
+    with frozen(cached.model, frozen_factors):
+        sums, batch = distributed_gradient_sum(cached.model, site.train, config, plan.sample_rate, records.LEVELS,
+                                               cached.tokenizer.pad_token_id)
     integer_sum = np.concatenate([sums[k].flatten().numpy() for k in sorted(sums)])
     noisy = noisy_input(integer_sum, len(site.train), plan.share(sharers), masking.spec, np.random.default_rng())
     log.info("round %d: %s, distributed DP step over %d sampled records (q %.4f); Skellam share for %d sites "
@@ -192,22 +207,25 @@ def evaluate(msg: Message, context: Context) -> Message:
     refusal, policy, state_dir = screen_request(msg, context, config, server_round)
     if refusal is not None:
         return refusal
-    cached, _, site = model_and_data(msg, context, config)
+    cached, _ = model_with_adapter(msg, config)  # no data yet: a refused adapter is free
     pad_id, run, classification = cached.tokenizer.pad_token_id, config.run.output_dir, config.model.task == "classification"
 
     if not config.privacy.enabled:  # the policy allowed it: exact sums
-        sums = evaluate_locally(cached.model, site.validation, config, pad_id)
+        read_for_evaluation(state_dir, run, server_round)
+        sums = evaluate_locally(cached.model, site_data(context, config, cached).validation, config, pad_id)
         values = {"num-examples": sums.units, "eval-correct": sums.correct, "eval-loss-sum": sums.loss, "epsilon": 0.0}
     else:
-        # Gaussian noise on each released sum, charged to the ledger before anything leaves.
+        # Gaussian noise on each released sum. The evaluation is charged before any data is
+        # read: its noise does not depend on the data, and every outcome after reading does.
         delta, accountant, limit, clip = config.privacy.delta, config.privacy.accountant, policy.max_epsilon, config.privacy.eval_loss_clip
         with open_ledger(state_dir) as ledger:
             mechanism = eval_mechanism(config, state_dir)
             decision = check_budget(ledger, [mechanism], delta, accountant, limit)
             if not decision.allowed:
                 return budget_declined(msg, config, server_round, decision, ledger, state_dir)
-            sums = evaluate_locally(cached.model, site.validation, config, pad_id, loss_clip=clip)
             ledger.record(run, accountant, delta, Mechanism(server_round, *mechanism, unit=config.privacy.unit, kind="evaluation"), limit)
+        read_for_evaluation(state_dir, run, server_round)
+        sums = evaluate_locally(cached.model, site_data(context, config, cached).validation, config, pad_id, loss_clip=clip)
         sigma = mechanism[0]
         values = {
             "num-examples": noisy_sum(sums.units, 1.0, sigma),
@@ -220,3 +238,9 @@ def evaluate(msg: Message, context: Context) -> Message:
     append_audit(state_dir, "evaluated", run, round=server_round)
     check_finite_values(values)  # the last line (privacy/finite.py): after the ledger entry
     return Message(content=RecordDict({"metrics": metric_record(values, EVALUATE_METRICS)}), reply_to=msg)
+
+
+def read_for_evaluation(state_dir: Path, run: str, server_round: int) -> None:
+    """Audited before the site reads data for an evaluation: `max-evaluations` counts these,
+    so an evaluation that fails after reading counts like one that completed."""
+    append_audit(state_dir, EVALUATION_READ, run, round=server_round)

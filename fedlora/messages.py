@@ -28,7 +28,7 @@ TRAIN_METRICS = ("num-examples", "train-loss", "epsilon", "planned-epsilon", "no
 POLICY_KEYS = (
     "max-epsilon", "max-delta", "privacy-unit", "user-column", "allow-no-dp", "text-column", "label-column",
     "prompt-column", "response-column", "max-evaluations", "calibrate-to-limit", "peer-keys",
-    "require-secure-aggregation", "allow-distributed-dp", "min-distributed-tolerance",
+    "require-secure-aggregation", "allow-distributed-dp", "min-distributed-tolerance", "labels",
     # Not node-config keys: what the request itself must keep to. "round": the round lies
     # outside the run's own plan (1..federation.rounds; evaluation and queries also 0).
     "round",

@@ -8,7 +8,10 @@ that declined). It never holds a value read from the site's data.
 
 Events: "app" (the app bundle a run shipped: its hash and whether the site approved
 it), "request" (the privacy settings a run asked for, once per run and message type),
-"declined" (a message refused by the site's policy or budget, with the key).
+"declined" (a message refused by the site's policy or budget, with the key),
+"evaluation read" (an evaluation about to read the site's data: the policy
+`max-evaluations` counts these, so one that fails after reading counts too) and
+"evaluated" (one that released its sums).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 AUDIT_FILE = "audit-log.jsonl"
+EVALUATION_READ = "evaluation read"
 
 
 def utc_now() -> str:

@@ -19,7 +19,7 @@ import pytest
 
 from fedlora.config import load_config, write_config
 from fedlora.privacy.accounting import epsilon_of
-from fedlora.privacy.site_ledger import LEDGER_FILE, LOCK_FILE, LedgerError, Mechanism, SiteLedger
+from fedlora.privacy.site_ledger import LEDGER_FILE, LedgerError, Mechanism, SiteLedger
 from tests.site_process import train_once
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -120,28 +120,30 @@ def test_ledger_composes_runs(site, tmp_path):
     assert reply.content["metrics"]["epsilon"] == pytest.approx(both, rel=1e-9)
 
 
-def test_client_killed_mid_round_leaves_no_entry_and_the_retry_counts_once(site, tmp_path):
+def test_client_killed_mid_round_keeps_its_entry_and_the_retry_is_charged_again(site, tmp_path):
+    """The entry is written before training (issue 25: whatever follows reading the data
+    depends on it, an error included), so a site killed while training has been charged,
+    and the coordinator's retry is charged again: a crash over-counts, which is safe."""
     config, _, node = site
     config.train.local_steps = 2000  # long enough to be killed while training
     path = tmp_path / "long.toml"
     write_config(config, path)
     proc = subprocess.Popen([sys.executable, "-m", "tests.site_process", str(path), "1", json.dumps(node)], cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    lock = Path(node["state-dir"]) / LOCK_FILE
+    ledger_path = Path(node["state-dir"]) / LEDGER_FILE
     deadline = time.monotonic() + 120
-    while not lock.exists() and time.monotonic() < deadline and proc.poll() is None:
+    while not ledger_path.exists() and time.monotonic() < deadline and proc.poll() is None:
         time.sleep(0.2)
-    time.sleep(2.0)  # inside the guarded section, training
+    time.sleep(2.0)  # training
     assert proc.poll() is None, "the site finished before it could be killed"
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    ledger_path = Path(node["state-dir"]) / LEDGER_FILE
-    assert not ledger_path.exists() or SiteLedger.load(node["state-dir"]).history() == []  # nothing left the site
+    assert [m.round for m in SiteLedger.load(node["state-dir"]).runs[0].mechanisms] == [1]  # charged before training
 
     config.train.local_steps = 2
     train_once(config, 1, node)  # the coordinator's retry of round 1
     ledger = SiteLedger.load(node["state-dir"])
-    assert [m.round for m in ledger.runs[0].mechanisms] == [1]
+    assert [m.round for m in ledger.runs[0].mechanisms] == [1, 1]
 
 
 def test_a_crash_while_writing_keeps_the_previous_ledger(tmp_path, monkeypatch):

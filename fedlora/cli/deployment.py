@@ -80,6 +80,9 @@ def add_deployment_commands(commands: argparse._SubParsersAction) -> None:
     s.add_argument("--min-distributed-tolerance", type=int, default=1, metavar="N",
                    help="under distributed DP, decline runs whose privacy.distributed_tolerance (dropped or colluding "
                         "sites the noise still covers) is below N (default 1)")
+    s.add_argument("--labels", type=lambda v: v.split(","), metavar="A,B,...",
+                   help="classification: this site's label names in class-id order; runs whose data.labels differ are "
+                        "declined before data is read, and every row's label must be one of them")
     s.add_argument("--min-sites", type=int, default=3, metavar="N",
                    help="under secure aggregation, refuse an aggregation whose roster, sharers or survivors are fewer "
                         "than N sites (default 3: with 2, one colluding site and the coordinator learn this one's update)")
@@ -184,7 +187,7 @@ def run_client_cmd(args: argparse.Namespace) -> int:
         peer_keys=args.peer_keys and args.peer_keys.expanduser().resolve(),
         require_secure_aggregation=args.require_secure_aggregation,
         allow_distributed_dp=args.allow_distributed_dp, min_distributed_tolerance=args.min_distributed_tolerance,
-        min_sites=args.min_sites,
+        min_sites=args.min_sites, labels=args.labels,
     ))
 
 
