@@ -5,8 +5,8 @@
   exception's text, which could hold a value from the site's data (a label, a row).
   The details, with the traceback, go to the site's own log only.
 - A reply's content is checked against the whitelist: at most the ArrayRecord
-  "arrays" of adapter tensors (or a train reply's "masked" input under secure
-  aggregation), the MetricRecord "metrics" with whitelisted keys of the message type,
+  "arrays" of adapter tensors (or, never beside it, a train reply's "masked" input
+  under secure aggregation), the MetricRecord "metrics" with whitelisted keys of the message type,
   and for the secure-aggregation steps the ConfigRecord "secagg" with that step's keys.
   Anything else is an internal error, and nothing is sent.
 """
@@ -69,6 +69,9 @@ def check_outgoing(reply: Message, message_type: str) -> None:
     if extra_records or set(content.config_records) - configs or set(content.array_records) - arrays \
             or set(content.metric_records) - {"metrics"}:
         raise OutgoingContentError(f"reply records outside the whitelist: {sorted(content)}")
+    if {"arrays", secagg.MASKED} <= set(content.array_records):
+        # A masked train reply with the tensors in the clear beside it would undo the masking.
+        raise OutgoingContentError("a train reply holds both the adapter and a masked input")
     if secagg.RECORD in content.config_records:
         extra = set(content[secagg.RECORD]) - set(secagg.REPLY_KEYS[action])
         if extra:

@@ -25,6 +25,7 @@ failed step drops the aggregation's secrets.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -36,6 +37,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
 
 from fedlora.client.peer_keys import SigningKeys
+from fedlora.client.site_policy import site_state_dir
 from fedlora.messages import run_config_digest
 from fedlora.privacy import secure_aggregation as sa
 from fedlora.privacy import secure_aggregation_records as records
@@ -46,6 +48,10 @@ if TYPE_CHECKING:  # the key steps run in a process without torch (only the trai
 
 STATE = "secagg"  # the context.state ConfigRecord
 CONTEXTS_FILE = "secure-aggregation-contexts"  # every aggregation context this site took part in
+# Every context this site sent a masked input in. "Each step once" also lives in
+# context.state, which the SuperNode keeps only after the reply: were that lost, a re-sent
+# train request would find the step not taken and mask twice with the same masks.
+MASKED_FILE = "secure-aggregation-masked"
 
 
 def advertise_keys(msg: Message, context: Context, signing: SigningKeys, config: Config, server_round: int, state_dir: Path,
@@ -85,6 +91,7 @@ class MaskingRequest:
     sharers: set[int]
     received: dict[int, bytes]  # sender -> the encrypted shares it sent this site
     spec: sa.QuantizationSpec
+    state_dir: Path  # where the site marks the context it masked in (MASKED_FILE)
 
 
 def check_masking_request(msg: Message, context: Context, config: Config, server_round: int) -> MaskingRequest:
@@ -100,6 +107,9 @@ def check_masking_request(msg: Message, context: Context, config: Config, server
         if _context(msg, config, server_round, sent) != state.context:
             raise sa.SecureAggregationError("the train request (its config, adapter or quantization) is not for this "
                                             "site's aggregation in progress")
+        state_dir = site_state_dir(config, context.node_config)
+        if _masked_before(state_dir, state.context):
+            raise sa.SecureAggregationError("this site already sent a masked input for this aggregation")
         sharers = set(records.unpack_ids(record["sharers"]))
         sa.check_can_mask(state, sharers)
         senders, blobs = records.unpack_ids(record["shares-from"]), list(record["shares"])
@@ -110,7 +120,7 @@ def check_masking_request(msg: Message, context: Context, config: Config, server
         if spec != own:
             raise sa.SecureAggregationError("the quantization is not fedlora's at federation.secure_aggregation_clip "
                                             "for this number of sites")
-        return MaskingRequest(sharers, dict(zip(senders, blobs)), spec)
+        return MaskingRequest(sharers, dict(zip(senders, blobs)), spec, state_dir)
 
 
 def masked_update(request: MaskingRequest, context: Context, trained: Adapter, sent: Adapter, weight: int) -> RecordDict:
@@ -120,6 +130,7 @@ def masked_update(request: MaskingRequest, context: Context, trained: Adapter, s
         change = flat_change(trained, sent)
         rng = np.random.default_rng()  # stochastic rounding: fresh randomness, nothing to reproduce
         quantized = np.concatenate([sa.quantize(change, weight, request.spec, rng), np.array([weight], dtype=np.uint64)])
+        _mark_masked(request.state_dir, state.context)
         masked = sa.masked_input(state, quantized, request.sharers, request.spec.modulus_bits)
         save(context, state, request.received)
     return RecordDict({records.MASKED: ArrayRecord({"masked": Array(masked)})})
@@ -129,6 +140,7 @@ def masked_noisy_sum(request: MaskingRequest, context: Context, noisy: np.ndarra
     """Step 3 under distributed DP: this site's noisy integer sum and record count
     (privacy/distributed_dp.noisy_input), masked; it will reveal only to `min_survivors`."""
     with aggregation_step(context) as (state, _):
+        _mark_masked(request.state_dir, state.context)
         masked = sa.masked_input(state, noisy, request.sharers, request.spec.modulus_bits)
         state.min_survivors = min_survivors
         save(context, state, request.received)
@@ -166,6 +178,19 @@ def reveal_shares(msg: Message, context: Context) -> Message:
         revealed = sa.reveal(state, received, survivors, dict(zip(signers, signatures)))
     del context.state[STATE]
     return reply(msg, records.reveal_reply(revealed))
+
+
+def _masked_before(state_dir: Path, agreed: bytes) -> bool:
+    path = state_dir / MASKED_FILE
+    return path.exists() and agreed.hex() in path.read_text().split()
+
+
+def _mark_masked(state_dir: Path, agreed: bytes) -> None:
+    """On disk before the masked input exists (fsync'd: it must outlive a crash)."""
+    with (state_dir / MASKED_FILE).open("a") as f:
+        f.write(agreed.hex() + "\n")
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def _context(msg: Message, config: Config, server_round: int, adapter: str) -> bytes:

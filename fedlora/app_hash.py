@@ -86,6 +86,11 @@ def fab_code_hash(fab: bytes) -> str:
     anything beyond the approved files never matches an approved hash."""
     try:
         with zipfile.ZipFile(io.BytesIO(fab)) as zf:
+            # Entries are skipped by name below, so no name may point elsewhere: ".info/../x.py"
+            # would otherwise go unhashed and land beside the code (zipfile's extraction strips
+            # "..", which made this harmless, but the hash must not rest on it).
+            if any(_outside(info.filename) for info in zf.infolist()):
+                raise AppHashError("the app bundle holds an entry named outside the app folder")
             entries = [info for info in zf.infolist() if info.filename != FAB_CONFIG_FILE
                        and not info.filename.startswith(".info/")]
             pyproject = zf.read(FAB_CONFIG_FILE)
@@ -97,10 +102,18 @@ def fab_code_hash(fab: bytes) -> str:
     return code_hash(clientapp_reference(pyproject), files)
 
 
+def _outside(name: str) -> bool:
+    """A zip entry name that is absolute, holds a backslash or a ".." or "." segment."""
+    return name.startswith("/") or "\\" in name or any(part in ("..", ".") for part in name.split("/"))
+
+
 def installed_files_hash(app_path: Path) -> str:
     """The app hash of an installed (extracted) bundle: every file under `app_path`
     except pyproject.toml and Python's own __pycache__ folders. A symlink makes the
-    hash unmatchable (an extracted FAB never holds one)."""
+    hash unmatchable (an extracted FAB never holds one). Skipping __pycache__ here lets in
+    no bytecode the site did not approve: the bundle's own hash (fab_code_hash) counts every
+    entry, __pycache__ ones included, and is checked before anything is extracted; what this
+    skips is the bytecode Python writes itself when it imports the approved sources."""
     app_path = Path(app_path)
     files = []
     for dirpath, dirnames, filenames in os.walk(app_path, followlinks=False):

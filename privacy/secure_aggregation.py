@@ -53,6 +53,7 @@ min_sites) - 2) sites collude with it.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import struct
@@ -363,14 +364,19 @@ def masked_input(state: MaskingSite, quantized: np.ndarray, sharers: set[int], b
 
 
 def survivors_statement(state: MaskingSite, survivors: set[int] | frozenset[int]) -> bytes:
-    """What survivors sign: the survivor set and the view it rests on (the roster, the
-    threshold and the sites whose masks are in the inputs), so that signatures from
-    sites told a different view do not count."""
+    """What survivors sign: the survivor set and the view it rests on (the roster with
+    its keys, the threshold and the sites whose masks are in the inputs), so that
+    signatures from sites told a different view do not count."""
     def ids(values) -> bytes:
         return struct.pack(">Q", len(values)) + b"".join(struct.pack(">Q", v) for v in sorted(values))
 
-    return (b"fedlora secure aggregation survivors/2\n" + struct.pack(">Q", len(state.context)) + state.context
-            + struct.pack(">Q", state.threshold) + ids(state.roster) + ids(state.sharers) + ids(survivors))
+    # The roster's keys, not only its ids: a signature then vouches for the very keys the
+    # signer checked (ids are the coordinator's routing labels).
+    keys = b"".join(struct.pack(">QQ", v, len(k.node_public)) + k.node_public + k.cipher_public + k.mask_public
+                    for v, k in sorted(state.roster.items()))
+    return (b"fedlora secure aggregation survivors/3\n" + struct.pack(">Q", len(state.context)) + state.context
+            + struct.pack(">Q", state.threshold) + ids(state.roster) + hashlib.sha256(keys).digest()
+            + ids(state.sharers) + ids(survivors))
 
 
 def sign_survivors(state: MaskingSite, survivors: set[int], node_key: ec.EllipticCurvePrivateKey) -> bytes:

@@ -122,6 +122,10 @@ def test_the_hash_of_a_bundle_counts_every_entry_and_refuses_forged_names(app_co
     assert fab_code_hash(rezip([("client/__pycache__/client_app.cpython-311.pyc", b"\x00")])) != base
     with pytest.raises(AppHashError, match="control character"):
         fab_code_hash(rezip([("client/x.py\n0000  client/y.py", b"")]))
+    # Names that point outside the app folder: ".info/../x.py" would be skipped as Flower's manifest.
+    for name in (".info/../client/evil.py", "/etc/evil.py", "client\\evil.py", "client/./evil.py"):
+        with pytest.raises(AppHashError, match="outside the app folder"):
+            fab_code_hash(rezip([(name, b"import os")]))
     assert decide(b"not a zip", [base]).approved is False
     assert decide(fab, [base]).approved is True and decide(fab, []).approved is False
 
