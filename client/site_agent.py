@@ -402,6 +402,10 @@ def run_site(site: SiteSettings) -> int:
     print(f"[fedlora] site checked: data {site.data_path}, model {site.model_path}, state {site.state_dir}; "
           f"connecting to {site.superlink}", flush=True)
     print(f"[fedlora] approved apps: {', '.join(approved)} (the first is the installed fedlora release)", flush=True)
+    if site.labels is None:
+        print("[fedlora] note: no --labels: a classification run's data.labels is checked against the data on request, "
+              "so a coordinator can learn whether this site holds a label outside a list it sends (docs/privacy.md)",
+              flush=True)
     alive = AliveMarker(site.state_dir)
     alive.wait_for_release()
     code = supervise([executor_command(site, approved), supernode_command(site)], env=env, while_running=alive.touch)
