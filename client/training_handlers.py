@@ -26,6 +26,7 @@ from fedlora.client.site_data import SiteData, load_site_data
 from fedlora.client.site_privacy import (calibrated_plan, distributed_plan, eval_mechanism, plan_within_limit,
                                          planned_evaluations, remaining_plan)
 from fedlora.config import Config
+from fedlora.round_schedule import frozen_in_round, with_round_lr
 from fedlora.messages import DECLINED_METRICS, EVALUATE_METRICS, TRAIN_METRICS, metric_record
 from fedlora.privacy import secure_aggregation_records as records
 from fedlora.privacy.budget_guard import BudgetDecision, check_budget
@@ -99,8 +100,10 @@ def train(msg: Message, context: Context) -> Message:
     cached, sent = model_with_adapter(msg, config)
     site = site_data(context, config, cached)
 
-    # Train (with the factors the strategy keeps frozen, e.g. LoRA A under ffa).
-    frozen_factors = get_strategy(config.strategy).frozen_factors
+    # Train (with the factors the strategy keeps frozen, e.g. LoRA A under ffa), at this
+    # round's learning rate (fedlora/lr_schedule.py: from the config and the round alone).
+    frozen_factors = get_strategy(config.strategy).frozen_factors + frozen_in_round(config.train, server_round)
+    config = with_round_lr(config, server_round)
     seed = config.run.seed * 1_000_003 + server_round * 7919 + context.node_id % 1_000_003
     if masking is not None:
         # A seed the coordinator knows would let it train twice alike and difference two sums (without DP).

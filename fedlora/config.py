@@ -79,6 +79,13 @@ class TrainSection:
     local_steps: int = 4
     batch_size: int = 64
     lr: float = 2.0  # plain SGD on the clipped, noised mean gradient (norm <= max_grad_norm)
+    # The rate over the rounds (fedlora/lr_schedule.py): "constant", or "cosine" from lr in
+    # round 1 down to lr * lr_final_fraction in the last round.
+    lr_schedule: str = "constant"
+    lr_final_fraction: float = 0.1
+    # Rounds 1..head_rounds train only the classifier head, then LoRA joins (linear probing
+    # then fine-tuning; fedlora/round_schedule.py). 0 = LoRA and head from round 1.
+    head_rounds: int = 0
     optimizer: str = "sgd"  # or "adamw"
     prox_mu: float = 0.0  # FedProx proximal weight mu (0 = off): pulls local training toward the global adapter
     device: str = "auto"  # "auto" = cuda if this machine has a GPU, else cpu
@@ -253,6 +260,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.pooling": ("auto", "mean", "model"),
     "train.device": ("auto", "cpu", "cuda"),
     "train.optimizer": ("adamw", "sgd"),
+    "train.lr_schedule": ("constant", "cosine"),
     "privacy.accountant": ("prv", "rdp"),
     "privacy.unit": ("example", "user"),
     "simulation.site_policy.privacy_unit": ("", "example", "user"),
@@ -272,7 +280,7 @@ POSITIVE: tuple[str, ...] = (
 )
 
 # [0, 1): exponential decay rates.
-UNIT_INTERVAL: tuple[str, ...] = ("strategy.momentum", "strategy.beta1", "strategy.beta2")
+UNIT_INTERVAL: tuple[str, ...] = ("strategy.momentum", "strategy.beta1", "strategy.beta2", "train.lr_final_fraction")
 
 
 def _leaf_types(cls: type, prefix: str = "") -> dict[str, Any]:
@@ -445,6 +453,8 @@ def validate(config: Config, where: str = "config") -> None:
         check_secure_aggregation(config, where)
     if config.privacy.mode == "distributed":
         check_distributed(config, where)
+    if config.train.head_rounds < 0:
+        raise ConfigError(f"{where}: key 'train.head_rounds' must be >= 0 (0 = LoRA from round 1), got {config.train.head_rounds!r}")
     if config.lora.top_layers < 0:
         raise ConfigError(f"{where}: key 'lora.top_layers' must be >= 0 (0 = every layer), got {config.lora.top_layers!r}")
     if config.simulation.test_notes < 0:

@@ -39,6 +39,7 @@ from flwr.app import ArrayRecord, ConfigRecord, MessageType, RecordDict
 from flwr.serverapp import Grid
 
 from fedlora.adapter_state import Adapter, to_record
+from fedlora.round_schedule import round_lr
 from fedlora.messages import run_config_digest
 from fedlora.privacy import secure_aggregation as sa
 from fedlora.privacy import secure_aggregation_records as records
@@ -225,7 +226,8 @@ def secure_train(grid: Grid, envelope: Envelope, sent: dict[int, Adapter], froze
         return fail(masked, UNMASK_FAILED, f"the secure sum's weight {out.weight} is impossible")
     if distributed:
         # The noisy sum of the union's clipped gradients and its record count: the coordinator's SGD step.
-        out.mean, _ = coordinator_step(total, spec, config.privacy.distributed_sample_rate, config.train.lr)
+        out.mean, _ = coordinator_step(total, spec, config.privacy.distributed_sample_rate,
+                                       round_lr(config.train, server_round, config.federation.rounds))
     else:
         if out.weight != sum(out.survivors.values()):
             # The weights are summed under the masks too; a site that masked another weight than it claimed is not named.
