@@ -22,8 +22,9 @@ REPORT_FILE = "report.html"
 COLORS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf"]
 
 
-def _svg(draw: Callable[[Any], None], height: float = 3.2) -> str:
-    """One matplotlib figure drawn by `draw(axes)`, as inline SVG text."""
+def svg_figure(draw: Callable[[Any], None], height: float = 3.2, integer_x: bool = True) -> str:
+    """One matplotlib figure drawn by `draw(axes)`, as inline SVG text (x ticks at whole
+    numbers, as rounds are, unless `integer_x` is false)."""
     import matplotlib
     from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
@@ -33,7 +34,8 @@ def _svg(draw: Callable[[Any], None], height: float = 3.2) -> str:
         figure = Figure(figsize=(7.5, height))
         axes = figure.add_subplot()
         draw(axes)
-        axes.xaxis.set_major_locator(MaxNLocator(integer=True))  # rounds are whole numbers
+        if integer_x:
+            axes.xaxis.set_major_locator(MaxNLocator(integer=True))  # rounds are whole numbers
         axes.grid(True, alpha=0.3)
         figure.tight_layout()
         out = io.StringIO()
@@ -57,7 +59,7 @@ def _quality_plot(rows: list[dict[str, Any]], key: str, label: str) -> str:
         ax.plot(x, y, marker="o", color=COLORS[0], gid=f"series-{key}")
         ax.set_xlabel("round (0 = before training)")
         ax.set_ylabel(label)
-    return _svg(draw)
+    return svg_figure(draw)
 
 
 def _lines_plot(rows: list[dict[str, Any]], keys: tuple[str, ...], ylabel: str, scale: float = 1.0) -> str:
@@ -70,7 +72,7 @@ def _lines_plot(rows: list[dict[str, Any]], keys: tuple[str, ...], ylabel: str, 
         ax.set_xlabel("round")
         ax.set_ylabel(ylabel)
         ax.legend()
-    return _svg(draw)
+    return svg_figure(draw)
 
 
 def site_epsilons(rows: list[dict[str, Any]]) -> dict[int, list[tuple[int, float]]]:
@@ -92,7 +94,7 @@ def _epsilon_plot(rows: list[dict[str, Any]], target: float) -> str:
         ax.set_xlabel("round")
         ax.set_ylabel("epsilon spent (site's ledger)")
         ax.legend(fontsize="small")
-    return _svg(draw)
+    return svg_figure(draw)
 
 
 def _participation_plot(rows: list[dict[str, Any]]) -> str:
@@ -107,7 +109,7 @@ def _participation_plot(rows: list[dict[str, Any]]) -> str:
         ax.set_xlabel("round")
         ax.set_ylabel("sites")
         ax.legend(fontsize="small")
-    return _svg(draw)
+    return svg_figure(draw)
 
 
 def _failure_table(rows: list[dict[str, Any]]) -> str:
@@ -118,7 +120,7 @@ def _failure_table(rows: list[dict[str, Any]]) -> str:
     return "<table><tr><th>round</th><th>why</th><th>sites</th></tr>" + "".join(lines) + "</table>"
 
 
-def _figure(name: str, title: str, svg: str) -> str:
+def figure_html(name: str, title: str, svg: str) -> str:
     return f'<figure id="{name}"><figcaption>{html.escape(title)}</figcaption>{svg}</figure>'
 
 
@@ -139,18 +141,18 @@ def write_report(run_dir: str | Path) -> Path:
     private = config["privacy"]["enabled"]
 
     figures = [
-        _figure("quality", "Validation accuracy per round" if classification else "Validation perplexity per round",
+        figure_html("quality", "Validation accuracy per round" if classification else "Validation perplexity per round",
                 _quality_plot(rows, "eval_accuracy", "accuracy") if classification
                 else _quality_plot(rows, "eval_perplexity", "perplexity")),
-        _figure("loss", "Loss per round (the train loss stays at the sites under DP)",
+        figure_html("loss", "Loss per round (the train loss stays at the sites under DP)",
                 _lines_plot(rows, ("eval_loss", "train_loss"), "loss")),
     ]
     if private:
-        figures.append(_figure("epsilon", "Each site's epsilon after each round, against the run's target",
+        figures.append(figure_html("epsilon", "Each site's epsilon after each round, against the run's target",
                                _epsilon_plot(rows, config["privacy"]["target_epsilon"])))
     figures += [
-        _figure("participation", "Sites per round: trained, failed or rejected, declined", _participation_plot(rows)),
-        _figure("bytes", "Bytes on the wire per round", _lines_plot(rows, ("bytes_up", "bytes_down"), "MB (all sites)", 1e-6)),
+        figure_html("participation", "Sites per round: trained, failed or rejected, declined", _participation_plot(rows)),
+        figure_html("bytes", "Bytes on the wire per round", _lines_plot(rows, ("bytes_up", "bytes_down"), "MB (all sites)", 1e-6)),
     ]
     adapter = run_dir / "adapter"
     status = (f"{trained} of {planned} planned rounds trained" + (" (the run ended early)" if rows[-1].get("ended_early") else "")

@@ -48,6 +48,11 @@ def build_parser() -> argparse.ArgumentParser:
     cmp.add_argument("--dp", choices=("both", "yes", "no"), default="both", help="DP on, off, or both (default both)")
     cmp.add_argument("--partitions", default="", metavar="A,B", help="non-IID (Dirichlet 0.5), IID, or both (default)")
     cmp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override applied to every run")
+    cmp.add_argument("--epsilons", default="", metavar="E1,E2,...",
+                     help="the privacy-utility curve instead: one run per epsilon per site and seed ('inf' = no DP), "
+                          "fedavg on non-IID sites unless --set says otherwise, each scored on fresh held-out notes; "
+                          "writes OUTPUT/curve.md and OUTPUT/curve.html (table and plot, with the no-DP line). "
+                          "Example: --epsilons 1,2,4,8,inf")
     add_deployment_commands(commands)
     priv = commands.add_parser(
         "privacy", help="show a site's privacy ledger: runs, rounds, epsilon spent, budget left",
@@ -202,6 +207,18 @@ def run_compare(args: argparse.Namespace) -> int:
         parse_override(item)  # fail now, not in every run
     if args.seeds < 1:
         raise ConfigError(f"--seeds: must be at least 1, got {args.seeds}")
+    if args.epsilons:
+        from fedlora.simulations.privacy_utility import CURVE_FILE, curve, parse_epsilons
+
+        try:
+            epsilons, partitions = parse_epsilons(args.epsilons), known_partitions(args.partitions or "non-IID")
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        if len(partitions) != 1:
+            raise ConfigError("--epsilons: choose one of --partitions non-IID or IID for the curve")
+        print(curve(Path(args.output), epsilons, args.set, args.seeds, partitions[0]))
+        print(f"curve: {Path(args.output) / CURVE_FILE}")
+        return 0
     try:
         strategies, partitions = known_strategies(args.strategies), known_partitions(args.partitions)
     except ValueError as exc:

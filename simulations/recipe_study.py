@@ -1,0 +1,135 @@
+"""The recipe study: the federation's arithmetic in one process, for searching cheaply.
+
+A cell is one configuration of the default task (the triage notes, 5 sites,
+Dirichlet(0.5) label skew, epsilon per site with evaluation's share accounted) run
+without Ray or Flower messages: every site trains with the project's own
+`train_locally` and DP plan (`calibrated_plan`, the same noise a real site draws),
+the project's strategy aggregates, and the final adapter is scored exactly on fresh
+notes from another seed (as `simulation.test_notes` does). The federated evaluations
+are not run (their epsilon is still reserved in each site's plan), which is why a
+cell takes seconds to a few minutes instead of a `fedlora simulate` run's minutes.
+The few best cells are then confirmed with `fedlora simulate` (docs/strategies.md).
+
+    python -m fedlora.simulations.recipe_study --set train.lr=4 --seeds 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from dataclasses import dataclass, replace
+
+import torch
+
+from fedlora.adapter_state import adapter_of, put_adapter
+from fedlora.base_model import build_peft_model, load_tokenizer, resolve_model_dir
+from fedlora.client.local_evaluation import evaluate_locally
+from fedlora.client.local_training import frozen, train_locally
+from fedlora.client.site_privacy import calibrated_plan
+from fedlora.config import Config, load_config, parse_override
+from fedlora.round_schedule import frozen_in_round, with_round_lr
+from fedlora.simulations.held_out_test import TEST_SEED_OFFSET
+from fedlora.simulations.partitioners import dirichlet_partition, iid_partition
+from fedlora.simulations.triage_notes import DEPARTMENTS, generate_notes
+from fedlora.strategies import ClientUpdate, get_strategy, trained_part
+from fedlora.text_data import Example, encode, split_train_validation
+
+
+@dataclass
+class Site:
+    train: list[Example]
+    validation: list[Example]
+
+
+def study_sites(config: Config, labels: list[str], tokenizer) -> list[Site]:
+    """The virtual sites of `fedlora simulate` on the default dataset, split alike."""
+    sim, seed = config.simulation, config.run.seed
+    rows = generate_notes(sim.dataset_size, seed)
+    if sim.partition == "iid":
+        parts = iid_partition(len(rows), sim.clients, seed)
+    else:
+        parts = dirichlet_partition([r["label"] for r in rows], sim.clients, sim.alpha, seed)
+    sites = []
+    for number, part in enumerate(parts):
+        train, validation = split_train_validation([rows[i] for i in part], config.data.validation_fraction, seed + number)
+        sites.append(Site(encode(train, tokenizer, config, labels, "default"),
+                          encode(validation, tokenizer, config, labels, "default")))
+    return sites
+
+
+def run_cell(config: Config, progress=print) -> dict:
+    """One cell: the federation's rounds in this process; the held-out accuracy at the end."""
+    start = time.perf_counter()
+    labels = sorted(DEPARTMENTS)
+    config = replace(config, data=replace(config.data, labels=labels))
+    tokenizer = load_tokenizer(resolve_model_dir(config.model.path))
+    sites = study_sites(config, labels, tokenizer)
+    model = build_peft_model(config.model, config.lora, len(labels), seed=config.run.seed)
+    strategy = get_strategy(config.strategy)
+    global_adapter = adapter_of(model)
+    tail_sum: dict[str, torch.Tensor] = {}  # the global adapters of the last half of the rounds, summed
+    tail_from = config.federation.rounds // 2 + 1
+    plans = [calibrated_plan(config, site.train) if config.privacy.enabled else None for site in sites]
+    pad = tokenizer.pad_token_id
+    for server_round in range(1, config.federation.rounds + 1):
+        updates = []
+        for number, (site, plan) in enumerate(zip(sites, plans)):
+            put_adapter(model, global_adapter)
+            round_config = with_round_lr(config, server_round)
+            with frozen(model, strategy.frozen_factors + frozen_in_round(config.train, server_round)):
+                train_locally(model, site.train, round_config, plan, pad, seed=server_round * 1000 + number)
+            sent = trained_part(adapter_of(model), strategy.frozen_factors)
+            updates.append(ClientUpdate(node_id=number, adapter=sent, num_examples=len(site.train)))
+        global_adapter = strategy.aggregate(global_adapter, updates)
+        if server_round >= tail_from:
+            for key, value in global_adapter.items():
+                tail_sum[key] = tail_sum.get(key, 0) + value
+        if server_round % max(1, config.federation.rounds // 4) == 0:
+            progress(f"  round {server_round}/{config.federation.rounds}: {time.perf_counter() - start:.0f} s")
+    test = encode(generate_notes(config.simulation.test_notes or 1000, config.run.seed + TEST_SEED_OFFSET),
+                  tokenizer, replace(config, privacy=replace(config.privacy, enabled=False)), labels, "test notes")
+    put_adapter(model, global_adapter)
+    sums = evaluate_locally(model, test, config, pad)
+    put_adapter(model, {key: value / (config.federation.rounds - tail_from + 1) for key, value in tail_sum.items()})
+    tail = evaluate_locally(model, test, config, pad)
+    return {
+        "seed": config.run.seed, "accuracy": sums.correct / sums.units, "loss": sums.loss / sums.units,
+        "tail_average_accuracy": tail.correct / tail.units,
+        "noise_multiplier": [round(p.noise_multiplier, 3) for p in plans if p],
+        "seconds": time.perf_counter() - start,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m fedlora.simulations.recipe_study", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a config key, as in fedlora simulate")
+    parser.add_argument("--seeds", type=int, default=3, help="run.seed 0..N-1 (data, split and initial adapter)")
+    parser.add_argument("--name", default="", help="the cell's name in the printed JSON line")
+    args = parser.parse_args(argv)
+    overrides = dict(parse_override(item) for item in args.set)
+    torch.set_num_threads(torch.get_num_threads())
+    results = []
+    for seed in range(args.seeds):
+        config = load_config(None, {**overrides, "run.seed": seed})
+        result = run_cell(config, progress=lambda line: print(line, file=sys.stderr, flush=True))
+        print(f"seed {seed}: accuracy {result['accuracy']:.3f} (tail average {result['tail_average_accuracy']:.3f}), "
+              f"{result['seconds']:.0f} s, "
+              f"sigma {result['noise_multiplier'][:1]}", file=sys.stderr, flush=True)
+        results.append(result)
+    accuracies = [r["accuracy"] for r in results]
+    summary = {
+        "cell": args.name or " ".join(args.set), "mean": statistics.mean(accuracies),
+        "sd": statistics.stdev(accuracies) if len(accuracies) > 1 else 0.0,
+        "per_seed": [round(a, 3) for a in accuracies],
+        "tail_average": [round(r["tail_average_accuracy"], 3) for r in results], "seconds": [round(r["seconds"]) for r in results],
+        "sigma": results[0]["noise_multiplier"],
+    }
+    print(json.dumps(summary), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
