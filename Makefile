@@ -24,7 +24,7 @@ install-dev: $(PY)
 	$(PIP) install -q -e ".[dev]"
 
 demo: install
-	$(VENV)/bin/fedlora simulate
+	$(VENV)/bin/fedlora simulate --set simulation.test_notes=1000
 
 test: install-dev
 	$(PY) -m pytest -q -ra --durations=20
