@@ -50,10 +50,12 @@ def evaluate_locally(model: torch.nn.Module, examples: list[Example], config: Co
     loss, finite = sanitized_losses(torch.cat(losses), loss_clip)
     unit_of = _unit_index(examples)
     units = int(unit_of.max()) + 1
-    rows_per_unit = torch.bincount(unit_of, minlength=units).float()
+    rows_per_unit = torch.bincount(unit_of, minlength=units).double()
 
     def per_unit_sum(values: torch.Tensor) -> float:
-        return float((torch.zeros(units).index_add_(0, unit_of, values) / rows_per_unit).sum())
+        # float64: with a coordinator-chosen loss clip near float32's largest value, a float32
+        # sum would overflow to inf exactly when one more clipped record is present.
+        return float((torch.zeros(units, dtype=torch.float64).index_add_(0, unit_of, values.double()) / rows_per_unit).sum())
 
     correct = per_unit_sum(torch.cat(hits) * finite) if classification else None
     return EvalSums(float(units), correct, per_unit_sum(loss))

@@ -396,8 +396,19 @@ def check_distributed(config: Config, where: str) -> None:
         raise ConfigError(f"{where}: key 'privacy.distributed_tolerance' must be >= 0, got {p.distributed_tolerance!r}")
 
 
+# Clipping bounds a coordinator sets: a bound this large clips nothing real, and near
+# float32's largest value sums of clipped values overflow (to inf exactly when one more
+# record is present).
+MAX_CLIP = 1e6
+BOUNDED: tuple[str, ...] = ("privacy.max_grad_norm", "privacy.eval_loss_clip", "federation.secure_aggregation_clip",
+                            "privacy.central_clip_norm")
+
+
 def validate(config: Config, where: str = "config") -> None:
     flat = config.to_flat()
+    for key in BOUNDED:
+        if not flat[key] <= MAX_CLIP:
+            raise ConfigError(f"{where}: key '{key}' must be at most {MAX_CLIP:g}, got {flat[key]!r}")
     for key, allowed in CHOICES.items():
         if flat[key] not in allowed:
             raise ConfigError(f"{where}: key '{key}' must be one of {', '.join(allowed)}, got {flat[key]!r}")

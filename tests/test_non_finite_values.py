@@ -132,6 +132,29 @@ def test_evaluation_with_the_overflowing_head_moves_each_sum_by_at_most_its_sens
     assert present.correct == pytest.approx(absent.correct, abs=1e-6)  # and as incorrect
 
 
+def test_a_clip_near_float32s_largest_value_cannot_make_the_sum_overflow_only_with_the_record(site):
+    config, node, cached = site
+    pad = cached.tokenizer.pad_token_id
+    examples = load_site_data(config, config.data.labels, node, cached.tokenizer).train
+    adapter, target = overflowing_head(cached.model, examples, pad)
+    # The clip a coordinator would pick if config validation let it: two records at it overflow a
+    # float32 sum, one does not. A second record with the target's note is present or absent.
+    clip = FLOAT_MAX * 0.75
+    absent = evaluate_locally(cached.model, examples, config, pad, loss_clip=clip)
+    present = evaluate_locally(cached.model, examples + [examples[target]], config, pad, loss_clip=clip)
+    assert math.isfinite(present.loss) and math.isfinite(absent.loss)
+    assert present.loss - absent.loss == pytest.approx(clip, rel=1e-6)
+
+
+@pytest.mark.parametrize("key", ["privacy.eval_loss_clip", "privacy.max_grad_norm", "federation.secure_aggregation_clip"])
+def test_clipping_bounds_beyond_the_cap_are_refused(key):
+    from fedlora.config import MAX_CLIP, ConfigError
+
+    load_config(None, {key: MAX_CLIP})
+    with pytest.raises(ConfigError, match=key):
+        load_config(None, {key: float(FLOAT_MAX)})
+
+
 @pytest.mark.parametrize("impl", ["fast", "opacus"])
 def test_a_dp_step_with_the_overflowing_record_is_the_step_without_it(site, impl):
     """Zero noise, a fixed expected batch: the clipped sum with the target present equals the
