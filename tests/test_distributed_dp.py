@@ -14,6 +14,8 @@ from opacus.accountants.analysis.rdp import compute_rdp
 from scipy.special import logsumexp
 from scipy.stats import skellam as scipy_skellam
 
+from fedlora.adapter_state import adapter_of
+from fedlora.base_model import build_peft_model
 from fedlora.config import ConfigError, load_config
 from fedlora.privacy import distributed_dp, skellam
 from fedlora.privacy import secure_aggregation_records as records
@@ -131,8 +133,10 @@ def capture_noisy_inputs(monkeypatch) -> dict[int, np.ndarray]:
 
 
 def test_a_distributed_round_takes_the_sgd_step_of_the_survivors_exact_noisy_sum(federation, monkeypatch):
-    config, nodes, global_adapter = federation
-    config = distributed(config)
+    config, nodes, _ = federation
+    # LoRA in both layers of the tiny model: enough values that the Skellam noise dwarfs the gradients' sum.
+    config = distributed(config, **{"lora.top_layers": 2})
+    global_adapter = adapter_of(build_peft_model(config.model, config.lora, num_labels=3, seed=config.run.seed))
     for node_config in nodes.values():
         node_config["allow-distributed-dp"] = True
     seen = capture_noisy_inputs(monkeypatch)

@@ -73,7 +73,7 @@ def test_per_example_gradients_equal_the_full_model(tiny_models):
 
 
 def test_no_prefix_where_the_lower_layers_can_change(tiny_models):
-    everywhere, _ = model_and_config(str(tiny_models["bert"]), "qv")
+    everywhere, _ = model_and_config(str(tiny_models["bert"]), "qv", **{"lora.top_layers": 0})
     assert frozen_prefix(everywhere) is None  # LoRA in layer 0
     with frozen(everywhere, ("lora_A", "lora_B")):
         assert frozen_prefix(everywhere) is None  # frozen LoRA still changes between rounds

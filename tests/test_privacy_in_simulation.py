@@ -89,7 +89,8 @@ def run(tmp_path, monkeypatch, client_app, overrides: dict, clients: int):
     monkeypatch.setenv("PYTHONPATH", str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     config = prepare(load_config(None, {
         "run.output_dir": str(tmp_path / "run"), "simulation.clients": clients, "simulation.cpus_per_client": 1,
-        "simulation.dataset_size": 600, "train.batch_size": 16, "train.local_steps": 2, **overrides,
+        "simulation.dataset_size": 600, "train.batch_size": 16, "train.local_steps": 2,
+        "federation.evaluate_every": 1, **overrides,
     }))
     run_simulation(make_server_app(config), client_app, num_supernodes=clients,
                    backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}, "init_args": {"num_cpus": 2}})

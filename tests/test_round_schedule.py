@@ -24,7 +24,7 @@ def test_the_cosine_rate_runs_from_lr_to_its_final_fraction_by_its_formula():
     # Independently: 0.3 + 2.7 * (1 + cos(pi * k / 4)) / 2 for k = 0..4.
     assert rates == pytest.approx([3.0, 0.3 + 2.7 * (1 + math.sqrt(0.5)) / 2, 1.65, 0.3 + 2.7 * (1 - math.sqrt(0.5)) / 2, 0.3])
     assert all(a > b for a, b in zip(rates, rates[1:]))
-    constant = load_config(None, {"train.lr": 3.0})
+    constant = load_config(None, {"train.lr": 3.0, "train.lr_schedule": "constant"})
     assert [round_lr(constant.train, r, 5) for r in (1, 3, 5)] == [3.0, 3.0, 3.0]
     assert round_lr(config.train, 1, 1) == 3.0  # one round: the rate itself
 

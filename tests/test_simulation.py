@@ -25,7 +25,8 @@ def test_three_clients_two_rounds_write_a_complete_run_directory(tmp_path):
     env = {**os.environ, "FEDLORA_MODEL_LOAD_LOG": str(load_log)}
     cmd = [sys.executable, "-m", "fedlora.cli", "simulate", "--clients", "3", "--rounds", "2", "--output", str(out),
            "--set", "simulation.dataset_size=300", "--set", "train.local_steps=2", "--set", "train.batch_size=16",
-           "--set", "simulation.cpus_per_client=1", "--set", "simulation.test_notes=200"]
+           "--set", "simulation.cpus_per_client=1", "--set", "simulation.test_notes=200",
+           "--set", "federation.evaluate_every=1"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
 

@@ -41,6 +41,7 @@ def site(tmp_path, tiny_models):
     config = load_config(None, {
         "model.path": str(tiny_models["bert"]), "data.labels": ["a", "b", "c"], "run.output_dir": str(tmp_path / "run"),
         "federation.rounds": 4, "train.local_steps": 2, "train.batch_size": 16, "privacy.target_epsilon": 4.0,
+        "federation.evaluate_every": 1,
     })
     path = tmp_path / "config.toml"
     write_config(config, path)
