@@ -70,7 +70,8 @@ def curve(output: Path, epsilons: list[float], extra: list[str], seeds: int = 1,
         print(f"[compare] {i}/{len(cells)} {name}", file=sys.stderr, flush=True)
         # fedavg unless the settings name a strategy (a later --set wins).
         cell = run_cell(output / name, "fedavg", not math.isinf(epsilon), partition, seed, [*extra, *epsilon_settings(epsilon)])
-        results.append({"epsilon": label(epsilon), "seed": seed, **cell})
+        # The cell's own "epsilon" is what the sites spent; the point's label goes last so it wins.
+        results.append({**cell, "epsilon_spent": cell.get("epsilon"), "epsilon": label(epsilon), "seed": seed})
         (output / "results.json").write_text(json.dumps(results, indent=2) + "\n")  # progress survives a crash
         if "test_accuracy" in cell:
             print(f"[compare] {name}: held-out accuracy {cell['test_accuracy']:.3f} in {cell['wall_seconds']:.0f} s",
@@ -130,7 +131,8 @@ def curve_plot(points: list[dict]) -> str:
                        gid="series-nodp")
         ax.set_xlabel("epsilon per site (delta as configured)")
         ax.set_ylabel("held-out test accuracy")
-        ax.legend(loc="lower right")
+        if private or baseline:
+            ax.legend(loc="lower right")
     return svg_figure(draw, integer_x=False)
 
 

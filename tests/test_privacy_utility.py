@@ -51,6 +51,23 @@ def test_the_page_is_self_contained_with_the_dp_points_and_the_no_dp_line():
     assert "no DP (0.960)" in page and "federation.rounds=3" in page
 
 
+def test_each_run_is_filed_under_its_epsilon_not_the_epsilon_it_spent(tmp_path, monkeypatch):
+    from fedlora.simulations import privacy_utility
+
+    calls = []
+
+    def fake_cell(out, strategy, dp, partition, seed, extra):  # what compare_strategies.run_cell returns
+        calls.append((dp, [e for e in extra if e.startswith("privacy.")]))
+        return {"epsilon": 7.99 if dp else 0.0, "test_accuracy": 0.8 if dp else 0.9, "wall_seconds": 100.0}
+
+    monkeypatch.setattr(privacy_utility, "run_cell", fake_cell)
+    text = privacy_utility.curve(tmp_path / "c", [8.0, math.inf], [], seeds=1)
+    assert calls == [(True, ["privacy.target_epsilon=8", "privacy.eval_epsilon=1"]), (False, [])]
+    lines = text.splitlines()
+    assert lines[2] == "| 8 | 1 | 0.800 | 0.800 | 100 |" and lines[3] == "| no DP | 1 | 0.900 | 0.900 | 100 |"
+    assert (tmp_path / "c" / "curve.html").is_file()
+
+
 @pytest.mark.parametrize("args", [["--epsilons", "1,x"], ["--epsilons", "0,8"], ["--epsilons", "8", "--partitions", "IID,non-IID"]])
 def test_bad_curve_options_are_one_line_errors(args, tmp_path, capsys):
     assert main(["compare", "--output", str(tmp_path / "c"), *args]) == 2
