@@ -26,7 +26,6 @@ from fedlora.client.site_data import SiteData, load_site_data
 from fedlora.client.site_privacy import (calibrated_plan, distributed_plan, eval_mechanism, plan_within_limit,
                                          planned_evaluations, remaining_plan)
 from fedlora.config import Config
-from fedlora.round_schedule import frozen_in_round, with_round_lr
 from fedlora.messages import DECLINED_METRICS, EVALUATE_METRICS, TRAIN_METRICS, metric_record
 from fedlora.privacy import secure_aggregation_records as records
 from fedlora.privacy.budget_guard import BudgetDecision, check_budget
@@ -36,6 +35,7 @@ from fedlora.privacy.noisy_release import noisy_sum
 from fedlora.privacy.secure_aggregation import SecureAggregationError
 from fedlora.privacy.site_audit import EVALUATION_READ, append_audit
 from fedlora.privacy.site_ledger import Declined, Mechanism, open_ledger
+from fedlora.round_schedule import frozen_in_round, with_round_lr
 from fedlora.strategies import get_strategy, trained_part
 
 log = logging.getLogger("fedlora.client")
@@ -101,7 +101,7 @@ def train(msg: Message, context: Context) -> Message:
     site = site_data(context, config, cached)
 
     # Train (with the factors the strategy keeps frozen, e.g. LoRA A under ffa), at this
-    # round's learning rate (fedlora/lr_schedule.py: from the config and the round alone).
+    # round's learning rate (fedlora/round_schedule.py: from the config and the round alone).
     frozen_factors = get_strategy(config.strategy).frozen_factors + frozen_in_round(config.train, server_round)
     config = with_round_lr(config, server_round)
     seed = config.run.seed * 1_000_003 + server_round * 7919 + context.node_id % 1_000_003

@@ -32,8 +32,8 @@ from fedlora.client.site_privacy import calibrated_plan
 from fedlora.config import Config, load_config, parse_override
 from fedlora.round_schedule import frozen_in_round, with_round_lr
 from fedlora.simulations.held_out_test import TEST_SEED_OFFSET
-from fedlora.simulations.partitioners import dirichlet_partition, iid_partition
 from fedlora.simulations.triage_notes import DEPARTMENTS, generate_notes
+from fedlora.simulations.virtual_sites import partition_rows
 from fedlora.strategies import ClientUpdate, get_strategy, trained_part
 from fedlora.text_data import Example, encode, split_train_validation
 
@@ -45,16 +45,11 @@ class Site:
 
 
 def study_sites(config: Config, labels: list[str], tokenizer) -> list[Site]:
-    """The virtual sites of `fedlora simulate` on the default dataset, split alike."""
-    sim, seed = config.simulation, config.run.seed
-    rows = generate_notes(sim.dataset_size, seed)
-    if sim.partition == "iid":
-        parts = iid_partition(len(rows), sim.clients, seed)
-    else:
-        parts = dirichlet_partition([r["label"] for r in rows], sim.clients, sim.alpha, seed)
+    """The virtual sites of `fedlora simulate` (its own partition), each split as a site splits its rows."""
     sites = []
-    for number, part in enumerate(parts):
-        train, validation = split_train_validation([rows[i] for i in part], config.data.validation_fraction, seed + number)
+    for number in range(config.simulation.clients):
+        rows = partition_rows(config, number, config.simulation.clients)
+        train, validation = split_train_validation(rows, config.data.validation_fraction, config.run.seed + number)
         sites.append(Site(encode(train, tokenizer, config, labels, "default"),
                           encode(validation, tokenizer, config, labels, "default")))
     return sites
@@ -78,9 +73,8 @@ def run_cell(config: Config, progress=print) -> dict:
         updates = []
         for number, (site, plan) in enumerate(zip(sites, plans)):
             put_adapter(model, global_adapter)
-            round_config = with_round_lr(config, server_round)
             with frozen(model, strategy.frozen_factors + frozen_in_round(config.train, server_round)):
-                train_locally(model, site.train, round_config, plan, pad, seed=server_round * 1000 + number)
+                train_locally(model, site.train, with_round_lr(config, server_round), plan, pad, seed=server_round * 1000 + number)
             sent = trained_part(adapter_of(model), strategy.frozen_factors)
             updates.append(ClientUpdate(node_id=number, adapter=sent, num_examples=len(site.train)))
         global_adapter = strategy.aggregate(global_adapter, updates)
@@ -110,7 +104,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--name", default="", help="the cell's name in the printed JSON line")
     args = parser.parse_args(argv)
     overrides = dict(parse_override(item) for item in args.set)
-    torch.set_num_threads(torch.get_num_threads())
     results = []
     for seed in range(args.seeds):
         config = load_config(None, {**overrides, "run.seed": seed})
