@@ -16,7 +16,8 @@ from fedlora.config import Config, ConfigError
 from fedlora.flower_env import FLOWER_OFFLINE_ENV, quiet_flower_notices
 from fedlora.server.progress import summary_table
 from fedlora.server.run_directory import RunDirectory
-from fedlora.simulations.virtual_sites import dataset_labels, dataset_rows, simulated_site_app
+from fedlora.simulations.label_check import check_labels
+from fedlora.simulations.virtual_sites import dataset_labels, dataset_rows, dataset_source, simulated_site_app
 from fedlora.strategies import get_strategy
 
 
@@ -33,8 +34,11 @@ def prepare(config: Config) -> Config:
         raise ConfigError(f"simulation.clients = {config.simulation.clients}: more virtual sites than rows in the dataset ({len(rows)})")
     if config.federation.min_clients > config.simulation.clients:
         config = replace(config, federation=replace(config.federation, min_clients=config.simulation.clients))
-    if config.model.task == "classification" and not config.data.labels:
-        config = replace(config, data=replace(config.data, labels=dataset_labels(config)))
+    if config.model.task == "classification":
+        # The user's labels, checked here: in the workers a bad one is a traceback per worker.
+        check_labels(rows, config.data.label_column, config.data.labels, dataset_source(config))
+        if not config.data.labels:
+            config = replace(config, data=replace(config.data, labels=dataset_labels(config)))
     return config
 
 

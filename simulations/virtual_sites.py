@@ -29,17 +29,17 @@ def _dataset(dataset: str, size: int, seed: int) -> list[dict]:
 def dataset_rows(config: Config) -> list[dict]:
     cached = _dataset(config.simulation.dataset, config.simulation.dataset_size, config.run.seed)
     rows = Rows(list(cached), getattr(cached, "lines", []))  # a copy: callers must not change the cache
-    check_columns(rows, config, _source(config))
+    check_columns(rows, config, dataset_source(config))
     return rows
 
 
-def _source(config: Config) -> str:
+def dataset_source(config: Config) -> str:
     return "default" if config.simulation.dataset == "default" else config.simulation.dataset
 
 
 def dataset_labels(config: Config) -> list[str]:
     """The label names of the simulation dataset, in class-id (sorted) order."""
-    return classification_labels(dataset_rows(config), config.data.label_column, _source(config))
+    return classification_labels(dataset_rows(config), config.data.label_column, dataset_source(config))
 
 
 @lru_cache(maxsize=4)

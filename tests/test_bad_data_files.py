@@ -1,6 +1,8 @@
 """Every bad data file is a one-line error (exit 2 from the CLI) that names the file and
 the line where there is one, and never quotes a value from the file: the message may be
-shown far from the data (a coordinator's log, a terminal on another machine)."""
+shown far from the data (a coordinator's log, a terminal on another machine). The one
+exception is the simulation driver's label check (simulations/label_check.py): it reads
+the user's own file on the user's machine before anything runs, and names the label to fix."""
 
 from __future__ import annotations
 
@@ -71,3 +73,61 @@ def test_a_label_outside_data_labels_names_the_line_not_the_value(tmp_path):
 def test_one_configured_label_is_a_config_error():
     with pytest.raises(ConfigError, match="'data.labels' lists one label; classification needs at least 2"):
         load_config(None, {"data.labels": ["cardiology"]})
+
+
+def label_rows(*labels: str) -> str:
+    return "".join(json.dumps({"text": f"note {i}", "label": label}) + "\n" for i, label in enumerate(labels))
+
+
+@pytest.fixture
+def no_ray(monkeypatch):
+    """The label checks must end the run before the simulation engine starts."""
+    import flwr.simulation
+
+    def started(*_args, **_kwargs):
+        raise AssertionError("run_simulation started")
+
+    monkeypatch.setattr(flwr.simulation, "run_simulation", started)
+
+
+def simulate_labels(capsys, dataset: Path, *settings: str) -> str:
+    """`fedlora simulate` on `dataset`: exit 2 and the one line it prints."""
+    argv = ["simulate", "--set", f"simulation.dataset={dataset}", "--set", "simulation.clients=2"]
+    for setting in settings:
+        argv += ["--set", setting]
+    code = main(argv)
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1, err
+    return err
+
+
+def test_a_label_outside_data_labels_stops_the_simulation_naming_row_column_and_value(tmp_path, capsys, no_ray):
+    path = write(tmp_path / "notes.jsonl", label_rows("cardiology", "oncology", "Cardiology", "oncology"))
+    err = simulate_labels(capsys, path, 'data.labels=["cardiology", "neurology"]')
+    assert err == (f"fedlora: error: data file {path}: row 2 (line 2): column 'label' has 'oncology', "
+                   "which is not one of data.labels (cardiology, neurology)")
+    err = simulate_labels(capsys, path, 'data.labels=["cardiology", "oncology"]')
+    assert err.endswith("row 3 (line 3): column 'label' has 'Cardiology', which is not one of data.labels "
+                        "(cardiology, oncology); did you mean 'cardiology'?")
+
+
+def test_labels_differing_only_in_case_or_space_are_refused_unless_data_labels_lists_both(tmp_path, capsys, no_ray):
+    path = write(tmp_path / "notes.csv", "text,label\na,cardiology\nb,oncology\nc,Cardiology\nd,oncology \n")
+    err = simulate_labels(capsys, path)
+    assert err == (f"fedlora: error: data file {path}: column 'label' has 'cardiology' at row 1 (line 2) and "
+                   "'Cardiology' at row 3 (line 4), which differ only in case or surrounding space; make them one "
+                   "label in the file, or list both in data.labels to keep them apart")
+    spaced = write(tmp_path / "spaced.csv", "text,label\na,cardiology\nb,oncology\nd,oncology \n")
+    assert "'oncology' at row 2 (line 3) and 'oncology ' at row 3 (line 4)" in simulate_labels(capsys, spaced)
+
+
+def test_labels_listing_both_spellings_keep_them_apart(tmp_path):
+    from fedlora.simulations.runner import prepare
+
+    path = write(tmp_path / "notes.jsonl", label_rows("cardiology", "oncology", "Cardiology", "oncology"))
+    listed = ["Cardiology", "cardiology", "oncology"]
+    config = prepare(load_config(None, {"simulation.dataset": str(path), "simulation.clients": 2, "data.labels": listed}))
+    assert config.data.labels == listed
+    plain = write(tmp_path / "plain.jsonl", label_rows("cardiology", "oncology", "cardiology"))
+    config = prepare(load_config(None, {"simulation.dataset": str(plain), "simulation.clients": 2}))
+    assert config.data.labels == ["cardiology", "oncology"]
