@@ -38,7 +38,7 @@ from fedlora.messages import (
 )
 from fedlora.model_folder import resolve_model_dir
 from fedlora.privacy.site_audit import EVALUATION_READ, append_audit, read_audit
-from fedlora.privacy.site_ledger import Declined, open_ledger
+from fedlora.privacy.site_ledger import Declined, SiteLedger, open_ledger
 
 log = logging.getLogger("fedlora.client")
 
@@ -106,14 +106,19 @@ def screen_request(msg: Message, context: Context, config: Config, server_round:
     return None, policy, state_dir
 
 
-def policy_declined(msg: Message, config: Config, server_round: int, key: str, policy: SitePolicy, state_dir: Path) -> Message:
-    """A decline naming the policy key the request falls outside of (recorded in the ledger and the audit log)."""
+def policy_declined(msg: Message, config: Config, server_round: int, key: str, policy: SitePolicy, state_dir: Path,
+                    ledger: SiteLedger | None = None) -> Message:
+    """A decline naming the policy key the request falls outside of (recorded in the ledger and the audit log).
+    `ledger`: the site's ledger where the caller holds it open (a second open would wait for its own lock)."""
     kind, run = msg.metadata.message_type.split(".")[0], config.run.output_dir
     log.warning("round %d %s: declined: the run asks for more than this site's policy allows (%s)", server_round, kind, key)
     append_audit(state_dir, "declined", run, message=kind, round=server_round, reason=f"site policy: {key}")
-    with open_ledger(state_dir) as ledger:
-        decline = Declined(server_round, None, None, policy.max_epsilon, reason=f"site policy: {key}", message=kind)
+    decline = Declined(server_round, None, None, policy.max_epsilon, reason=f"site policy: {key}", message=kind)
+    if ledger is not None:
         ledger.record(run, config.privacy.accountant, config.privacy.delta, decline, policy.max_epsilon)
+    else:
+        with open_ledger(state_dir) as ledger:
+            ledger.record(run, config.privacy.accountant, config.privacy.delta, decline, policy.max_epsilon)
     metrics = metric_record({"declined": 1, POLICY_METRIC_PREFIX + key: 1}, DECLINED_METRICS)
     return Message(content=RecordDict({"metrics": metrics}), reply_to=msg)
 

@@ -113,3 +113,15 @@ def plan_within_limit(config: Config, plan: DPPlan, ledger: SiteLedger, policy: 
     except ValueError:
         return plan  # not even infinite noise fits: the guard declines
     return replace(plan, noise_multiplier=max(sigma, plan.noise_multiplier))
+
+
+def noise_increase(planned: DPPlan, plan: DPPlan) -> float:
+    """How many times the run's planned noise multiplier `plan` trains with (1 = the plan)."""
+    return plan.noise_multiplier / planned.noise_multiplier if planned.noise_multiplier > 0 else 1.0
+
+
+def too_noisy(policy: SitePolicy, planned: DPPlan, plan: DPPlan) -> bool:
+    """Whether the site's `max-noise-increase` declines `plan`: noise raised that far to stay
+    within the limit leaves little to learn, and spends the rest of the budget on it. Decided
+    from the plans alone (the run's config, the ledger, the unit count public to accounting)."""
+    return policy.max_noise_increase > 0 and noise_increase(planned, plan) > policy.max_noise_increase

@@ -22,13 +22,17 @@ ROUND_KEY = "fedlora.round"
 FINGERPRINT_KEY = "fedlora.base-fingerprint"  # the coordinator's base model (fedlora/base_fingerprint.py)
 
 # Under DP a site sends no train-loss and no seconds (data-dependent, unaccounted), and
-# its num-examples is the data-independent batch_size * steps.
-TRAIN_METRICS = ("num-examples", "train-loss", "epsilon", "planned-epsilon", "noise-multiplier", "steps", "seconds")
+# its num-examples is the data-independent batch_size * steps. "planned-noise-multiplier" is
+# the noise the run's plan gives this site (before its own limit raised it): like the noise
+# multiplier, a function of the public plan and the site's unit count (public to the accounting).
+# "run-epsilon": what this run alone has spent at the site ("epsilon" is the site's ledger total).
+TRAIN_METRICS = ("num-examples", "train-loss", "epsilon", "run-epsilon", "planned-epsilon", "noise-multiplier",
+                 "planned-noise-multiplier", "steps", "seconds")
 # The site's policy, as node-config keys; a decline names one of them.
 POLICY_KEYS = (
     "max-epsilon", "max-delta", "privacy-unit", "user-column", "allow-no-dp", "text-column", "label-column",
     "prompt-column", "response-column", "max-evaluations", "calibrate-to-limit", "peer-keys",
-    "require-secure-aggregation", "allow-distributed-dp", "min-distributed-tolerance", "labels",
+    "require-secure-aggregation", "allow-distributed-dp", "min-distributed-tolerance", "labels", "max-noise-increase",
     # Not node-config keys: what the request itself must keep to. "round": the round lies
     # outside the run's own plan (1..federation.rounds; evaluation and queries also 0).
     "round",

@@ -191,6 +191,16 @@ class SiteLedger:
         cache.epsilon(self.history(), self.guard_delta(latest.delta), latest.accountant)
         cache.save()
 
+    def run_epsilon(self, run: str) -> float:
+        """What `run` alone has spent at this site (its own section, at its own delta), from
+        the report's cache that `record` keeps warm; 0 for a run with no entries."""
+        from fedlora.privacy.epsilon_cache import EpsilonCache
+
+        section = next((r for r in self.runs if r.run == run and r.mechanisms), None)
+        if section is None:
+            return 0.0
+        return EpsilonCache(self.path.parent).epsilon(section.history, section.delta, section.accountant)
+
     def history(self) -> History:
         """Every mechanism of every run, in order: they all touched this site's data."""
         return [h for r in self.runs for h in r.history]

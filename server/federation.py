@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 from flwr.serverapp import Grid
@@ -25,7 +26,9 @@ from fedlora.server.evaluation_round import evaluate_round
 from fedlora.server.message_exchange import Envelope, RoundReplies, wait_for_nodes
 from fedlora.server.progress import Progress
 from fedlora.server.round_policy import RoundTraining, sample_sites, train_round
-from fedlora.server.round_rows import initial_row, note_early_end, note_site_problems, site_epsilons, training_row
+from fedlora.server import site_names
+from fedlora.server.round_rows import (initial_row, note_early_end, note_raised_noise, note_site_problems, raised_noise,
+                                       site_epsilons, training_row)
 from fedlora.server.run_directory import RunDirectory
 from fedlora.server.site_ranks import SiteRanks
 from fedlora.strategies import Strategy, get_strategy
@@ -87,7 +90,7 @@ def run_federation(grid: Grid, config: Config) -> tuple[RunDirectory, list[dict[
         eval_row, eval_replies = evaluate_round(grid, envelope, site_ranks.adapters(global_adapter, nodes), 0, progress)
         rows = [initial_row(eval_row, eval_replies, query_failures, query_status, time.monotonic() - start)]
         epsilon_max = rows[0]["epsilon_max"]
-        record_row(run_dir, progress, rows[0])
+        record_row(run_dir, progress, rows[0], site_labels(run_dir, nodes))
 
     for server_round in range(last_round + 1, config.federation.rounds + 1):
         start = time.monotonic()
@@ -102,14 +105,16 @@ def run_federation(grid: Grid, config: Config) -> tuple[RunDirectory, list[dict[
             else:  # federation.evaluate_every
                 eval_row, eval_replies = unevaluated(config), RoundReplies()
         epsilon_max = max([epsilon_max] + site_epsilons(state.replies) + site_epsilons(eval_replies.ok))
-        extra = {**(central.round_metrics() if central else {}), **strategy.round_metrics()}
+        labels = site_labels(run_dir, [*nodes, *state.status])
+        extra = {**(central.round_metrics() if central else {}), **strategy.round_metrics(),
+                 **({"noise_raised": raised_noise(state.trained, labels)} if config.privacy.enabled else {})}
         row = training_row(server_round, state, ended_early, eval_row, eval_replies, epsilon_max, extra, config,
                            time.monotonic() - start)
-        record_row(run_dir, progress, row)
+        record_row(run_dir, progress, row, labels)
         rows.append(row)
         if ended_early:
             # No checkpoint: nothing was trained, and a resume (after sites raise their limits) redoes this round.
-            note_early_end(progress, row, state, config.federation.rounds, config.federation.min_clients)
+            note_early_end(progress, row, state, config.federation.rounds, config.federation.min_clients, labels)
             break
         # The row first, then the checkpoint: a crash between them is resumed from the
         # previous checkpoint, and the resume drops this row before redoing the round.
@@ -133,10 +138,19 @@ def unevaluated(config: Config) -> dict[str, Any]:
     return {"eval_loss": None, "eval_accuracy" if config.model.task == "classification" else "eval_perplexity": None}
 
 
-def record_row(run_dir: RunDirectory, progress: Progress, row: dict[str, Any]) -> None:
+def site_labels(run_dir: RunDirectory, nodes: list[int]) -> dict[int, str]:
+    """What console lines and the report call each site (server/site_names.py), kept in the
+    run directory. A deployed ServerApp runs in the directory its SuperLink was started in,
+    which `fedlora coordinator` makes its state dir, where the operator's names are."""
+    coordinator_dir = Path.cwd() if (Path.cwd() / site_names.NAMES_FILE).is_file() else None
+    return site_names.record_run_labels(run_dir.path, coordinator_dir, nodes)
+
+
+def record_row(run_dir: RunDirectory, progress: Progress, row: dict[str, Any], labels: dict[int, str]) -> None:
     run_dir.append_metrics(row)
     progress.round_done(row)
-    note_site_problems(progress, row)
+    note_site_problems(progress, row, labels)
+    note_raised_noise(progress, row)
 
 
 def write_final_adapter(config: Config, global_adapter: Adapter, run_dir: RunDirectory, rows: list[dict[str, Any]],

@@ -34,10 +34,12 @@ def site_statuses(train: dict[int, str], evaluate: dict[int, str]) -> list[dict[
     return [{"node": n, "train": train.get(n), "evaluate": evaluate.get(n)} for n in sorted(set(train) | set(evaluate))]
 
 
-def note_site_problems(progress: Progress, row: dict[str, Any]) -> None:
-    """One line naming every site that did not deliver this round, and why."""
-    problems = [f"node {s['node']} {phase}: {s[phase]}" for s in row["sites"] for phase in ("train", "evaluate")
-                if s[phase] not in (None, "ok")]
+def note_site_problems(progress: Progress, row: dict[str, Any], labels: dict[int, str] | None = None) -> None:
+    """One line naming every site that did not deliver this round, and why (`labels`:
+    server/site_names.py run_labels)."""
+    labels = labels or {}
+    problems = [f"{labels.get(s['node'], 'node ' + str(s['node']))} {phase}: {s[phase]}" for s in row["sites"]
+                for phase in ("train", "evaluate") if s[phase] not in (None, "ok")]
     if problems:
         progress.note(f"round {row['round']}: " + "; ".join(problems))
 
@@ -58,11 +60,47 @@ def site_privacy(replies: list[Message]) -> list[dict[str, Any]]:
             "declined": declined_reason(m) is not None,
             "declined_reason": declined_reason(m),
             "epsilon": number(metrics, "epsilon"),
+            "run_epsilon": number(metrics, "run-epsilon"),
             "planned_epsilon": number(metrics, "planned-epsilon"),
             "noise_multiplier": number(metrics, "noise-multiplier"),
+            "planned_noise_multiplier": number(metrics, "planned-noise-multiplier"),
             "epsilon_limit": number(metrics, "epsilon-limit"),
         })
     return sorted(out, key=lambda site: site["node"])
+
+
+# A site whose noise multiplier is this much above its plan is named: it calibrated to its limit.
+RAISED_NOISE = 1.01
+
+
+def raised_noise(replies: list[Message], labels: dict[int, str]) -> list[dict[str, Any]]:
+    """The sites that trained with more noise than the run's plan (calibrated to their own
+    limit): metrics.jsonl's `noise_raised`. Both figures are the site's own, and the plan's
+    noise is what the site would have used within the run's target."""
+    out = []
+    for m in replies:
+        metrics = metrics_or_empty(m)
+        noise, planned = number(metrics, "noise-multiplier"), number(metrics, "planned-noise-multiplier")
+        if noise is not None and planned and noise > planned * RAISED_NOISE:
+            node = m.metadata.src_node_id
+            out.append({"node": node, "site": labels.get(node, f"node {node}"), "noise_multiplier": noise,
+                        "planned_noise_multiplier": planned, "increase": noise / planned})
+    return sorted(out, key=lambda site: site["node"])
+
+
+def raised_noise_line(site: dict[str, Any]) -> str:
+    """"site 1 calibrated to its limit: noise 8.0, 14x the plan (0.57)"."""
+    increase = site["increase"]
+    times = f"{increase:.0f}x" if increase >= 10 else f"{increase:.1f}x"
+    return (f"{site['site']} calibrated to its limit: noise {site['noise_multiplier']:.3g}, {times} the plan "
+            f"({site['planned_noise_multiplier']:.3g})")
+
+
+def note_raised_noise(progress: Progress, row: dict[str, Any]) -> None:
+    """One line naming every site that trained this round with more noise than planned."""
+    if row.get("noise_raised"):
+        progress.note(f"round {row['round']}: " + "; ".join(raised_noise_line(s) for s in row["noise_raised"])
+                      + " (little may be left to learn: see the sites' budgets)")
 
 
 def initial_row(eval_row: dict[str, Any], eval_replies: RoundReplies, query_failures: Counter, query_status: dict[int, str],
@@ -112,7 +150,8 @@ def training_row(server_round: int, state: RoundTraining, ended_early: bool, eva
     }
 
 
-def note_early_end(progress: Progress, row: dict[str, Any], state: RoundTraining, rounds: int, min_clients: int) -> None:
+def note_early_end(progress: Progress, row: dict[str, Any], state: RoundTraining, rounds: int, min_clients: int,
+                   labels: dict[int, str] | None = None) -> None:
     """Why the run ends before its planned rounds, and which sites spent budget for nothing."""
     reasons = sorted({declined_reason(m) for m in state.declined.values()} | {
         k for k in state.failures if k in (REFUSED_APP, REFUSED_BASE_MODEL)})
@@ -121,5 +160,7 @@ def note_early_end(progress: Progress, row: dict[str, Any], state: RoundTraining
                   f"{len(state.declined) + len(state.refused)} sites declined or refused round {server_round} "
                   f"({', '.join(reasons)}) and fewer than federation.min_clients = {min_clients} could train")
     if state.updates:
-        progress.note(f"round {server_round}: node(s) {', '.join(str(n) for n in sorted(state.updates))} trained and spent "
+        labels = labels or {}
+        sites = ", ".join(labels.get(n, f"node {n}") for n in sorted(state.updates))
+        progress.note(f"round {server_round}: {sites} trained and spent "
                       "privacy budget, but their updates were discarded (too few sites to aggregate)")
