@@ -143,20 +143,22 @@ def _check_data(path: Path, site: SiteSettings | None = None) -> None:
         def has(column: str) -> bool:
             return row.get(column) is not None  # a short CSV row reads as None
 
+        # The column names (a CSV file's header), never a value: which one is the text is then plain to see.
+        columns = f"; the row has columns {', '.join(repr(c) for c in row if has(c))}"
         if not has(text) and not (has(prompt) and has(response)):
             if has(prompt) or has(response):
                 missing = response if has(prompt) else prompt
                 flag = "--response-column" if has(prompt) else "--prompt-column"
                 raise SiteError(f"--data-path {path}: row {number} has no column '{missing}' ({flag}) and no column "
-                                f"'{text}' (--text-column)")
+                                f"'{text}' (--text-column){columns}")
             raise SiteError(f"--data-path {path}: row {number} has no column '{text}' (--text-column) and no columns "
-                            f"'{prompt}' and '{response}' (--prompt-column, --response-column)")
+                            f"'{prompt}' and '{response}' (--prompt-column, --response-column){columns}")
         if site.labels is not None and has(site.label_column) and str(row[site.label_column]) not in site.labels:
             raise SiteError(f"--data-path {path}: row {number}: its '{site.label_column}' (--label-column) value is "
                             "not one of --labels")
         if site.privacy_unit == "user" and not has(site.user_column):
             raise SiteError(f"--data-path {path}: row {number} has no column '{site.user_column}' "
-                            f"(--user-column, needed by --privacy-unit user)")
+                            f"(--user-column, needed by --privacy-unit user){columns}")
 
 
 def _check_model(model_path: str) -> None:
@@ -402,6 +404,11 @@ def run_site(site: SiteSettings) -> int:
     print(f"[fedlora] site checked: data {site.data_path}, model {site.model_path}, state {site.state_dir}; "
           f"connecting to {site.superlink}", flush=True)
     print(f"[fedlora] approved apps: {', '.join(approved)} (the first is the installed fedlora release)", flush=True)
+    if site.peer_keys is not None:
+        from fedlora.client.peer_keys import load_peer_keys
+
+        # Said once at start: a key missing from the file shows here, not as a refused round later.
+        print(f"[fedlora] loaded {len(load_peer_keys(site.peer_keys))} peer keys from {site.peer_keys}", flush=True)
     if site.labels is None:
         print("[fedlora] note: no --labels: a classification run's data.labels is checked against the data on request, "
               "so a coordinator can learn whether this site holds a label outside a list it sends (docs/privacy.md)",

@@ -9,6 +9,7 @@ coordinator sends to clients. Unknown keys and bad values are a one-line
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 import tomllib
 from dataclasses import dataclass, field
@@ -338,12 +339,24 @@ def from_flat(flat: dict[str, Any], where: str = "config") -> Config:
     types = _leaf_types(Config)
     values: dict[str, Any] = {}
     for key, value in flat.items():
-        if key not in types:
-            raise ConfigError(f"{where}: unknown key '{key}'")
-        values[key] = _coerce(key, value, types[key], where)
+        values[key] = _checked(key, value, types, where)
     config = _build(Config, values)
     validate(config, where)
     return config
+
+
+def _checked(key: str, value: Any, types: dict[str, Any], where: str) -> Any:
+    """One dotted key's value, coerced to its type; an unknown key names the closest known one."""
+    if key not in types:
+        section, _, leaf = key.rpartition(".")
+        leaves = [k.rpartition(".")[2] for k in types if k.rpartition(".")[0] == section]
+        # Within a known section, compare the last parts only: the shared "section." would
+        # make every key of the section look close.
+        near = difflib.get_close_matches(leaf, leaves, n=2, cutoff=0.65) or [k for k in leaves if k.startswith(leaf)][:2]
+        close = [f"{section}.{m}" for m in near] if leaves else difflib.get_close_matches(key, types, n=1, cutoff=0.65)
+        hint = f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else ""
+        raise ConfigError(f"{where}: unknown key '{key}'{hint}")
+    return _coerce(key, value, types[key], where)
 
 
 def flatten(tree: dict[str, Any], where: str = "config") -> dict[str, Any]:
@@ -511,7 +524,11 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
             flat = flatten(tomllib.loads(path.read_text()), where)
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{path}: invalid TOML: {exc}") from None
+        for key, value in flat.items():  # a file's mistake is named as the file's, not as --set's
+            _checked(key, value, _leaf_types(Config), where)
     if overrides:
+        for key, value in overrides.items():
+            _checked(key, value, _leaf_types(Config), "--set")
         flat.update(overrides)
         where = f"{where} with --set" if path else "--set"
     return from_flat(flat, where)

@@ -57,9 +57,13 @@ class QuietFlowerNotices:
 
 
 def quiet_flower_notices() -> None:
-    """Install the filter in this process (once)."""
+    """Install the filter in this process (once), and keep Flower's lines to Flower's own
+    console handler (INFO and up). Opacus calls `logging.basicConfig` when imported, which
+    gives the root logger a handler of every level; the `flwr` logger itself is at DEBUG, so
+    through the root every Flower line, DEBUG included, would print a second time."""
     import logging
 
     logger = logging.getLogger("flwr")
+    logger.propagate = False
     if not any(isinstance(f, QuietFlowerNotices) for f in logger.filters):
         logger.addFilter(QuietFlowerNotices())

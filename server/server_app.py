@@ -12,6 +12,7 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from fedlora.config import Config, from_flat
+from fedlora.flower_env import quiet_flower_notices
 
 if TYPE_CHECKING:
     from fedlora.server.run_directory import RunDirectory
@@ -37,6 +38,8 @@ app = ServerApp()
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     from fedlora.server.federation import run_federation
+
+    quiet_flower_notices()  # `fedlora run` streams this process's output: Flower's DEBUG lines stay out
 
     config = from_flat(dict(context.run_config), where="run config")
     run_federation(grid, config)

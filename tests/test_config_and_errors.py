@@ -121,3 +121,22 @@ def test_held_out_test_notes_need_the_generated_dataset(tmp_path, capsys):
     assert code == 2 and len(err.splitlines()) == 1 and "simulation.test_notes" in err and "default" in err
     code, err = run_cli(capsys, "--set", "simulation.test_notes=-1")
     assert code == 2 and "simulation.test_notes" in err and ">= 0" in err
+
+
+def test_an_unknown_key_is_named_with_its_source_and_the_closest_known_key(tmp_path, capsys):
+    path = tmp_path / "run.toml"
+    path.write_text("[train]\nlocal_stepz = 3\n")
+    code, err = run_cli(capsys, "--config", str(path), "--set", "train.lr=0.01")
+    assert code == 2 and err == f"fedlora: error: {path}: unknown key 'train.local_stepz' (did you mean 'train.local_steps'?)"
+    path.write_text("[privacy]\nepsilon = 3\n")
+    code, err = run_cli(capsys, "--config", str(path))
+    assert err == (f"fedlora: error: {path}: unknown key 'privacy.epsilon' "
+                   "(did you mean 'privacy.eval_epsilon' or 'privacy.target_epsilon'?)")
+    path.write_text("[train]\nlearning_rate = 0.1\n")  # nothing close: no guess
+    assert run_cli(capsys, "--config", str(path))[1] == f"fedlora: error: {path}: unknown key 'train.learning_rate'"
+    path.write_text("[train]\nlr = 0.01\n")
+    code, err = run_cli(capsys, "--config", str(path), "--set", "train.batchsize=8")
+    assert code == 2 and err == "fedlora: error: --set: unknown key 'train.batchsize' (did you mean 'train.batch_size'?)"
+    path.write_text("[train]\nbatch_size = 'big'\n")  # a bad value, too, is the file's
+    code, err = run_cli(capsys, "--config", str(path), "--set", "train.lr=0.01")
+    assert code == 2 and err.startswith(f"fedlora: error: {path}: key 'train.batch_size' must be int")

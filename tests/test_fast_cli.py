@@ -45,3 +45,22 @@ def test_quick_commands_import_no_model_libraries(tmp_path):
         assert result == {"code": code, "heavy": []}, (args, result)
     assert (tmp_path / "certs" / "ca.pem").is_file() and (tmp_path / "keys" / "site-a.pub").is_file()
     assert len(list((tmp_path / "data").glob("*.jsonl"))) == 2
+
+
+def test_a_reader_that_goes_away_ends_a_command_quietly(tmp_path):
+    """`fedlora privacy DIR | head -1`: the pipe closes under the command; it exits 141
+    (128 + SIGPIPE, as `cat` does) and prints no traceback."""
+    import os
+    from pathlib import Path
+
+    from tests.test_ledger_report_cache import record
+
+    record(tmp_path, "runs/a", 1e-5, 3)
+    read, write = os.pipe()
+    os.close(read)  # the reader is gone before the first line is written
+    try:
+        proc = subprocess.run([sys.executable, "-m", "fedlora.cli", "privacy", str(tmp_path)], stdout=write,
+                              stderr=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parents[1], timeout=120)
+    finally:
+        os.close(write)
+    assert proc.returncode == 141 and proc.stderr == "", proc.stderr[-2000:]

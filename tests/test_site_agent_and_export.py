@@ -231,3 +231,25 @@ def test_root_cert_must_be_a_valid_ca_that_signed_the_coordinators_certificate(s
     site.root_cert.write_bytes(expired.public_bytes(serialization.Encoding.PEM))
     with pytest.raises(SiteError, match=r"expired-ca\.pem: expired on \d{4}-\d\d-\d\d"):
         validate_site(site)
+
+
+def test_a_data_file_without_the_text_column_names_the_columns_it_has(site, tmp_path):
+    site.data_path = tmp_path / "notes.csv"
+    site.data_path.write_text("note,department\nchest pain,cardiology\n")
+    with pytest.raises(SiteError) as caught:
+        validate_site(site)
+    assert str(caught.value) == (f"--data-path {site.data_path}: row 1 has no column 'text' (--text-column) and no columns "
+                                 "'prompt' and 'response' (--prompt-column, --response-column); the row has columns "
+                                 "'note', 'department'")
+
+
+def test_a_site_with_peer_keys_says_how_many_it_loaded(site, tmp_path, monkeypatch, capsys):
+    from fedlora.client import site_agent
+
+    peers = [create_site_key(tmp_path / "keys", name)[1] for name in ("site-b", "site-c")]
+    site.peer_keys = tmp_path / "peers.pub"
+    lines = [Path(f"{site.key}.pub").read_text().strip(), "# the consortium's other sites", *(p.read_text().strip() for p in peers)]
+    site.peer_keys.write_text("\n".join(lines) + "\n")
+    monkeypatch.setattr(site_agent, "supervise", lambda commands, env, while_running: 0)  # no SuperNode here
+    site_agent.run_site(site)
+    assert f"[fedlora] loaded 3 peer keys from {site.peer_keys}\n" in capsys.readouterr().out

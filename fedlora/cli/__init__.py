@@ -265,7 +265,26 @@ def _loaded(errors: list[tuple[str, str]]) -> tuple[type[BaseException], ...]:
     return tuple(getattr(sys.modules[module], name) for module, name in errors if module in sys.modules)
 
 
+# A reader that went away (`fedlora privacy DIR | head`) ends the command quietly, as it
+# ends `cat`: 128 + SIGPIPE, no traceback.
+EXIT_BROKEN_PIPE = 141
+
+
 def main(argv: list[str] | None = None) -> int:
+    try:
+        try:
+            return _main(argv)
+        finally:
+            sys.stdout.flush()  # here, where a closed pipe can still be caught, not at interpreter exit
+    except BrokenPipeError:
+        import os
+
+        # Python flushes stdout again at exit: point it at /dev/null so that flush succeeds.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
+
+
+def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.command == "simulate":
