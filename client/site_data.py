@@ -18,7 +18,8 @@ from flwr.clientapp.typing import ClientAppCallable
 
 from fedlora.config import Config
 from fedlora.flower_env import quiet_flower_notices
-from fedlora.text_data import DataError, Example, check_columns, encode, read_rows, row_place, split_train_validation
+from fedlora.client.site_policy import SitePolicy, site_policy
+from fedlora.text_data import DataError, Example, encode, read_rows, row_place, split_train_validation
 
 
 VirtualSiteRows = Callable[[Config, int, int], list[dict]]  # (config, partition id, partitions) -> rows
@@ -63,16 +64,30 @@ def site_rows(config: Config, node_config: dict) -> tuple[list[dict], str, int]:
     raise ValueError("node config has neither 'data-path' nor 'partition-id': this site has no data")
 
 
+def check_site_rows(rows: list[dict], policy: SitePolicy, source: str) -> None:
+    """Every row keeps the site's own rules: a text (or, in a file without the text column,
+    a prompt and a response), a label among the site's declared `labels` where it declares
+    them, a user under user-level DP. The rules come from the site's policy, not from the
+    request: a request that passed `violation` asks for these columns and labels and no
+    others, so whether this check fails cannot depend on what the coordinator chose (a task
+    or label set that made it fail on some rows and not others would be an oracle).
+    Errors name the row and column, never a value."""
+    texts = [policy.text_column] if policy.labels or (rows and policy.text_column in rows[0]) else [policy.prompt_column, policy.response_column]
+    users = [policy.user_column] if policy.privacy_unit == "user" else []
+    known = set(policy.labels)
+    for index, row in enumerate(rows):
+        for column in (*texts, *([policy.label_column] if known else []), *users):
+            value = row.get(column)
+            if value is None or not str(value).strip():
+                raise DataError(f"data file {source}: {row_place(rows, index)}: column {column!r} is empty or missing")
+        if known and str(row[policy.label_column]) not in known:
+            raise DataError(f"data file {source}: {row_place(rows, index)}: the value of column "
+                            f"{policy.label_column!r} is not one of the site's labels")
+
+
 def load_site_data(config: Config, labels: list[str], node_config: dict, tokenizer) -> SiteData:
     rows, source, site_number = site_rows(config, node_config)
-    check_columns(rows, config, source)
-    if config.model.task == "classification":
-        known = set(labels)
-        for index, row in enumerate(rows):
-            if str(row[config.data.label_column]) not in known:
-                # Named by position and column, never by value: the value could be a patient's name.
-                raise DataError(f"data file {source}: {row_place(rows, index)}: the value of column "
-                                f"{config.data.label_column!r} is not one of data.labels")
+    check_site_rows(rows, site_policy(config, node_config), source)
     train_rows, val_rows = split_train_validation(rows, config.data.validation_fraction, seed=config.run.seed + site_number)
     return SiteData(
         train=encode(train_rows, tokenizer, config, labels, source),

@@ -51,7 +51,8 @@ class SitePolicy:
     # The classification labels of this site's data, in class-id order (node config `labels`,
     # comma-separated; `fedlora client` checks its data against them at start). A run whose
     # data.labels differs is declined before any data is read, so whether the site holds a
-    # label never shows as a data error. Empty: not declared (that check is then the data's).
+    # label never shows as a data error. Empty: not declared, and the site declines every
+    # classification request (otherwise a chosen data.labels would be a label oracle).
     labels: tuple[str, ...] = ()
 
 
@@ -151,6 +152,7 @@ def simulation_policy(config: Config) -> SitePolicy:
         allow_distributed_dp=True,
         min_distributed_tolerance=0,
         min_sites=2,  # one machine holds every party: the floor protects nothing there
+        labels=tuple(run.data.labels),  # the driver checked the dataset against them before Ray started
     )
 
 
@@ -185,7 +187,7 @@ def violation(policy: SitePolicy, config: Config) -> str | None:
     ):
         if asked != own:
             return key
-    if policy.labels and config.model.task == "classification" and tuple(data.labels) != policy.labels:
+    if config.model.task == "classification" and tuple(data.labels) != policy.labels:
         return "labels"
     if policy.require_secure_aggregation and not config.federation.secure_aggregation:
         return "require-secure-aggregation"

@@ -75,9 +75,9 @@ def model_with_adapter(msg: Message, config: Config) -> tuple[CachedModel, Adapt
 
 
 def site_data(context: Context, config: Config, cached: CachedModel) -> SiteData:
-    """This site's data (train and validation splits). Its columns (and, with the policy
-    `labels`, its labels) were checked when the site started and against the request
-    before this is called; its size is public to the accounting (q)."""
+    """This site's data (train and validation splits), checked against the site's own
+    rules (client/site_data.py), which the request was checked against before this is
+    called; its size is public to the accounting (q)."""
     return load_site_data(config, config.data.labels, context.node_config, cached.tokenizer)
 
 

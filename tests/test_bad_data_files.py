@@ -66,8 +66,8 @@ def test_a_label_outside_data_labels_names_the_line_not_the_value(tmp_path):
     path = write(tmp_path / "site.jsonl", json.dumps({"text": "note", "label": "a"}) + "\n" + json.dumps({"text": "note", "label": SECRET}) + "\n")
     config = load_config(None, {"data.labels": ["a", "b"]})
     with pytest.raises(DataError) as caught:
-        load_site_data(config, ["a", "b"], {"data-path": str(path)}, tokenizer=None)  # fails before tokenizing
-    assert str(caught.value) == f"data file {path}: row 2 (line 2): the value of column 'label' is not one of data.labels"
+        load_site_data(config, ["a", "b"], {"data-path": str(path), "labels": "a,b"}, tokenizer=None)  # before tokenizing
+    assert str(caught.value) == f"data file {path}: row 2 (line 2): the value of column 'label' is not one of the site's labels"
 
 
 def test_one_configured_label_is_a_config_error():

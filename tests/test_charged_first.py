@@ -1,8 +1,10 @@
 """Nothing data-dependent leaves a site uncharged (issue 25, item 3).
 
-- The label list is site policy (`labels`): a run whose data.labels differs is declined
-  before any data is read, so two sites with the same policy, one holding an extra label,
-  answer every list alike (the label oracle).
+- The label list is site policy (`labels`): a run whose data.labels differs (or any
+  classification run, at a site that declares none) is declined before any data is read,
+  so two sites with the same policy, one holding an extra label, answer every list alike
+  (the label oracle); the data check before the charge follows the site's rules, not the
+  request's (a task switch).
 - The ledger is charged before any data-dependent work: an evaluation or a training round
   that fails after reading data has its entry (a crash over-counts, which is safe).
 - `max-evaluations` counts every evaluation that read data, completed or not.
@@ -19,8 +21,10 @@ from flwr.app import MessageType
 
 from fedlora.client.site_agent import SiteError, SiteSettings, _check_data
 from fedlora.client.site_policy import PolicyError, site_policy
-from fedlora.config import Config
+from fedlora.client.site_data import load_site_data
+from fedlora.config import Config, load_config
 from fedlora.privacy.site_ledger import SiteLedger
+from fedlora.text_data import DataError
 from tests.test_site_sovereignty import send, site  # noqa: F401 - the fixture
 
 
@@ -58,6 +62,35 @@ def test_two_sites_one_holding_an_extra_label_answer_every_label_list_alike(site
     assert replies["two labels"] == replies["three labels"], replies
     expected = "released" if asked == ["a", "b", "c"] else "declined: policy.labels"
     assert set(replies["two labels"].values()) == {expected}
+
+
+def test_a_site_that_declares_no_labels_declines_every_label_list_before_reading_data(site, tmp_path):  # noqa: F811
+    """Without `labels` the site's own check against the run's list would be the oracle:
+    the site declines instead, before it opens its file (here one that does not exist)."""
+    config, node = site
+    config.privacy.accountant = "rdp"
+    undeclared = {k: v for k, v in node.items() if k != "labels"}
+    for message_type in (MessageType.TRAIN, MessageType.EVALUATE):
+        reply = send(config, {**undeclared, "data-path": str(tmp_path / "absent.jsonl")}, message_type, 1)
+        assert in_kind(reply) == "declined: policy.labels"
+    assert not any(r.mechanisms for r in SiteLedger.load(node["state-dir"]).runs)
+
+
+@pytest.mark.parametrize("task", ["classification", "causal-lm"])
+def test_the_data_check_before_the_charge_follows_the_site_not_the_request(tmp_path, task):
+    """A row with a blank label fails the site's check whatever task the request names:
+    a coordinator switching model.task learns nothing about the rows (the check that
+    followed the request failed only under classification)."""
+    path = tmp_path / "site.jsonl"
+    path.write_text(json.dumps({"text": "note", "label": "a"}) + "\n" + json.dumps({"text": "note", "label": " "}) + "\n")
+    config = load_config(None, {"model.task": task, "data.labels": ["a", "b"]})
+    with pytest.raises(DataError) as caught:
+        load_site_data(config, ["a", "b"], {"data-path": str(path), "labels": "a,b"}, tokenizer=None)
+    assert str(caught.value) == f"data file {path}: row 2 (line 2): column 'label' is empty or missing"
+    # A site without labels (a causal LM site) needs none; its text is still checked.
+    path.write_text(json.dumps({"text": "note"}) + "\n" + json.dumps({"text": ""}) + "\n")
+    with pytest.raises(DataError, match="row 2 \\(line 2\\): column 'text' is empty or missing"):
+        load_site_data(config, ["a", "b"], {"data-path": str(path)}, tokenizer=None)
 
 
 def test_labels_policy_parsing_and_the_start_check(tmp_path):

@@ -117,7 +117,7 @@ class Deployment:
         state, model = self.root / "sites" / name, model or self.model
         if direct:
             state.mkdir(parents=True)
-            node_config = f'data-path="{data}" model-path="{model}" state-dir="{state}"'
+            node_config = f'data-path="{data}" model-path="{model}" state-dir="{state}" labels="a,b,c"'
             command = [flower_executable("flower-supernode"), "--superlink", f"127.0.0.1:{self.port}", "--root-certificates",
                        str(self.root / "certs" / "ca.pem"), "--auth-supernode-private-key", str(key),
                        "--node-config", node_config, "--port", str(free_port())]
@@ -125,7 +125,7 @@ class Deployment:
             command = [*FEDLORA, "client", "--coordinator", f"127.0.0.1:{self.port}", "--root-cert",
                        str(self.root / "certs" / "ca.pem"), "--key", str(key), "--data-path", str(data),
                        "--model-path", str(model), "--state-dir", str(state), "--port", str(free_port()), "--max-epsilon", "10",
-                       *extra_args]
+                       "--labels", "a,b,c", *extra_args]
         self.commands[name] = command
         proc = start(command, self.root / f"site-{name}.log")
         self.processes.append(proc)

@@ -154,7 +154,7 @@ def test_coordinator_and_site_leave_no_process_behind(sig, mid_run, tmp_path, ti
     site = Tree(start([*FEDLORA, "client", "--insecure", "--coordinator", f"127.0.0.1:{port}",  # retries until it listens
                        "--data-path", str(write_site_data(tmp_path / "site.jsonl", rows=30)),
                        "--model-path", str(tiny_models["bert"]), "--state-dir", str(tmp_path / "site"),
-                       "--max-epsilon", "10", "--port", str(free_port())], tmp_path / "site.log"))
+                       "--max-epsilon", "10", "--labels", "a,b,c", "--port", str(free_port())], tmp_path / "site.log"))
     try:
         coordinator.wait_until_running(["flower-superlink", "flower-superexec"], 60)
         if mid_run:

@@ -42,7 +42,7 @@ def site(tmp_path, tiny_models):
         "model.path": str(tiny_models["bert"]), "data.labels": ["a", "b", "c"], "run.output_dir": str(tmp_path / "run"),
         "federation.rounds": 2, "train.local_steps": 2, "train.batch_size": 16, "privacy.target_epsilon": 4.0,
     })
-    node = {"data-path": str(write_site_data(tmp_path / "notes.jsonl", rows=80)), "state-dir": str(tmp_path / "state")}
+    node = {"data-path": str(write_site_data(tmp_path / "notes.jsonl", rows=80)), "state-dir": str(tmp_path / "state"), "labels": "a,b,c"}
     cached = cached_model(config, config.data.labels)
     return config, node, cached
 

@@ -53,7 +53,7 @@ def head_first_site(tmp_path, tiny_models):
         "federation.rounds": 3, "train.local_steps": 2, "train.batch_size": 16, "train.head_rounds": 1,
         "train.lr_schedule": "cosine", "privacy.target_epsilon": 8.0,
     })
-    node = {"data-path": str(write_site_data(tmp_path / "notes.jsonl", rows=80)), "state-dir": str(tmp_path / "state")}
+    node = {"data-path": str(write_site_data(tmp_path / "notes.jsonl", rows=80)), "state-dir": str(tmp_path / "state"), "labels": "a,b,c"}
     return config, node
 
 

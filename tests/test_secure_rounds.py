@@ -95,7 +95,8 @@ def federation(tmp_path, tiny_models, coordinator_identity):
         private, public = create_site_key(tmp_path / "keys", f"site-{i}")
         publics.append(public.read_text())
         nodes[n] = {"data-path": str(write_site_data(tmp_path / f"site-{i}.jsonl", rows=60 + 20 * i)),
-                    "state-dir": str(tmp_path / f"state-{i}"), "node-key": str(private), "max-epsilon": 20.0}
+                    "state-dir": str(tmp_path / f"state-{i}"), "node-key": str(private), "max-epsilon": 20.0,
+                    "labels": "a,b,c"}
     peer_keys = tmp_path / "consortium.pub"
     peer_keys.write_text("".join(publics))
     for node_config in nodes.values():

@@ -45,7 +45,7 @@ def site(tmp_path, tiny_models):
     })
     path = tmp_path / "config.toml"
     write_config(config, path)
-    node = {"data-path": str(write_site_data(tmp_path / "notes.jsonl")), "state-dir": str(tmp_path / "state")}
+    node = {"data-path": str(write_site_data(tmp_path / "notes.jsonl")), "state-dir": str(tmp_path / "state"), "labels": "a,b,c"}
     return config, path, node
 
 
@@ -193,7 +193,7 @@ def test_privacy_command_json_and_table(site, capsys):
 def test_a_deployed_site_without_state_dir_refuses_to_train_under_dp(site):
     config, _, node = site
     with pytest.raises(ValueError, match="state-dir"):
-        train_once(config, 1, {"data-path": node["data-path"]})
+        train_once(config, 1, {"data-path": node["data-path"], "labels": "a,b,c"})
 
 
 def test_noise_calibration_is_kept_in_the_state_dir_for_the_next_process(site, monkeypatch):

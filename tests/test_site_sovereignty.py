@@ -49,7 +49,7 @@ def site(tmp_path, tiny_models):
         "federation.rounds": 4, "train.local_steps": 2, "train.batch_size": 16, "privacy.target_epsilon": 4.0,
         "federation.evaluate_every": 1,
     })
-    node = {"data-path": str(write_site_data(tmp_path / "notes.jsonl", users=30)), "state-dir": str(tmp_path / "state")}
+    node = {"data-path": str(write_site_data(tmp_path / "notes.jsonl", users=30)), "state-dir": str(tmp_path / "state"), "labels": "a,b,c"}
     return config, node
 
 
@@ -120,7 +120,7 @@ def test_an_error_leaves_as_a_fixed_category_without_any_data_value(site, tmp_pa
     the names reach neither the reply nor its error reason; the site's log has the details."""
     config, node = site
     config.data.label_column, config.data.labels = "patient", ["x", "y", "z"]
-    node = {**node, "data-path": str(write_named_rows(tmp_path / "named.jsonl")), "label-column": "patient"}
+    node = {**node, "data-path": str(write_named_rows(tmp_path / "named.jsonl")), "label-column": "patient", "labels": "x,y,z"}
     with caplog.at_level(logging.ERROR, logger="fedlora.client"):
         for message_type in (MessageType.TRAIN, MessageType.EVALUATE):
             reply = send(config, node, message_type)
