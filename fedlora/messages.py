@@ -43,7 +43,9 @@ POLICY_METRIC_PREFIX = "policy."  # a policy decline carries the metric "policy.
 DECLINED_METRICS = ("declined", "epsilon", "epsilon-would-be", "epsilon-limit",
                     *(POLICY_METRIC_PREFIX + k for k in POLICY_KEYS))
 # Evaluation releases sums (noised and accounted under DP); the coordinator divides them.
-EVALUATE_METRICS = ("num-examples", "eval-correct", "eval-loss-sum", "epsilon")
+# "noise-multiplier": the sums' noise (from the run's config alone), so the report can show
+# how far a noisy validation figure may stray.
+EVALUATE_METRICS = ("num-examples", "eval-correct", "eval-loss-sum", "epsilon", "noise-multiplier")
 QUERY_METRICS = ("lora-rank",)  # what a site declares before training (its own LoRA rank)
 # A site holding a different base model than the coordinator's refuses every message.
 REFUSED_METRICS = ("refused-base-model",)

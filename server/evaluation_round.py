@@ -57,6 +57,12 @@ def evaluate_round(grid: Grid, envelope: Envelope, adapters: dict[int, Adapter],
     factor = config.strategy.max_weight_factor
     loss = ratio_of_sums(evaluations, "loss_sum", factor)
     row: dict[str, Any] = {"eval_loss": None if loss is None else max(0.0, loss)}
+    # What the report needs to show the figures' noise: each site's sums carry N(0, sigma^2)
+    # per unit of sensitivity, the count among them (server/run_report.py: noise_scale).
+    sigmas = [s for r in evaluated if (s := site_replies.number(site_replies.metrics_or_empty(r), "noise-multiplier")) is not None]
+    row["eval_sites"] = len(evaluations)
+    row["eval_units"] = sum(e.num_examples for e in evaluations)
+    row["eval_noise_multiplier"] = max(sigmas) if sigmas else None
     if classification:
         accuracy = ratio_of_sums(evaluations, "correct", factor)
         row["eval_accuracy"] = None if accuracy is None else min(1.0, max(0.0, accuracy))
