@@ -42,3 +42,12 @@ if not any(getattr(finder, "marker", None) == SiblingFloorFinder.marker for find
     # First: setuptools' editable finder would serve `fedlora.<floor>` from the checkout
     # it was installed from even when the imported fedlora is an app bundle's.
     sys.meta_path.insert(0, SiblingFloorFinder)
+
+
+def load_adapter(run_dir, model_path=None):  # noqa: ANN001, ANN201 (kept free of imports: see below)
+    """A run's final adapter on its base model, resolved on this machine and checked by
+    fingerprint: `.model`, `.tokenizer`, `.labels` (fedlora/portable_adapter.py). Imported
+    on call: `import fedlora` stays free of torch."""
+    from fedlora.portable_adapter import load_adapter as load
+
+    return load(run_dir, model_path)

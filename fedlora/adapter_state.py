@@ -75,8 +75,15 @@ def load_adapter_file(path: Path) -> Adapter:
     return load_file(str(path))
 
 
-def write_peft_dir(model: PeftModel, adapter: Adapter, folder: Path, base_model_dir: Path) -> None:
-    """Write `adapter` in PEFT format, loadable with PeftModel.from_pretrained(base, folder)."""
+def write_peft_dir(model: PeftModel, adapter: Adapter, folder: Path, model_path: str | Path) -> None:
+    """Write `adapter` in PEFT format, loadable with PeftModel.from_pretrained(base, folder),
+    its base model (`model.path`) recorded by a portable name and fingerprint
+    (fedlora/portable_adapter.py)."""
+    from fedlora.portable_adapter import write_base_record
+
     put_adapter(model, adapter)
-    model.peft_config["default"].base_model_name_or_path = str(base_model_dir)
-    model.save_pretrained(str(folder))
+    folder.mkdir(parents=True, exist_ok=True)
+    model.peft_config["default"].base_model_name_or_path = write_base_record(folder, str(model_path))
+    # No embedding layer carries LoRA here (base_model.py refuses it), and PEFT's "auto"
+    # check would look the base's portable name up on the Hub.
+    model.save_pretrained(str(folder), save_embedding_layers=False)

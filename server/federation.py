@@ -160,7 +160,7 @@ def write_final_adapter(config: Config, global_adapter: Adapter, run_dir: RunDir
     rank = lora_rank(global_adapter) or config.lora.rank
     lora = config.lora if rank == config.lora.rank else replace(config.lora, rank=rank, alpha=config.lora.alpha * rank / config.lora.rank)
     model = build_peft_model(config.model, lora, num_labels=max(1, len(config.data.labels)), seed=config.run.seed)
-    write_peft_dir(model, global_adapter, run_dir.path / "adapter", resolve_model_dir(config.model.path))
+    write_peft_dir(model, global_adapter, run_dir.path / "adapter", config.model.path)
     trained = rows[-1]["round"] - (1 if rows[-1].get("ended_early") else 0)
     planned = "" if trained == config.federation.rounds else f" (after round {trained} of the planned {config.federation.rounds})"
     progress.note(f"final adapter{planned}: {run_dir.path / 'adapter'}")

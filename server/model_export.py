@@ -1,8 +1,10 @@
 """`fedlora export RUN_DIR --out DIR [--merge]`: the run's final adapter, ready to use.
 
 Without --merge: the PEFT adapter folder (adapter_config.json,
-adapter_model.safetensors) pointing at the base model, plus the tokenizer and, for
-classification, labels.json; load it with `PeftModel.from_pretrained(base, DIR)`.
+adapter_model.safetensors, and base-model.json: the base model's portable name and
+fingerprint, fedlora/portable_adapter.py), plus the tokenizer and, for classification,
+labels.json; load it with `PeftModel.from_pretrained(base, DIR)`. Either way the base
+model is first checked against the fingerprint the run recorded.
 With --merge: the base model with the adapter merged in, saved as a plain
 transformers model (label names in its config); load it with
 `AutoModelForSequenceClassification.from_pretrained(DIR)` or `AutoModelForCausalLM`.
@@ -16,10 +18,12 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 from fedlora.base_model import load_base_model, load_tokenizer, resolve_model_dir, resolved_pooling
 from fedlora.config import ConfigError, load_config
+from fedlora.portable_adapter import BASE_FILE, verified_base
 
 
 def export_run(run_dir: Path, out: Path, merge: bool, model_path: str | None = None) -> Path:
@@ -36,13 +40,18 @@ def export_run(run_dir: Path, out: Path, merge: bool, model_path: str | None = N
         raise ConfigError(f"--out {out}: exists and is not empty (an export never overwrites)")
     config = load_config(run_dir / "config.toml", {"model.path": model_path} if model_path else None)
     labels = config.data.labels if config.model.task == "classification" else []
-    folder = resolve_model_dir(config.model.path)
+    if (adapter_dir / BASE_FILE).is_file():  # the base the adapter was trained on, checked by fingerprint
+        folder = verified_base(adapter_dir, model_path)
+        config = replace(config, model=replace(config.model, path=str(folder)))
+    else:  # a run from before the base was recorded
+        folder = resolve_model_dir(config.model.path)
     tokenizer = load_tokenizer(folder)
     out.mkdir(parents=True, exist_ok=True)
 
     if not merge:
-        for name in ("adapter_config.json", "adapter_model.safetensors"):
-            shutil.copy2(adapter_dir / name, out / name)
+        for name in ("adapter_config.json", "adapter_model.safetensors", BASE_FILE):
+            if (adapter_dir / name).is_file():
+                shutil.copy2(adapter_dir / name, out / name)
     else:
         base = load_base_model(config.model, max(1, len(labels)), config.run.seed)
         merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()

@@ -63,18 +63,17 @@ def test_three_clients_two_rounds_write_a_complete_run_directory(tmp_path):
         state = json.loads((out / "checkpoints" / f"round-{r:04d}" / "state.json").read_text())
         assert state["round"] == r
 
-    # adapter/ loads with PeftModel.from_pretrained on the base folder it names, and holds
-    # exactly the last round's global adapter.
-    from peft import PeftModel, get_peft_model_state_dict
+    # adapter/ loads as README shows (fedlora.load_adapter: the base model it names, checked
+    # by fingerprint; a mean-pooling head for the default encoder), and holds exactly the
+    # last round's global adapter.
+    from peft import get_peft_model_state_dict
     from safetensors.torch import load_file
-    from transformers import AutoModel
 
-    from fedlora.mean_pooling import MeanPoolingClassifier
+    import fedlora
 
-    # As README shows: the default encoder is read by a mean-pooling head (model.pooling = "auto").
-    adapter_config = json.loads((out / "adapter" / "adapter_config.json").read_text())
-    base = MeanPoolingClassifier(AutoModel.from_pretrained(adapter_config["base_model_name_or_path"]), num_labels=len(labels))
-    model = PeftModel.from_pretrained(base, str(out / "adapter"))
+    loaded_run = fedlora.load_adapter(out)
+    model, tokenizer = loaded_run.model, loaded_run.tokenizer
+    assert loaded_run.labels == labels
     loaded = get_peft_model_state_dict(model)
     final = load_file(str(out / "checkpoints" / "round-0002" / "adapter.safetensors"))
     assert set(loaded) == set(final)
@@ -82,15 +81,12 @@ def test_three_clients_two_rounds_write_a_complete_run_directory(tmp_path):
 
     # test.json: the final adapter scored on 200 fresh notes from another seed than the
     # sites' notes, exactly (no DP noise: no site holds them); recomputed here by hand.
-    from transformers import AutoTokenizer
-
     from fedlora.simulations.held_out_test import TEST_SEED_OFFSET
     from fedlora.simulations.triage_notes import generate_notes
 
     test = json.loads((out / "test.json").read_text())
     notes = generate_notes(200, config.run.seed + TEST_SEED_OFFSET)
     assert notes != generate_notes(300, config.run.seed)[:200]
-    tokenizer = AutoTokenizer.from_pretrained(adapter_config["base_model_name_or_path"])
     batch = tokenizer([n["text"] for n in notes], truncation=True, max_length=config.model.max_length, padding=True,
                       return_tensors="pt")
     with torch.no_grad():
