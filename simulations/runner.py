@@ -14,6 +14,7 @@ from typing import Any
 from fedlora.base_model import resolve_device, resolve_model_dir
 from fedlora.config import Config, ConfigError
 from fedlora.flower_env import FLOWER_OFFLINE_ENV, quiet_flower_notices
+from fedlora.private_network import only_loopback
 from fedlora.server.progress import summary_table
 from fedlora.server.run_directory import RunDirectory
 from fedlora.simulations.label_check import check_labels
@@ -44,6 +45,10 @@ def prepare(config: Config) -> Config:
 
 def simulate(config: Config) -> tuple[RunDirectory, list[dict[str, Any]]]:
     os.environ.update(FLOWER_OFFLINE_ENV)
+    if not config.simulation.ray_address and only_loopback():
+        # In a private network (simulations/engine_network.py) loopback is the only address:
+        # Ray's local-only mode takes it instead of probing the internet and logging a warning.
+        os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
     config = prepare(config)
 
     from flwr.simulation import run_simulation
@@ -61,10 +66,15 @@ def simulate(config: Config) -> tuple[RunDirectory, list[dict[str, Any]]]:
     cpus = os.cpu_count() or 1
     # One simulated client per GPU at a time: each Ray worker holds one base model on its GPU.
     gpus = 1.0 if resolve_device(config.train.device).type == "cuda" else 0.0
-    backend_config = {
-        "client_resources": {"num_cpus": min(config.simulation.cpus_per_client, cpus), "num_gpus": gpus},
-        "init_args": {"num_cpus": cpus, "include_dashboard": False, "logging_level": logging.ERROR, "log_to_driver": True},
-    }
+    init_args: dict[str, Any] = {"logging_level": logging.ERROR, "log_to_driver": True}
+    if config.simulation.ray_address:
+        # Join a running cluster: its nodes declared their own CPUs (ray.init refuses num_cpus here).
+        init_args["address"] = config.simulation.ray_address
+        client_cpus = config.simulation.cpus_per_client
+    else:
+        init_args.update(num_cpus=cpus, include_dashboard=False)
+        client_cpus = min(config.simulation.cpus_per_client, cpus)
+    backend_config = {"client_resources": {"num_cpus": client_cpus, "num_gpus": gpus}, "init_args": init_args}
     run_simulation(
         server_app=make_server_app(config, on_done),
         client_app=simulated_site_app(),

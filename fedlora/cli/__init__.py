@@ -37,6 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--output", metavar="DIR", help="run directory (run.output_dir); an existing run is never overwritten")
     sim.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                      help="override one config key, e.g. --set train.lr=0.01 --set strategy.name=fedavg (repeatable)")
+    sim.add_argument("--allow-network", action="store_true",
+                     help="where a private network namespace is unavailable (not Linux, user namespaces disabled), run the "
+                          "simulation engine on this machine's network anyway and name the ports it opens (default: refuse)")
     cmp = commands.add_parser(
         "compare", help="run the default task with each strategy, with and without DP, IID and non-IID, over seeds",
         description="Run `fedlora simulate` once per (strategy, DP on/off, IID/non-IID, seed) and write a Markdown table "
@@ -48,6 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     cmp.add_argument("--dp", choices=("both", "yes", "no"), default="both", help="DP on, off, or both (default both)")
     cmp.add_argument("--partitions", default="", metavar="A,B", help="non-IID (Dirichlet 0.5), IID, or both (default)")
     cmp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override applied to every run")
+    cmp.add_argument("--allow-network", action="store_true",
+                     help="as for simulate: where network isolation is unavailable, run every simulation on this machine's network")
     cmp.add_argument("--epsilons", default="", metavar="E1,E2,...",
                      help="the privacy-utility curve instead: one run per epsilon per site and seed ('inf' = no DP), "
                           "fedavg on non-IID sites unless --set says otherwise, each scored on fresh held-out notes; "
@@ -207,6 +212,12 @@ def run_compare(args: argparse.Namespace) -> int:
         parse_override(item)  # fail now, not in every run
     if args.seeds < 1:
         raise ConfigError(f"--seeds: must be at least 1, got {args.seeds}")
+    # Isolate once here, before any run: every run's process inherits the private network.
+    from fedlora.simulations.engine_network import OPEN, place_engine
+
+    placement = place_engine(load_config(None, dict(parse_override(item) for item in args.set)), args.allow_network)
+    if placement.mode == OPEN and args.allow_network:
+        args.set.append("simulation.isolate_network=false")  # the runs may not isolate either: run them open as allowed
     if args.epsilons:
         from fedlora.simulations.privacy_utility import CURVE_FILE, curve, parse_epsilons
 
@@ -234,12 +245,30 @@ def run_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def simulate_argv(args: argparse.Namespace) -> list[str]:
+    """The `simulate` command line that `args` was parsed from (for the engine child)."""
+    argv = ["simulate"]
+    for flag, value in (("--config", args.config), ("--clients", args.clients), ("--rounds", args.rounds), ("--output", args.output)):
+        if value is not None:
+            argv += [flag, str(value)]
+    for item in args.set:
+        argv += ["--set", item]
+    return argv + (["--allow-network"] if args.allow_network else [])
+
+
 def run_simulate(args: argparse.Namespace) -> int:
     overrides = dict(parse_override(item) for item in args.set)
     for key, value in (("simulation.clients", args.clients), ("federation.rounds", args.rounds), ("run.output_dir", args.output)):
         if value is not None:
             overrides[key] = value
     config = load_config(args.config, overrides)
+
+    from fedlora.simulations.engine_network import engine_child, place_engine, supervise_engine
+
+    if not engine_child():
+        # Before anything starts a thread (a private network can be entered only single-threaded);
+        # then this process supervises the engine, which runs as its child in the same network.
+        return supervise_engine(simulate_argv(args), place_engine(config, args.allow_network))
 
     from fedlora.run_outcome import EXIT_ENDED_EARLY, ended_early
     from fedlora.simulations.runner import simulate
