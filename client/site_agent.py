@@ -24,6 +24,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from fedlora.client.coordinator_watch import EXIT_UNREACHABLE, CoordinatorUnreachable, CoordinatorWatch
 from fedlora.client.site_rejoin import AliveMarker
 from fedlora.flower_env import flower_env, flower_executable
 from fedlora.process_tree import supervise
@@ -70,6 +71,7 @@ class SiteSettings:
     min_distributed_tolerance: int = 1  # ... only if the run tolerates at least this many dropped or colluding sites
     min_sites: int = 3  # secure aggregation: the smallest roster, sharer set and survivor set this site joins
     labels: list[str] | None = None  # classification: the labels of the site's data, in class-id order
+    give_up_after: float | None = None  # seconds without reaching the coordinator before the site stops; None: never
 
     def policy(self) -> dict[str, str | float | int | bool]:
         """The site policy as node config values (every key always present but
@@ -322,6 +324,8 @@ def validate_site(site: SiteSettings) -> None:
     _check_policy(site)
     if site.lora_rank is not None and not site.lora_rank > 0:
         raise SiteError(f"--lora-rank must be > 0, got {site.lora_rank}")
+    if site.give_up_after is not None and not 0 < site.give_up_after < math.inf:
+        raise SiteError(f"--give-up-after must be a positive duration, got {site.give_up_after} s")
     _check_data(site.data_path, site)
     _check_model(site.model_path)
     _check_state_dir(site.state_dir)
@@ -396,7 +400,8 @@ def run_site(site: SiteSettings) -> int:
     (fedlora/process_tree.py). A site restarted right after a crash first waits until
     the coordinator releases it (client/site_rejoin.py). A site without its executor
     cannot run tasks, so the exit code is non-zero in every case: the first one's code
-    (1 if it was 0), or 128+N when stopped by signal N."""
+    (1 if it was 0), 128+N when stopped by signal N, or 4 when the coordinator stayed out
+    of reach for --give-up-after (client/coordinator_watch.py)."""
     validate_site(site)
     approved = approved_apps(site)
     write_superexec_secret(site.superexec_secret_file)
@@ -415,6 +420,21 @@ def run_site(site: SiteSettings) -> int:
               flush=True)
     alive = AliveMarker(site.state_dir)
     alive.wait_for_release()
-    code = supervise([executor_command(site, approved), supernode_command(site)], env=env, while_running=alive.touch)
+    watch = CoordinatorWatch(site.superlink, None if site.insecure else site.root_cert, site.give_up_after)
+    watch.start()
+
+    def while_running() -> None:
+        alive.touch()
+        watch()  # says once a minute that the coordinator is out of reach; raises past --give-up-after
+
+    try:
+        code = supervise([executor_command(site, approved), supernode_command(site)], env=env, while_running=while_running)
+    except CoordinatorUnreachable as exc:
+        # supervise stopped the SuperNode gracefully: it holds no place at a coordinator it cannot reach.
+        alive.path.unlink(missing_ok=True)
+        print(f"fedlora: {exc}", file=sys.stderr, flush=True)
+        return EXIT_UNREACHABLE
+    finally:
+        watch.stop()
     alive.stopped(code)
     return code or 1

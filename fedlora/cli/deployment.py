@@ -89,6 +89,9 @@ def add_deployment_commands(commands: argparse._SubParsersAction) -> None:
     s.add_argument("--lora-rank", type=int, metavar="R", help="this site's LoRA rank (needs strategy.name = 'exact' if it differs)")
     s.add_argument("--port", type=int, default=9094, help="this SuperNode's local API port (one per SuperNode on a machine)")
     s.add_argument("--insecure", action="store_true", help="no TLS (a local trial only)")
+    s.add_argument("--give-up-after", metavar="DURATION",
+                   help="while the coordinator cannot be reached the site says so every minute; after this long "
+                        "(e.g. 90s, 10m, 2h) it stops with exit code 4 (default: it keeps trying)")
 
     r = commands.add_parser(
         "run", help="submit a federation run to the coordinator, or resume one",
@@ -175,6 +178,15 @@ def run_client_cmd(args: argparse.Namespace) -> int:
     from fedlora.client.site_agent import SiteSettings, run_site
 
     model = args.model_path if args.model_path == "default" else str(Path(args.model_path).expanduser().resolve())
+    give_up_after = None
+    if args.give_up_after is not None:
+        from fedlora.client.coordinator_watch import parse_duration
+        from fedlora.client.site_agent import SiteError
+
+        try:
+            give_up_after = parse_duration(args.give_up_after)
+        except ValueError as exc:
+            raise SiteError(f"--give-up-after: {exc}") from None
     return run_site(SiteSettings(
         superlink=args.coordinator, data_path=args.data_path.expanduser().resolve(), state_dir=args.state_dir.expanduser().resolve(),
         model_path=model, max_epsilon=args.max_epsilon, no_privacy_limit=args.no_privacy_limit, lora_rank=args.lora_rank,
@@ -187,7 +199,7 @@ def run_client_cmd(args: argparse.Namespace) -> int:
         peer_keys=args.peer_keys and args.peer_keys.expanduser().resolve(),
         require_secure_aggregation=args.require_secure_aggregation,
         allow_distributed_dp=args.allow_distributed_dp, min_distributed_tolerance=args.min_distributed_tolerance,
-        min_sites=args.min_sites, labels=args.labels,
+        min_sites=args.min_sites, labels=args.labels, give_up_after=give_up_after,
     ))
 
 
