@@ -83,7 +83,13 @@ def write_peft_dir(model: PeftModel, adapter: Adapter, folder: Path, model_path:
 
     put_adapter(model, adapter)
     folder.mkdir(parents=True, exist_ok=True)
-    model.peft_config["default"].base_model_name_or_path = write_base_record(folder, str(model_path))
-    # No embedding layer carries LoRA here (base_model.py refuses it), and PEFT's "auto"
-    # check would look the base's portable name up on the Hub.
-    model.save_pretrained(str(folder), save_embedding_layers=False)
+    config = model.peft_config["default"]
+    local, config.base_model_name_or_path = config.base_model_name_or_path, write_base_record(folder, str(model_path))
+    try:
+        # No embedding layer carries LoRA here (base_model.py refuses it), and PEFT's "auto"
+        # check would look the base's portable name up on the Hub.
+        model.save_pretrained(str(folder), save_embedding_layers=False)
+    finally:
+        # The portable name is for the files; in memory the model keeps its local folder, or
+        # PEFT's state-dict calls would look the name up on the Hub.
+        config.base_model_name_or_path = local

@@ -102,4 +102,7 @@ def load_adapter(run_dir: str | Path, model_path: str | None = None) -> LoadedAd
     # The head (a modules_to_save) is in the adapter: its seeded initialisation is overwritten.
     base = load_base_model(replace(config.model, path=str(folder)), max(1, len(labels)), config.run.seed)
     model = PeftModel.from_pretrained(base, str(adapter_dir)).eval()
+    # In memory the base is this machine's folder: with the portable name, PEFT's state-dict
+    # calls (get_peft_model_state_dict) would look it up on the Hub.
+    model.peft_config["default"].base_model_name_or_path = str(folder)
     return LoadedAdapter(model, load_tokenizer(folder), labels, folder)

@@ -7,10 +7,12 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import warnings
 from pathlib import Path
 
 import pytest
 import torch
+from peft import get_peft_model_state_dict
 
 import fedlora
 from fedlora.adapter_state import adapter_of, write_peft_dir
@@ -65,6 +67,9 @@ def test_a_copied_run_loads_its_default_base_by_name_and_fingerprint(tmp_path, c
 
     run = fedlora.load_adapter(run_dir)
     assert run.labels == labels
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # PEFT looks a base it cannot find locally up on the Hub, warning offline
+        get_peft_model_state_dict(run.model)
     with torch.no_grad():
         logits = run.model(**run.tokenizer([NOTE], return_tensors="pt")).logits
     assert torch.allclose(logits, trained, atol=1e-5)
