@@ -60,6 +60,7 @@ class SiteSettings:
     response_column: str = "response"
     max_evaluations: int = 0  # per run; 0 = no cap
     calibrate_to_limit: bool = True
+    max_noise_increase: float = 4.0  # decline rounds whose noise would exceed this many times the plan's; 0 = no cap
     # App pinning: approved app hashes beyond the installed release.
     allow_app: list[str] = field(default_factory=list)
     allow_apps_file: Path | None = None
@@ -84,6 +85,7 @@ class SiteSettings:
             "allow-no-dp": bool(self.allow_no_dp), "text-column": self.text_column, "label-column": self.label_column,
             "prompt-column": self.prompt_column, "response-column": self.response_column,
             "max-evaluations": int(self.max_evaluations), "calibrate-to-limit": bool(self.calibrate_to_limit),
+            "max-noise-increase": float(self.max_noise_increase),
             "require-secure-aggregation": bool(self.require_secure_aggregation),
             "allow-distributed-dp": bool(self.allow_distributed_dp),
             "min-distributed-tolerance": int(self.min_distributed_tolerance), "min-sites": int(self.min_sites),
@@ -288,6 +290,8 @@ def _check_policy(site: SiteSettings) -> None:
         raise SiteError(f"--privacy-unit must be one of {', '.join(PRIVACY_UNITS)}, got {site.privacy_unit!r}")
     if site.max_evaluations < 0:
         raise SiteError(f"--max-evaluations must be >= 0 (0 = no cap), got {site.max_evaluations}")
+    if not (site.max_noise_increase == 0 or 1 <= site.max_noise_increase < math.inf):
+        raise SiteError(f"--max-noise-increase must be >= 1 (0 = no cap), got {site.max_noise_increase}")
     if site.min_sites < 2:
         raise SiteError(f"--min-sites must be >= 2 (secure aggregation's smallest sum), got {site.min_sites}")
     for flag, name in (("--user-column", site.user_column), ("--text-column", site.text_column),

@@ -38,6 +38,9 @@ class SitePolicy:
     response_column: str = "response"
     max_evaluations: int = 0  # per run; 0 = no cap
     calibrate_to_limit: bool = True
+    # Calibrating to the limit may raise the noise past any use: a site declines a round whose
+    # noise multiplier would exceed this many times the run's plan (0 = no cap).
+    max_noise_increase: float = 4.0
     # Take part only in runs whose coordinator sees no single site's update (docs/privacy.md).
     require_secure_aggregation: bool = False
     # Distributed DP (privacy.mode = "distributed") rests on secure aggregation and on at most
@@ -106,6 +109,7 @@ def _from_node_config(node_config: dict, base: SitePolicy) -> SitePolicy:
         response_column=_text(node_config, "response-column", base.response_column),
         max_evaluations=int(_number(node_config, "max-evaluations", base.max_evaluations, int)),
         calibrate_to_limit=_flag(node_config, "calibrate-to-limit", base.calibrate_to_limit),
+        max_noise_increase=_number(node_config, "max-noise-increase", base.max_noise_increase),
         require_secure_aggregation=_flag(node_config, "require-secure-aggregation", base.require_secure_aggregation),
         allow_distributed_dp=_flag(node_config, "allow-distributed-dp", base.allow_distributed_dp),
         min_distributed_tolerance=int(_number(node_config, "min-distributed-tolerance", base.min_distributed_tolerance, int)),
@@ -120,6 +124,8 @@ def _from_node_config(node_config: dict, base: SitePolicy) -> SitePolicy:
         raise PolicyError(f"node config 'privacy-unit' must be example or user, got {policy.privacy_unit!r}")
     if policy.max_evaluations < 0:
         raise PolicyError(f"node config 'max-evaluations' must be >= 0 (0 = no cap), got {policy.max_evaluations!r}")
+    if not (policy.max_noise_increase == 0 or 1 <= policy.max_noise_increase < math.inf):
+        raise PolicyError(f"node config 'max-noise-increase' must be >= 1 (0 = no cap), got {node_config.get('max-noise-increase')!r}")
     if policy.min_sites < 2:
         raise PolicyError(f"node config 'min-sites' must be >= 2 (secure aggregation's smallest sum), got {policy.min_sites!r}")
     if policy.min_distributed_tolerance < 0:

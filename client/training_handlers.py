@@ -18,13 +18,13 @@ from flwr.app import Context, Message, RecordDict
 
 from fedlora.adapter_state import Adapter, adapter_of, from_record, put_adapter, to_record
 from fedlora.client import secure_masking
-from fedlora.client.client_app import screen_request, site_config
+from fedlora.client.client_app import policy_declined, screen_request, site_config
 from fedlora.client.local_evaluation import evaluate_locally
 from fedlora.client.local_training import distributed_gradient_sum, frozen, train_locally
 from fedlora.client.model_cache import CachedModel, cached_model
 from fedlora.client.site_data import SiteData, load_site_data
-from fedlora.client.site_privacy import (calibrated_plan, distributed_plan, eval_mechanism, plan_within_limit,
-                                         planned_evaluations, remaining_plan)
+from fedlora.client.site_privacy import (calibrated_plan, distributed_plan, eval_mechanism, noise_increase,
+                                         plan_within_limit, planned_evaluations, remaining_plan, too_noisy)
 from fedlora.config import Config
 from fedlora.messages import DECLINED_METRICS, EVALUATE_METRICS, TRAIN_METRICS, metric_record
 from fedlora.privacy import secure_aggregation_records as records
@@ -118,8 +118,13 @@ def train(msg: Message, context: Context) -> Message:
         # Privacy: noise calibrated from this site's data; its own ledger and limit decide.
         run, delta, accountant, limit = config.run.output_dir, config.privacy.delta, config.privacy.accountant, policy.max_epsilon
         with open_ledger(state_dir) as ledger:
-            plan = calibrated_plan(config, site.train, state_dir)
-            plan = plan_within_limit(config, plan, ledger, policy, delta, server_round, state_dir)
+            planned_plan = calibrated_plan(config, site.train, state_dir)
+            plan = plan_within_limit(config, planned_plan, ledger, policy, delta, server_round, state_dir)
+            if too_noisy(policy, planned_plan, plan):
+                log.warning("round %d: staying within the limit would take noise multiplier %.3f, %.1fx the run's plan "
+                            "(%.3f): more than max-noise-increase %g allows", server_round, plan.noise_multiplier,
+                            noise_increase(planned_plan, plan), planned_plan.noise_multiplier, policy.max_noise_increase)
+                return policy_declined(msg, config, server_round, "max-noise-increase", policy, state_dir, ledger)
             mechanism = (plan.noise_multiplier, plan.sample_rate, plan.steps)
             decision = check_budget(ledger, [mechanism], delta, accountant, limit)
             if not decision.allowed:
@@ -128,6 +133,7 @@ def train(msg: Message, context: Context) -> Message:
             # adapter provokes on one record) depends on the data. A crash over-counts: safe.
             ledger.record(run, accountant, delta, Mechanism(server_round, *mechanism, unit=plan.unit), limit)
             epsilon = decision.epsilon_after  # the ledger now holds exactly what the guard counted
+            run_epsilon = ledger.run_epsilon(run)
             later_rounds, evaluations = remaining_plan(config, plan, server_round, state_dir)
             planned = ledger.epsilon(delta, accountant, extra=later_rounds + evaluations)
         with frozen(cached.model, frozen_factors):
@@ -138,8 +144,10 @@ def train(msg: Message, context: Context) -> Message:
                  "none" if math.isinf(limit) else f"{limit:.3f}")
         # The loss and the time are data-dependent and unaccounted: they stay here. The
         # aggregation weight is the site's unit count rounded down to a power of two.
-        values = {"num-examples": size_bucket(plan.units), "epsilon": epsilon, "planned-epsilon": planned,
-                  "noise-multiplier": plan.noise_multiplier, "steps": plan.steps}
+        values = {"num-examples": size_bucket(plan.units), "epsilon": epsilon, "run-epsilon": run_epsilon,
+                  "planned-epsilon": planned,
+                  "noise-multiplier": plan.noise_multiplier, "planned-noise-multiplier": planned_plan.noise_multiplier,
+                  "steps": plan.steps}
 
     # Reply: the trained adapter tensors (or, under secure aggregation, their masked change)
     # and whitelisted scalars only.
@@ -235,6 +243,7 @@ def evaluate(msg: Message, context: Context) -> Message:
             "eval-correct": noisy_sum(sums.correct, 1.0, sigma) if classification else None,
             "eval-loss-sum": noisy_sum(sums.loss, clip, sigma),
             "epsilon": decision.epsilon_after,
+            "noise-multiplier": sigma,  # depends on the run's config alone
         }
         log.info("round %d: evaluated %d units, released with noise multiplier %.2f; epsilon %.3f",
                  server_round, int(sums.units), sigma, decision.epsilon_after)

@@ -99,8 +99,7 @@ def raised_noise_line(site: dict[str, Any]) -> str:
 def note_raised_noise(progress: Progress, row: dict[str, Any]) -> None:
     """One line naming every site that trained this round with more noise than planned."""
     if row.get("noise_raised"):
-        progress.note(f"round {row['round']}: " + "; ".join(raised_noise_line(s) for s in row["noise_raised"])
-                      + " (little may be left to learn: see the sites' budgets)")
+        progress.note(f"round {row['round']}: " + "; ".join(raised_noise_line(s) for s in row["noise_raised"]))
 
 
 def initial_row(eval_row: dict[str, Any], eval_replies: RoundReplies, query_failures: Counter, query_status: dict[int, str],

@@ -64,5 +64,6 @@ def simulated_site_app() -> ClientApp:
     """The site's ClientApp, serving each virtual node its partition of the dataset."""
     from fedlora.client.client_app import site_app
     from fedlora.client.site_data import VirtualSites
+    from fedlora.simulations.virtual_node_ids import NotesNodeId
 
-    return site_app(VirtualSites(partition_rows))
+    return site_app(VirtualSites(partition_rows), NotesNodeId())

@@ -164,7 +164,8 @@ def test_evaluation_releases_noisy_sums_charged_to_the_ledger(site):
     assert (rate, releases) == (1.0, EVAL_RELEASES)
     reply = send(config, node, MessageType.EVALUATE, 0)
     metrics = dict(reply.content["metrics"])
-    assert set(metrics) == {"num-examples", "eval-correct", "eval-loss-sum", "epsilon"}
+    assert set(metrics) == {"num-examples", "eval-correct", "eval-loss-sum", "epsilon", "noise-multiplier"}
+    assert metrics["noise-multiplier"] == sigma  # the config's, so the report can show the figures' noise
     assert metrics["num-examples"] != int(metrics["num-examples"])  # a noisy count, not the count (48 rows)
     (run,) = SiteLedger.load(node["state-dir"]).runs
     assert [(m.kind, m.noise_multiplier, m.sample_rate, m.steps) for m in run.mechanisms] == [("evaluation", sigma, 1.0, 3)]

@@ -273,9 +273,10 @@ def run_simulate(args: argparse.Namespace) -> int:
     from fedlora.run_outcome import EXIT_ENDED_EARLY, ended_early
     from fedlora.simulations.runner import simulate
 
-    _, rows = simulate(config)  # it writes the report too
-    if (message := ended_early(rows, config.federation.rounds)) is not None:
-        print(f"fedlora: {message}", file=sys.stderr)
+    run_dir, rows = simulate(config)  # it writes the report too
+    if (message := ended_early(rows, config.federation.rounds, run_dir.path)) is not None:
+        for line in message.splitlines():
+            print(f"fedlora: {line}", file=sys.stderr)
         return EXIT_ENDED_EARLY
     return 0
 

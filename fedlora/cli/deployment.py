@@ -65,6 +65,9 @@ def add_deployment_commands(commands: argparse._SubParsersAction) -> None:
                    help="evaluations this site answers per run (default 0 = no cap)")
     s.add_argument("--no-calibrate-to-limit", action="store_true",
                    help="decline rounds past the limit instead of adding noise to stay within it for the whole run")
+    s.add_argument("--max-noise-increase", type=float, default=4.0, metavar="X",
+                   help="decline a round whose noise, raised to stay within the limit, would exceed X times the run's "
+                        "plan (little left to learn; default 4, 0 = no cap)")
     s.add_argument("--allow-app", action="append", default=[], metavar="sha256:HEX",
                    help="also run this app hash (`fedlora app-hash`) besides the installed fedlora release (repeatable)")
     s.add_argument("--allow-apps", type=Path, metavar="FILE",
@@ -195,6 +198,7 @@ def run_client_cmd(args: argparse.Namespace) -> int:
         user_column=args.user_column, allow_no_dp=args.allow_no_dp, text_column=args.text_column,
         label_column=args.label_column, prompt_column=args.prompt_column, response_column=args.response_column,
         max_evaluations=args.max_evaluations, calibrate_to_limit=not args.no_calibrate_to_limit,
+        max_noise_increase=args.max_noise_increase,
         allow_app=args.allow_app, allow_apps_file=args.allow_apps and args.allow_apps.expanduser().resolve(),
         peer_keys=args.peer_keys and args.peer_keys.expanduser().resolve(),
         require_secure_aggregation=args.require_secure_aggregation,
@@ -235,12 +239,15 @@ def _show_finished_run(config: Config, coordinator_dir: Path | None) -> int:
     rows = metrics_rows(config.run.output_dir)
     if rows:
         print(summary_table(rows), flush=True)
-        names = site_names.load(coordinator_dir.resolve()) if coordinator_dir else {}
-        for line in site_names.problem_lines(rows, names):
+        run_dir = Path(config.run.output_dir)
+        nodes = [s["node"] for row in rows for s in row.get("sites", [])]
+        labels = site_names.record_run_labels(run_dir, coordinator_dir.resolve() if coordinator_dir else None, nodes)
+        for line in site_names.problem_lines_by_label(rows, labels):
             print(f"[fedlora] {line}", flush=True)
         print(f"[fedlora] report: {write_report(config.run.output_dir)}", flush=True)
-    if (message := ended_early(rows, config.federation.rounds)) is not None:
-        print(f"[fedlora] {message}", file=sys.stderr)
+    if (message := ended_early(rows, config.federation.rounds, config.run.output_dir)) is not None:
+        for line in message.splitlines():
+            print(f"[fedlora] {line}", file=sys.stderr)
         return EXIT_ENDED_EARLY
     print(f"[fedlora] run finished: {config.run.output_dir}")
     return 0
