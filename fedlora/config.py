@@ -18,6 +18,8 @@ from typing import Any, get_args, get_origin, get_type_hints
 
 import tomli_w
 
+from fedlora.atomic_file import write_atomic
+
 
 class ConfigError(ValueError):
     """A configuration problem, phrased as one line naming the file and key."""
@@ -226,14 +228,6 @@ class SimulationSection:
     site_policy: SitePolicySection = field(default_factory=SitePolicySection)
 
 
-    # Run the simulation engine in a private network namespace whose only interface is
-    # loopback, so that nothing Ray starts can be reached from another machine
-    # (fedlora/private_network.py). Linux only; elsewhere `fedlora simulate` refuses
-    # unless --allow-network is given.
-    isolate_network: bool = True
-    # Join this existing Ray cluster (e.g. "10.0.0.5:6379") instead of starting Ray on
-    # this machine; "" = a private one. Needs the network, so isolation is off for it.
-    ray_address: str = ""
 @dataclass
 class Config:
     run: RunSection = field(default_factory=RunSection)
@@ -543,4 +537,4 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
 
 
 def write_config(config: Config, path: Path) -> None:
-    path.write_text(tomli_w.dumps(config.to_dict()))
+    write_atomic(path, tomli_w.dumps(config.to_dict()))

@@ -5,10 +5,11 @@ writes are atomic, so concurrent processes never read half a file."""
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
+
+from fedlora.atomic_file import write_atomic
 
 T = TypeVar("T")
 
@@ -27,7 +28,5 @@ def cached_in_file(path: Path | None, key: str, compute: Callable[[], T]) -> T:
     if path is not None:
         cache[key] = value
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(cache, indent=1))
-        os.replace(tmp, path)
+        write_atomic(path, json.dumps(cache, indent=1))
     return value

@@ -15,9 +15,10 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from fedlora.atomic_file import write_atomic
 
 if TYPE_CHECKING:
     from fedlora.privacy.accounting import History
@@ -61,9 +62,7 @@ class EpsilonCache:
         """Atomic replace; a state dir the reader may not write to keeps the old file."""
         if not (self.use_file and self.added):
             return
-        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
         try:
-            tmp.write_text(json.dumps(self.values, indent=0))
-            os.replace(tmp, self.path)
+            write_atomic(self.path, json.dumps(self.values, indent=0))
         except OSError as exc:
             log.warning("could not keep the report's epsilons in %s: %s", self.path, exc)

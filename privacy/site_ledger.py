@@ -18,13 +18,14 @@ from __future__ import annotations
 import fcntl
 import json
 import math
-import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from fedlora.atomic_file import write_atomic
 
 if TYPE_CHECKING:  # the accountant (Opacus, torch) loads when an epsilon is asked for, not to read a ledger
     from fedlora.privacy.accounting import History
@@ -135,18 +136,8 @@ class SiteLedger:
             "max_epsilon": None if math.isinf(self.max_epsilon) else self.max_epsilon,
             "runs": [asdict(r) for r in self.runs],
         }
-        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
         try:
-            with tmp.open("w") as fh:
-                json.dump(data, fh, indent=1)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, self.path)
-            dir_fd = os.open(self.path.parent, os.O_RDONLY)
-            try:
-                os.fsync(dir_fd)  # the rename itself survives a power cut
-            finally:
-                os.close(dir_fd)
+            write_atomic(self.path, json.dumps(data, indent=1), durable=True)
         except OSError as exc:
             raise LedgerError(f"privacy ledger {self.path}: cannot write ({exc})") from None
 

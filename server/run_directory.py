@@ -14,6 +14,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from fedlora.atomic_file import write_atomic
 from fedlora.adapter_state import Adapter, load_adapter_file, save_adapter_file
 from fedlora.config import Config, ConfigError, load_config, write_config
 
@@ -53,8 +54,7 @@ class RunDirectory:
         path.mkdir(parents=True, exist_ok=True)
         config = replace(config, run=replace(config.run, output_dir=str(path)))
         run_dir = cls(path)
-        write_config(config, path / "config.toml.tmp")
-        os.replace(path / "config.toml.tmp", path / "config.toml")
+        write_config(config, path / "config.toml")
         if config.model.task == "classification":
             run_dir.write_json("labels.json", config.data.labels)
         return run_dir, config
@@ -75,9 +75,7 @@ class RunDirectory:
         rows = [json.loads(line) for line in run_dir.metrics_path.read_text().splitlines() if line.strip()] if run_dir.metrics_path.exists() else []
         rows = [r for r in rows if r["round"] <= last]
         # Rewrite metrics.jsonl without rows past the checkpoint: the resumed rounds write them anew.
-        tmp = path / "metrics.jsonl.tmp"
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-        os.replace(tmp, run_dir.metrics_path)
+        write_atomic(run_dir.metrics_path, "".join(json.dumps(r) + "\n" for r in rows), durable=True)
         if last == 0:
             return run_dir, saved, Resumed(0, {}, {}, {}, rows)
         folder = done[-1]
@@ -86,9 +84,7 @@ class RunDirectory:
                                        load_adapter_file(folder / "strategy_state.safetensors"), state, rows)
 
     def write_json(self, name: str, value: Any) -> None:
-        tmp = self.path / f"{name}.tmp"
-        tmp.write_text(json.dumps(value, indent=2) + "\n")
-        os.replace(tmp, self.path / name)
+        write_atomic(self.path / name, json.dumps(value, indent=2) + "\n")
 
     def append_metrics(self, row: dict[str, Any]) -> None:
         with self.metrics_path.open("a") as fh:

@@ -132,10 +132,14 @@ def test_client_killed_mid_round_keeps_its_entry_and_the_retry_is_charged_again(
     proc = subprocess.Popen([sys.executable, "-m", "tests.site_process", str(path), "1", json.dumps(node)], cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     ledger_path = Path(node["state-dir"]) / LEDGER_FILE
-    deadline = time.monotonic() + 120
-    while not ledger_path.exists() and time.monotonic() < deadline and proc.poll() is None:
+
+    def charged() -> bool:  # the ledger is replaced atomically: a read sees a whole file
+        return ledger_path.exists() and any(r.mechanisms for r in SiteLedger.load(node["state-dir"]).runs)
+
+    deadline = time.monotonic() + 300
+    while not charged() and time.monotonic() < deadline and proc.poll() is None:
         time.sleep(0.2)
-    time.sleep(2.0)  # training
+    time.sleep(1.0)  # training (2,000 steps: minutes)
     assert proc.poll() is None, "the site finished before it could be killed"
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
