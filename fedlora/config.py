@@ -228,6 +228,14 @@ class SimulationSection:
     site_policy: SitePolicySection = field(default_factory=SitePolicySection)
 
 
+    # Run the simulation engine in a private network namespace whose only interface is
+    # loopback, so that nothing Ray starts can be reached from another machine
+    # (fedlora/private_network.py). Linux only; elsewhere `fedlora simulate` refuses
+    # unless --allow-network is given.
+    isolate_network: bool = True
+    # Join this existing Ray cluster (e.g. "10.0.0.5:6379") instead of starting Ray on
+    # this machine; "" = a private one. Needs the network, so isolation is off for it.
+    ray_address: str = ""
 @dataclass
 class Config:
     run: RunSection = field(default_factory=RunSection)
