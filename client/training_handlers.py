@@ -18,7 +18,7 @@ from flwr.app import Context, Message, RecordDict
 
 from fedlora.adapter_state import Adapter, adapter_of, from_record, put_adapter, to_record
 from fedlora.client import secure_masking
-from fedlora.client.client_app import policy_declined, screen_request, site_config
+from fedlora.client.request_screening import policy_declined, screen_request, site_config
 from fedlora.client.local_evaluation import evaluate_locally
 from fedlora.client.local_training import distributed_gradient_sum, frozen, train_locally
 from fedlora.client.model_cache import CachedModel, cached_model

@@ -1,8 +1,10 @@
 """Imports go one way: the shared core imports no floor, strategies/ and privacy/ import
 neither server/ nor client/, client/ and server/ do not import each other or the
-simulation, and only the composition root (fedlora.cli) wires everything together.
+simulation, and only the composition root (fedlora.cli) wires everything together:
+nothing imports it. No module imports itself through others, lazily or not.
 
-Read from the source with `ast`, so lazy imports inside functions count too."""
+Read from the source with `ast`, so lazy imports inside functions and relative imports
+count too."""
 
 from __future__ import annotations
 
@@ -32,17 +34,42 @@ def part_of(path: Path) -> str | None:
     return rel.parts[0]
 
 
+def module_name(path: Path) -> str:
+    """The name a source file is imported as: fedlora/x.py -> fedlora.x, server/y.py -> fedlora.server.y."""
+    rel = path.relative_to(ROOT).with_suffix("")
+    parts = list(rel.parts) if rel.parts[0] == "fedlora" else ["fedlora", *rel.parts]
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def imported_names(path: Path) -> list[str]:
+    """Every module name the file imports, relative imports resolved (`from .x import y`
+    in fedlora/server/z.py is fedlora.server.x), lazy imports in functions included."""
+    tree = ast.parse(path.read_text(), str(path))
+    package = module_name(path).split(".") if path.is_relative_to(ROOT) else []
+    if path.name != "__init__.py":
+        package = package[:-1]
+    names = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names += [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package[: len(package) - (node.level - 1)]
+                base = ".".join([*anchor, *([base] if base else [])])
+            # `from fedlora.client import secure_masking` imports the module fedlora.client.secure_masking
+            names += [base, *(f"{base}.{a.name}" for a in node.names)]
+    return names
+
+
 def imported_floors(path: Path) -> set[str]:
     floors = set()
-    for node in ast.walk(ast.parse(path.read_text(), str(path))):
-        names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
-            [node.module or ""] if isinstance(node, ast.ImportFrom) and node.level == 0 else []
-        for name in names:
-            parts = name.split(".")
-            if parts[0] == "fedlora" and len(parts) > 1 and parts[1] in FLOORS:
-                floors.add(parts[1])
-            if parts[0] in FLOORS:
-                floors.add(f"top-level {parts[0]}")  # the old names: never importable now
+    for name in imported_names(path):
+        parts = name.split(".")
+        if parts[0] == "fedlora" and len(parts) > 1 and parts[1] in (*FLOORS, "cli"):
+            floors.add(parts[1])
+        if parts[0] in FLOORS:
+            floors.add(f"top-level {parts[0]}")  # the old names: never importable now
     return floors
 
 
@@ -56,7 +83,48 @@ def test_imports_go_one_way(path):
     if part is None:
         assert not any(f.startswith("top-level") for f in floors)
         return
+    # fedlora.cli is the composition root: it imports the floors, nothing imports it.
     assert floors <= ALLOWED[part], f"{path.relative_to(ROOT)} ({part}) imports {sorted(floors - ALLOWED[part])}"
+
+
+def import_cycles() -> list[list[str]]:
+    """Cycles among fedlora's modules, lazy imports included: a module that a module it
+    imports imports back has no place in the floors (client_app and training_handlers did)."""
+    modules = {module_name(p): p for p in SOURCES}
+    graph = {m: sorted({n for n in imported_names(p) if n in modules and n != m})
+             for m, p in modules.items()}
+    cycles, state, stack = [], {}, []
+
+    def visit(m: str) -> None:
+        state[m] = "open"
+        stack.append(m)
+        for n in graph[m]:
+            if state.get(n) == "open":
+                cycles.append(stack[stack.index(n):] + [n])
+            elif n not in state:
+                visit(n)
+        stack.pop()
+        state[m] = "done"
+
+    for m in sorted(graph):
+        if m not in state:
+            visit(m)
+    return cycles
+
+
+def test_no_module_imports_itself_through_others():
+    assert import_cycles() == []
+
+
+def test_the_check_resolves_relative_imports_and_sees_the_composition_root(tmp_path, monkeypatch):
+    folder = tmp_path / "server"
+    folder.mkdir()
+    module = folder / "m.py"
+    module.write_text("from ..client import site_data\nfrom . import federation\nfrom fedlora.cli import main\n")
+    monkeypatch.setattr(f"{__name__}.ROOT", tmp_path)
+    assert module_name(module) == "fedlora.server.m"
+    assert "fedlora.client.site_data" in imported_names(module) and "fedlora.server.federation" in imported_names(module)
+    assert imported_floors(module) == {"client", "server", "cli"}
 
 
 def test_the_check_sees_a_lazy_import_of_an_upper_floor(tmp_path):
