@@ -10,7 +10,10 @@ PRV has no Skellam mechanism, and RDP only ever states a larger epsilon than PRV
 from __future__ import annotations
 
 import math
+import threading
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import lru_cache
 
 import numpy as np
@@ -32,13 +35,37 @@ ACCOUNTANTS = {"prv": PRVAccountant, "rdp": RDPAccountant}
 # PRV's domain bound goes through it too. That value depends on its arguments only and a
 # site repeats the same (q, sigma) round after round, so it is memoised, which makes a
 # query about 3x faster (python -m fedlora.simulations.bench_accounting) with identical results.
+# The memo stands in for Opacus's function only while fedlora's own accountant runs
+# (`_memoised_rdp`): anyone else's use of Opacus in the process sees Opacus unchanged.
 _opacus_one_step_rdp = opacus_rdp._compute_rdp
 _memoised_one_step_rdp = lru_cache(maxsize=1 << 16)(_opacus_one_step_rdp)
+_memo = {"enabled": True, "depth": 0}
+_memo_lock = threading.Lock()
 
 
 def set_rdp_memo(enabled: bool) -> None:
     """Use the memo (the default) or Opacus's own function (for the benchmark)."""
-    opacus_rdp._compute_rdp = _memoised_one_step_rdp if enabled else _opacus_one_step_rdp
+    _memo["enabled"] = enabled
+
+
+@contextmanager
+def _memoised_rdp() -> Iterator[None]:
+    """Opacus's one-step RDP memoised for the calls inside (nested or from several threads:
+    the first in puts the memo in place, the last out puts Opacus's function back)."""
+    if not _memo["enabled"]:
+        yield
+        return
+    with _memo_lock:
+        if _memo["depth"] == 0:
+            opacus_rdp._compute_rdp = _memoised_one_step_rdp
+        _memo["depth"] += 1
+    try:
+        yield
+    finally:
+        with _memo_lock:
+            _memo["depth"] -= 1
+            if _memo["depth"] == 0:
+                opacus_rdp._compute_rdp = _opacus_one_step_rdp
 
 
 def clear_caches() -> None:
@@ -46,9 +73,6 @@ def clear_caches() -> None:
     _memoised_one_step_rdp.cache_clear()
     _epsilon.cache_clear()
     _calibrate.cache_clear()
-
-
-set_rdp_memo(True)
 
 
 def compressed(history: History) -> History:
@@ -71,14 +95,15 @@ def epsilon_of(history: History, delta: float, accountant: str = "prv") -> float
 
 @lru_cache(maxsize=4096)  # sites with the same data size repeat the same histories, round after round
 def _epsilon(history: tuple[tuple, ...], delta: float, accountant: str) -> float:
-    if any(len(entry) == 5 for entry in history):
-        from fedlora.privacy.skellam import epsilon_of_rdp_history
+    with _memoised_rdp():
+        if any(len(entry) == 5 for entry in history):
+            from fedlora.privacy.skellam import epsilon_of_rdp_history
 
-        return epsilon_of_rdp_history(list(history), delta)
-    acc = ACCOUNTANTS[accountant]()
-    acc.history = list(history)
-    with np.errstate(divide="ignore"):  # PRV evaluates log(0) at the domain's edge for large q
-        return float(acc.get_epsilon(delta=delta))
+            return epsilon_of_rdp_history(list(history), delta)
+        acc = ACCOUNTANTS[accountant]()
+        acc.history = list(history)
+        with np.errstate(divide="ignore"):  # PRV evaluates log(0) at the domain's edge for large q
+            return float(acc.get_epsilon(delta=delta))
 
 
 def sample_rate(batch_size: int, num_examples: int) -> float:
