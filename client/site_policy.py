@@ -154,6 +154,7 @@ def simulation_policy(config: Config) -> SitePolicy:
         response_column=sim.response_column or run.data.response_column,
         max_evaluations=sim.max_evaluations,
         calibrate_to_limit=sim.calibrate_to_limit,
+        max_noise_increase=sim.max_noise_increase,
         # One operator runs every virtual site: the run's own distributed setting stands.
         allow_distributed_dp=True,
         min_distributed_tolerance=0,

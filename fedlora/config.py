@@ -205,6 +205,7 @@ class SitePolicySection:
     response_column: str = ""
     max_evaluations: int = 0  # per run; 0 = no cap (under DP every evaluation is accounted)
     calibrate_to_limit: bool = True  # a site whose limit is below the run's plan adds noise instead of declining
+    max_noise_increase: float = 4.0  # ... but declines past this many times the plan's noise multiplier; 0 = no cap
 
 
 @dataclass
@@ -472,6 +473,8 @@ def validate(config: Config, where: str = "config") -> None:
         raise ConfigError(f"{where}: key 'simulation.site_policy.max_delta' must be in [0, 1) (0 = the run's delta), got {policy.max_delta!r}")
     if not policy.max_evaluations >= 0:
         raise ConfigError(f"{where}: key 'simulation.site_policy.max_evaluations' must be >= 0 (0 = no cap), got {policy.max_evaluations!r}")
+    if not (policy.max_noise_increase == 0 or 1 <= policy.max_noise_increase < math.inf):
+        raise ConfigError(f"{where}: key 'simulation.site_policy.max_noise_increase' must be >= 1 (0 = no cap), got {policy.max_noise_increase!r}")
     if not config.federation.clients_per_round >= 0:
         raise ConfigError(f"{where}: key 'federation.clients_per_round' must be >= 0 (0 = all), got {config.federation.clients_per_round!r}")
     if 0 < config.federation.clients_per_round < config.federation.min_clients:
