@@ -87,10 +87,10 @@ def foreign_modules(packages: set[str], app_path: Path) -> list[str]:
 def load_approved_clientapp(app_path: Path, app_hash: str) -> tuple[ClientApp, set[str]]:
     """The ClientApp of an installed, approved bundle, imported from the bundle only,
     and the package names whose modules must all come from it."""
-    from flwr.clientapp.client_app import ClientApp, LoadClientAppError
-    from flwr.supercore.object_ref import load_app
+    from flwr.clientapp import ClientApp
 
     from fedlora.app_hash import FAB_CONFIG_FILE, clientapp_reference, installed_files_hash
+    from fedlora.flower_internals import LoadClientAppError, load_app
 
     if installed_files_hash(app_path) != app_hash:
         # The folder Flower installed to (or found) differs from the bytes approved.
@@ -109,14 +109,12 @@ def load_approved_clientapp(app_path: Path, app_hash: str) -> tuple[ClientApp, s
 def run_pinned_clientapp(runtime_api_address: str, token: str, state_dir: Path, approved: list[str]) -> int:
     """Run one task; returns the process exit code (0: a reply was sent)."""
     from flwr.app import Error, Message
-    from flwr.cli.install import install_from_fab
-    from flwr.common.config import get_project_dir
-    from flwr.common.constant import ErrorCode, SubStatus
-    from flwr.supercore.heartbeat import HeartbeatSender, make_task_heartbeat_fn_http
-    from flwr.supercore.interceptors import RuntimeTokenHttpInterceptor, RuntimeVersionHttpInterceptor
-    from flwr.supercore.retry import make_simple_http_retry_invoker
-    from flwr.supercore.runtime import RuntimeHttpClient
-    from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, push_task_output
+
+    from fedlora.flower_internals import (
+        ErrorCode, HeartbeatSender, RuntimeHttpClient, RuntimeTokenHttpInterceptor, RuntimeVersionHttpInterceptor, SubStatus,
+        get_project_dir, install_from_fab, make_simple_http_retry_invoker, make_task_heartbeat_fn_http, pull_task_input,
+        push_message, push_task_output,
+    )
 
     client = RuntimeHttpClient.from_server_address(
         server_address=runtime_api_address, insecure=True, root_certificates=None,
@@ -181,7 +179,7 @@ def main(argv: list[str] | None = None) -> None:
     if not token:
         sys.exit("no task token on stdin")
     if args.parent_pid is not None:
-        from flwr.supercore.app_utils import start_parent_process_monitor
+        from fedlora.flower_internals import start_parent_process_monitor
 
         start_parent_process_monitor(args.parent_pid)
     sys.exit(run_pinned_clientapp(args.runtime_api_address, token, args.state_dir, args.approved))

@@ -17,10 +17,10 @@ import logging
 
 from flwr.app import Context, Error, Message, MessageType
 from flwr.clientapp.typing import ClientAppCallable
-from flwr.common.constant import ErrorCode
 
 from fedlora.client.peer_keys import PeerKeyError
 from fedlora.client.site_policy import PolicyError
+from fedlora.flower_internals import ErrorCode
 from fedlora.privacy import secure_aggregation_records as secagg
 from fedlora.privacy.secure_aggregation import SecureAggregationError
 from fedlora.model_folder import ModelError

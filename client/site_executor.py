@@ -51,11 +51,10 @@ def launch_task(token: str, command: list[str]) -> subprocess.Popen:
 
 def serve(runtime_api_address: str, secret: bytes, state_dir: Path, approved: list[str]) -> None:
     """Acquire ClientApp tasks from the SuperNode and launch a pinned process for each, forever."""
-    from flwr.proto.runtime_pb2 import AcquireTaskRequest  # pylint: disable=E0611
-    from flwr.supercore.constant import TaskType
-    from flwr.supercore.interceptors import RuntimeVersionHttpInterceptor, SuperExecAuthHttpInterceptor
-    from flwr.supercore.retry import make_simple_http_retry_invoker
-    from flwr.supercore.runtime import RuntimeHttpClient
+    from fedlora.flower_internals import (
+        AcquireTaskRequest, RuntimeHttpClient, RuntimeVersionHttpInterceptor, SuperExecAuthHttpInterceptor, TaskType,
+        make_simple_http_retry_invoker,
+    )
 
     client = RuntimeHttpClient.from_server_address(
         server_address=runtime_api_address, insecure=True, root_certificates=None,
@@ -92,10 +91,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--parent-pid", type=int, help="exit when this process (the SuperNode) exits")
     args = parser.parse_args(argv)
 
-    from flwr.supercore.app_utils import start_parent_process_monitor
-    from flwr.supercore.auth import load_superexec_auth_secret
-
     from fedlora.client.app_pinning import site_log_handler
+    from fedlora.flower_internals import load_superexec_auth_secret, start_parent_process_monitor
 
     site_log_handler()
 

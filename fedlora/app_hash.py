@@ -133,7 +133,7 @@ def _app_files(root: Path) -> dict[str, Path]:
     .gitignore ignores as a whole (a virtual environment inside the app folder holds
     tens of thousands of files): Flower drops every file under them anyway. With a
     negated (`!`) .gitignore pattern nothing is skipped, to stay exact."""
-    from flwr.cli.utils import build_pathspec, load_gitignore_patterns
+    from fedlora.flower_internals import build_pathspec, load_gitignore_patterns
 
     root = root.resolve()
     gitignore = root / ".gitignore"
@@ -155,7 +155,7 @@ def _app_files(root: Path) -> dict[str, Path]:
 
 def build_app_fab(app_dir: Path) -> bytes:
     """The FAB `flwr build` / `flwr run` make of `app_dir` (Flower's own builder)."""
-    from flwr.cli.build import build_fab_from_files
+    from fedlora.flower_internals import build_fab_from_files
 
     app_dir = Path(app_dir).expanduser()
     if not (app_dir / FAB_CONFIG_FILE).is_file():

@@ -61,10 +61,10 @@ from typing import Any
 import numpy as np
 import torch
 from flwr.app import ArrayRecord, Message, MetricRecord
-from flwr.common.constant import SType
 
 from fedlora.adapter_state import Adapter
 from fedlora.config import Config
+from fedlora.flower_internals import SType
 from fedlora.strategies.base import ClientUpdate
 
 MALFORMED = "error: malformed reply"
