@@ -146,7 +146,8 @@ def frozen(model: torch.nn.Module, factors: tuple[str, ...]) -> Iterator[None]:
 
 def secret_generator(device: torch.device | str = "cpu") -> torch.Generator:
     """DP sampling and noise must be unpredictable to the coordinator (which knows
-    the run seed), so they draw from OS entropy, not from the seeded global RNG.
+    the run seed), so torch's generator is seeded with 64 bits drawn from the OS
+    (os.urandom), not from the seeded global RNG.
     Noise is drawn on the parameters' device, so its generator lives there."""
     return torch.Generator(device=device).manual_seed(int.from_bytes(os.urandom(8), "little"))
 

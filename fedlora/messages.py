@@ -22,7 +22,8 @@ ROUND_KEY = "fedlora.round"
 FINGERPRINT_KEY = "fedlora.base-fingerprint"  # the coordinator's base model (fedlora/base_fingerprint.py)
 
 # Under DP a site sends no train-loss and no seconds (data-dependent, unaccounted), and
-# its num-examples is the data-independent batch_size * steps. "planned-noise-multiplier" is
+# its num-examples is its unit count rounded down to a power of two (public to the
+# accounting, which uses the count itself; client/training_handlers.py: size_bucket). "planned-noise-multiplier" is
 # the noise the run's plan gives this site (before its own limit raised it): like the noise
 # multiplier, a function of the public plan and the site's unit count (public to the accounting).
 # "run-epsilon": what this run alone has spent at the site ("epsilon" is the site's ledger total).

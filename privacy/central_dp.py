@@ -30,7 +30,7 @@ def clip_update(update: Adapter, reference: Adapter, clip_norm: float) -> Adapte
 
 def add_noise(adapter: Adapter, keys: list[str], std: float, generator: torch.Generator | None = None) -> Adapter:
     """Gaussian noise on the tensors in `keys` (the ones sites train). The generator
-    draws from OS entropy by default: noise the run seed could predict protects nothing."""
+    is seeded with 64 bits from os.urandom by default: noise the run seed could predict protects nothing."""
     gen = generator or torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "little"))
     out = dict(adapter)
     for k in keys:

@@ -17,7 +17,7 @@ Accounting, in Renyi DP at the integer orders `ORDERS`:
 
    Per coordinate this is the one-dimensional bound of Agarwal et al. with variance 2 lam;
    Renyi divergences of independent coordinates add, and a sum of minima is at most the
-   minimum of the sums. tests/test_skellam.py checks the one-dimensional bound against
+   minimum of the sums. tests/test_distributed_dp.py checks the one-dimensional bound against
    exact divergences computed from scipy's Skellam pmf. The first term is the Gaussian
    mechanism's at the same variance; the rest vanishes as lam grows.
 2. Poisson subsampling at rate q: the general upper bound of Zhu and Wang, "Poisson

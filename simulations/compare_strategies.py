@@ -3,7 +3,7 @@ IID and non-IID, over several seeds, as one table (final accuracy as mean ± spr
 bytes up per site per round, seconds per round, wall time per run). Each run is a
 real `fedlora simulate` in its own process; its run directory is kept under the
 output folder. The seed (`run.seed`) changes the data, the split across sites and
-the initial adapter; DP noise is drawn from OS entropy in every run anyway.
+the initial adapter; DP noise is drawn from a generator seeded by os.urandom in every run anyway.
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """Secure aggregation through the real site ClientApp and the real coordinator code: the
 coordinator's five exchanges (server/secure_round.py) delivered in process to deployed-
 style sites (their own node keys and peer-keys files, tiny BERT, DP on). The Flower
-engine path is tests/test_secure_simulation.py; the protocol's core is
+engine path is tests/test_distributed_dp.py (a secure, distributed simulation) and the
+deployment's, tests/test_deployment.py; the protocol's core is
 tests/test_secure_aggregation.py."""
 
 from __future__ import annotations
