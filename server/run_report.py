@@ -105,8 +105,10 @@ def _lines_plot(rows: list[dict[str, Any]], keys: tuple[str, ...], ylabel: str, 
     def draw(ax) -> None:
         for i, key in enumerate(keys):
             x, y = _rounds(rows, key)
-            if x:
-                ax.plot(x, [v * scale for v in y], marker="o", color=COLORS[i], label=key.replace("_", " "), gid=f"series-{key}")
+            if x:  # up and down bytes often coincide: each its own marker and dash
+                ax.plot(x, [v * scale for v in y], marker=MARKERS[i], linestyle=("-", "--", ":")[i % 3],
+                        fillstyle="full" if i == 0 else "none", color=COLORS[i], label=key.replace("_", " "),
+                        gid=f"series-{key}")
         ax.set_xlabel("round")
         ax.set_ylabel(ylabel)
         ax.legend()
