@@ -114,3 +114,18 @@ def test_a_deployments_report_uses_the_names_the_run_recorded(tmp_path):
     assert site_names.record_run_labels(run_dir, coordinator, [11, 12]) == {11: "north-clinic (node 11)"}
     page = write_report(run_dir).read_text()  # without the coordinator's state dir: the run kept the names
     assert "north-clinic (node 11): ledger total" in page and "node 12: ledger total" in page
+
+
+def test_the_deployed_coordinator_takes_the_names_from_its_state_dir_and_keeps_them_with_the_run(tmp_path, monkeypatch):
+    """A deployed ServerApp runs in the SuperLink's directory, which `fedlora coordinator` makes its state dir."""
+    from fedlora.server.federation import site_labels
+    from fedlora.server.run_directory import RunDirectory
+
+    coordinator, run_dir = tmp_path / "coordinator", tmp_path / "run"
+    coordinator.mkdir()
+    run_dir.mkdir()
+    site_names.record(coordinator, 11, "north-clinic")
+    monkeypatch.chdir(coordinator)
+    assert site_labels(RunDirectory(run_dir), [11, 12]) == {11: "north-clinic (node 11)"}
+    monkeypatch.chdir(tmp_path)  # later, elsewhere: the run directory remembers
+    assert site_names.run_labels(run_dir) == {11: "north-clinic (node 11)"}
