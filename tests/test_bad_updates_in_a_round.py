@@ -1,6 +1,7 @@
 """A site that sends a broken update (NaN) or a hostile one (a huge norm) is rejected
-and counted, and the round completes with the others: a real simulation in which one
-virtual site's ClientApp corrupts what the real client code would have sent."""
+and counted, and the round completes with the others: the real coordinator and five
+virtual sites in process, two of whose ClientApps corrupt what the real client code
+would have sent."""
 
 from __future__ import annotations
 
@@ -8,9 +9,8 @@ from __future__ import annotations
 import pytest
 import torch
 from flwr.app import Context, Message, RecordDict
-from tests.client_apps import client_app_with_train, run_small_simulation
+from tests.client_apps import client_app_with_train, run_in_process
 
-pytestmark = pytest.mark.slow
 
 
 def train(msg: Message, context: Context) -> Message:
@@ -34,7 +34,7 @@ attacked = client_app_with_train(train)
 
 
 def test_nan_and_huge_norm_updates_are_rejected_and_the_round_completes(tmp_path, monkeypatch):
-    rows = run_small_simulation(attacked, tmp_path / "run", monkeypatch, 5, {"federation.rounds": 1, "federation.min_clients": 3})
+    rows = run_in_process(attacked, tmp_path / "run", monkeypatch, 5, {"federation.rounds": 1, "federation.min_clients": 3})
     assert rows[1]["clients_ok"] == 3 and rows[1]["updates_rejected"] == 2 and rows[1]["clients_failed"] == 2
     assert rows[1]["failures"] == {"rejected: non-finite": 1, "rejected: outlier": 1}
     sites = rows[1]["sites"]

@@ -3,9 +3,6 @@ re-factorizes mean(B)·A_prev by SVD into an orthonormal A and B = U·S."""
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -129,15 +126,13 @@ def test_rank_above_the_input_features_is_refused():
         orthonormal_factors(torch.randn(10, 5), torch.randn(5, 4))
 
 
-@pytest.mark.slow
-def test_simulation_sends_b_only_and_reorients_a(tmp_path):
+def test_a_federation_sends_b_only_and_reorients_a(tmp_path, monkeypatch):
+    """The real coordinator and the simulation's site ClientApp at three virtual sites, in process."""
+    from fedlora.simulations.virtual_sites import simulated_site_app
+    from tests.client_apps import run_in_process
+
     out = tmp_path / "fedsvd"
-    cmd = [sys.executable, "-m", "fedlora.cli", "simulate", "--clients", "3", "--rounds", "2", "--output", str(out),
-           "--set", "strategy.name=fedsvd", "--set", "simulation.dataset_size=300", "--set", "train.local_steps=1",
-           "--set", "train.batch_size=16", "--set", "simulation.cpus_per_client=1"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    rows = run_in_process(simulated_site_app(), out, monkeypatch, 3, {"federation.rounds": 2, "strategy.name": "fedsvd"})
     assert all(r["clients_ok"] == 3 for r in rows[1:])
     first = load_file(str(out / "checkpoints" / "round-0001" / "adapter.safetensors"))
     second = load_file(str(out / "checkpoints" / "round-0002" / "adapter.safetensors"))

@@ -1,6 +1,7 @@
 """A round that cannot gather federation.min_clients updates is tried again a bounded
-number of times, then the run stops with a clear message (a real simulation in which
-two of three sites fail every training call); a retry asks only the sites that failed."""
+number of times, then the run stops with a clear message (the real coordinator and
+three virtual sites in process, two of which fail every training call); a retry asks
+only the sites that failed."""
 
 from __future__ import annotations
 
@@ -8,9 +9,8 @@ import json
 
 import pytest
 from flwr.app import Context, Message
-from tests.client_apps import client_app_with_train, run_small_simulation
+from tests.client_apps import client_app_with_train, run_in_process
 
-pytestmark = pytest.mark.slow
 
 
 def train(msg: Message, context: Context) -> Message:
@@ -29,7 +29,7 @@ def test_a_round_short_of_min_clients_is_retried_then_the_run_stops(tmp_path, mo
 
     overrides = {"federation.rounds": 2, "federation.min_clients": 2, "federation.round_retries": 1}
     with pytest.raises(FederationError, match=r"round 1: fewer than federation.min_clients = 2 usable updates in 2 attempts"):
-        run_small_simulation(failing, tmp_path / "run", monkeypatch, 3, overrides)
+        run_in_process(failing, tmp_path / "run", monkeypatch, 3, overrides)
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rows] == [0]  # no half-done round was written
     ledger = json.loads((tmp_path / "run" / "sites" / "0" / "privacy-ledger.json").read_text())
