@@ -22,6 +22,7 @@ import fcntl
 import os
 import socket
 import struct
+import subprocess
 import sys
 
 CLONE_NEWUSER = 0x10000000
@@ -88,3 +89,14 @@ def enter() -> None:
     _write("/proc/self/uid_map", f"{uid} {uid} 1")
     _write("/proc/self/gid_map", f"{gid} {gid} 1")
     _loopback_up()
+
+
+def unavailable_reason() -> str | None:
+    """Why a process here cannot enter a private network (None: it can). Tried in a fresh
+    interpreter, so that this process, threaded or not, stays where it is."""
+    probe = ("import sys\nfrom fedlora.private_network import IsolationUnavailable, enter\n"
+             "try:\n    enter()\nexcept IsolationUnavailable as exc:\n    sys.exit(str(exc))")
+    proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=False)
+    if proc.returncode == 0:
+        return None
+    return (proc.stderr.strip().splitlines() or [f"the probe exited with {proc.returncode}"])[-1]

@@ -1,19 +1,20 @@
 """Where the simulation engine's network lives: a private, loopback-only namespace by
 default, so that no other machine can reach Ray's processes while they run on real data.
 
-`place_engine` decides and says so in one line (stderr):
-- `simulation.ray_address` set: the run joins that Ray cluster, which needs the network;
+`fedlora simulate` runs as two processes. The one the user started stays light and
+supervises (`supervise_engine`): it re-runs the command as its child, the engine, and
+on Ctrl-C or SIGTERM stops the whole tree (fedlora/process_tree.py), because Ray's own
+processes outlive a driver interrupted while Ray starts. The engine, still
+single-threaded, places itself (`place_engine`) before torch or Ray load:
+- `simulation.ray_address` set: it joins that Ray cluster, which needs the network;
 - `simulation.isolate_network = false`: the host network, as asked;
-- otherwise this process enters a private network namespace (fedlora/private_network.py)
-  before Ray or torch start a thread, and everything it starts inherits it;
-- where that is impossible it refuses (IsolationRefused, exit 2), unless the caller
-  allows the network (`--allow-network`).
-Where the engine runs on the host network, a second line names the ports it opened.
-
-The process that decides then supervises the engine (`supervise_engine`): it re-runs the
-command as a child, which inherits the namespace, and on Ctrl-C or SIGTERM stops the
-whole tree (fedlora/process_tree.py): Ray's own processes outlive a driver interrupted
-while Ray starts.
+- otherwise it enters a private network namespace (fedlora/private_network.py), which
+  everything Ray starts inherits;
+- where that is impossible it refuses (IsolationRefused, exit 2), unless the network
+  is allowed (`--allow-network`).
+The engine says which in one line once the run's inputs are checked. The supervisor
+stays in the host's network, so the sockets it sees there are exactly the ones other
+machines could reach: it names them in one line once Ray's ports settle.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from __future__ import annotations
 import os
 import sys
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from fedlora import private_network
 from fedlora.config import Config, ConfigError
@@ -30,81 +31,98 @@ ISOLATED = "isolated"
 OPEN = "open"
 CLUSTER = "cluster"
 
-
-# Set by the supervising process for its engine child: the placement it made (a mode above).
-ENGINE_CHILD_ENV = "FEDLORA_SIMULATION_ENGINE"
+# How `fedlora simulate` runs in this process: unset, it supervises; the supervisor sets
+# "child" for the engine; tests that call the CLI in-process set "in-process" (no
+# placement, no child) to see the run's input errors in their own process.
+ENGINE_ENV = "FEDLORA_SIMULATION_ENGINE"
+SUPERVISOR, CHILD, IN_PROCESS = "supervisor", "child", "in-process"
 
 
 class IsolationRefused(ConfigError):
-    """The engine cannot be isolated and the caller did not allow the network (exit 2)."""
+    """The engine cannot be isolated and the network was not allowed (exit 2)."""
 
 
 @dataclass
 class EnginePlacement:
     mode: str  # ISOLATED, OPEN or CLUSTER
     line: str  # what the operator is told
-    _stop: threading.Event = field(default_factory=threading.Event, repr=False)
 
-    def report_ports(self) -> None:
-        """Off the private network: name the ports this process tree listens on, once Ray's settle."""
-        if self.mode == ISOLATED:
-            return
-        from fedlora.listening_ports import describe, report_when_settled
-
-        # A local Ray has opened its ports once its raylet runs; a driver of a cluster has no raylet here.
-        report_when_settled(lambda ports: say(f"listening on this machine's network: {describe(ports)}"), self._stop,
-                            after="raylet" if self.mode == OPEN else "")
-
-    def done(self) -> None:
-        self._stop.set()
+    def announce(self) -> None:
+        say(self.line)
 
 
 def say(text: str) -> None:
     print(f"fedlora: {text}", file=sys.stderr, flush=True)
 
 
+def engine_role() -> str:
+    """SUPERVISOR, CHILD or IN_PROCESS (see ENGINE_ENV)."""
+    role = os.environ.get(ENGINE_ENV, "")
+    return role if role in (CHILD, IN_PROCESS) else SUPERVISOR
+
+
+def _asked_for_network(config: Config) -> EnginePlacement | None:
+    sim = config.simulation
+    if sim.ray_address:
+        return EnginePlacement(CLUSTER, f"network isolation off: joining the Ray cluster at {sim.ray_address} "
+                                        "(simulation.ray_address) needs the network")
+    if not sim.isolate_network:
+        return EnginePlacement(OPEN, "network isolation off (simulation.isolate_network = false): "
+                                     "the simulation engine listens on this machine's network")
+    return None
+
+
+def _unavailable(reason: str, allow_network: bool) -> EnginePlacement:
+    if not allow_network:
+        raise IsolationRefused(f"network isolation unavailable: {reason}; Ray would listen on this machine's network "
+                               "(use --allow-network to simulate anyway)")
+    return EnginePlacement(OPEN, f"network isolation unavailable: {reason}; running on this machine's network (--allow-network)")
+
+
 def place_engine(config: Config, allow_network: bool = False) -> EnginePlacement:
     """Decide where the engine's network lives and enter the private namespace if that is
     it. Call it while this process is single-threaded (before torch, Ray or gRPC load)."""
-    sim = config.simulation
-    if sim.ray_address:
-        placement = EnginePlacement(CLUSTER, f"network isolation off: joining the Ray cluster at {sim.ray_address} "
-                                             "(simulation.ray_address) needs the network")
-    elif not sim.isolate_network:
-        placement = EnginePlacement(OPEN, "network isolation off (simulation.isolate_network = false): "
-                                          "the simulation engine listens on this machine's network")
-    elif private_network.only_loopback():
-        placement = EnginePlacement(ISOLATED, "network isolated: this process sees loopback only; no other machine can reach the simulation")
-    else:
-        try:
-            private_network.enter()
-            placement = EnginePlacement(ISOLATED, "network isolated: the simulation runs in a private network namespace "
-                                                  "(loopback only); no other machine can reach it")
-        except private_network.IsolationUnavailable as exc:
-            if not allow_network:
-                raise IsolationRefused(f"network isolation unavailable: {exc}; Ray would listen on this machine's network "
-                                       "(use --allow-network to simulate anyway)") from None
-            placement = EnginePlacement(OPEN, f"network isolation unavailable: {exc}; running on this machine's network "
-                                              "(--allow-network)")
-    say(placement.line)
-    return placement
+    if (placement := _asked_for_network(config)) is not None:
+        return placement
+    if private_network.only_loopback():
+        return EnginePlacement(ISOLATED, "network isolated: this process sees loopback only; no other machine can reach the simulation")
+    try:
+        private_network.enter()
+    except private_network.IsolationUnavailable as exc:
+        return _unavailable(str(exc), allow_network)
+    return EnginePlacement(ISOLATED, "network isolated: the simulation runs in a private network namespace "
+                                     "(loopback only); no other machine can reach it")
 
 
-def supervise_engine(argv: list[str], placement: EnginePlacement) -> int:
-    """Run `fedlora ARGV` as the engine, a child in this process's network, and return its
-    exit code (128+N when signal N stopped this supervisor: 130 for Ctrl-C, 143 for SIGTERM)."""
+def plan_runs(config: Config, allow_network: bool = False) -> EnginePlacement:
+    """For a command that starts many `fedlora simulate` runs (`fedlora compare`): where
+    their engines' network will live, decided once, without moving this process. Each
+    run places its own engine; an OPEN plan from --allow-network means the runs must be
+    told to run open (simulation.isolate_network = false)."""
+    if (placement := _asked_for_network(config)) is not None:
+        return placement
+    if private_network.only_loopback():
+        return EnginePlacement(ISOLATED, "network isolated: this process sees loopback only; no other machine can reach the simulations")
+    if (reason := private_network.unavailable_reason()) is not None:
+        return _unavailable(reason, allow_network)
+    return EnginePlacement(ISOLATED, "network isolated: each run's simulation engine runs in a private network namespace "
+                                     "(loopback only); no other machine can reach it")
+
+
+def supervise_engine(argv: list[str], config: Config, allow_network: bool = False) -> int:
+    """Run `fedlora ARGV` as the engine, a child process, and return its exit code (128+N
+    when signal N stopped this supervisor: 130 for Ctrl-C, 143 for SIGTERM)."""
     from fedlora.process_tree import supervise
 
-    placement.report_ports()
+    stop = threading.Event()
+    may_listen = config.simulation.ray_address or not config.simulation.isolate_network or allow_network
+    if may_listen and not private_network.only_loopback():  # inside a private network there is nothing to report
+        from fedlora.listening_ports import describe, report_when_settled
+
+        # A local Ray has opened its ports once its raylet runs; a cluster's driver has no raylet here.
+        report_when_settled(lambda ports: say(f"listening on this machine's network: {describe(ports)}"), stop,
+                            after="" if config.simulation.ray_address else "raylet")
     try:
-        return supervise([[sys.executable, "-m", "fedlora.cli", *argv]], env={**os.environ, ENGINE_CHILD_ENV: placement.mode})
+        return supervise([[sys.executable, "-m", "fedlora.cli", *argv]], env={**os.environ, ENGINE_ENV: CHILD})
     finally:
-        placement.done()
-
-
-def engine_child() -> bool:
-    """True in the engine child a supervisor started; a child meant to be isolated checks that it is."""
-    mode = os.environ.get(ENGINE_CHILD_ENV)
-    if mode == ISOLATED and not private_network.only_loopback():
-        raise RuntimeError(f"{ENGINE_CHILD_ENV}={mode} but this process sees more than loopback")
-    return mode in (ISOLATED, OPEN, CLUSTER)
+        stop.set()

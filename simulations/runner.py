@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
@@ -43,13 +44,16 @@ def prepare(config: Config) -> Config:
     return config
 
 
-def simulate(config: Config) -> tuple[RunDirectory, list[dict[str, Any]]]:
+def simulate(config: Config, announce: Callable[[], None] | None = None) -> tuple[RunDirectory, list[dict[str, Any]]]:
+    """Run the federation; `announce` is called once the inputs are checked, before Ray starts."""
     os.environ.update(FLOWER_OFFLINE_ENV)
     if not config.simulation.ray_address and only_loopback():
         # In a private network (simulations/engine_network.py) loopback is the only address:
         # Ray's local-only mode takes it instead of probing the internet and logging a warning.
         os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
     config = prepare(config)
+    if announce is not None:
+        announce()
 
     from flwr.simulation import run_simulation
 

@@ -14,7 +14,16 @@ import pytest
 from fedlora.client.site_data import load_site_data
 from fedlora.cli import main
 from fedlora.config import ConfigError, load_config
+from fedlora.simulations.engine_network import ENGINE_ENV, IN_PROCESS
 from fedlora.text_data import DataError, read_rows
+
+
+@pytest.fixture(autouse=True)
+def _simulate_in_process(monkeypatch):
+    """`fedlora simulate` checks its inputs in this process, not in an engine child
+    (simulations/engine_network.py), so that capsys sees the one-line errors."""
+    monkeypatch.setenv(ENGINE_ENV, IN_PROCESS)
+
 
 SECRET = "Jane Doe"  # stands for a patient's data: no message may contain it
 

@@ -6,6 +6,14 @@ import pytest
 
 from fedlora.cli import main
 from fedlora.config import Config, ConfigError, load_config, parse_override
+from fedlora.simulations.engine_network import ENGINE_ENV, IN_PROCESS
+
+
+@pytest.fixture(autouse=True)
+def _simulate_in_process(monkeypatch):
+    """`fedlora simulate` checks its inputs in this process, not in an engine child
+    (simulations/engine_network.py), so that capsys sees the one-line errors."""
+    monkeypatch.setenv(ENGINE_ENV, IN_PROCESS)
 
 
 def run_cli(capsys, *args: str) -> tuple[int, str]:
@@ -108,7 +116,7 @@ def test_a_run_that_ends_early_exits_3_and_says_what_was_trained(monkeypatch, ca
     assert ended_early(early, 3) == ("run ended early: 1 of 3 rounds trained; too few sites could train round 2 "
                                      "(declined: privacy budget); 1 site(s) trained in round 2 and their updates were discarded")
     for rows, code in ((done, 0), (early, EXIT_ENDED_EARLY)):
-        monkeypatch.setattr(fedlora.simulations.runner, "simulate", lambda config, rows=rows: (None, rows))
+        monkeypatch.setattr(fedlora.simulations.runner, "simulate", lambda config, rows=rows, **_: (None, rows))
         assert main(["simulate", "--rounds", "3"]) == code
         err = capsys.readouterr().err
         assert ("run ended early: 1 of 3 rounds trained" in err) == (code == EXIT_ENDED_EARLY)

@@ -25,6 +25,7 @@ from fedlora.private_network import TEST_UNAVAILABLE_ENV
 SMALL = ["--clients", "2", "--set", "simulation.dataset_size=200", "--set", "train.local_steps=1",
          "--set", "train.batch_size=16", "--set", "simulation.cpus_per_client=1"]
 TCP_LISTEN, UDP_UNCONNECTED = "0A", "07"
+LOOPBACK = ("0100007F:", "0000000000000000FFFF00000100007F:")
 
 
 def fedlora(*args: str) -> list[str]:
@@ -124,6 +125,14 @@ def test_enter_refuses_a_threaded_process_rather_than_blame_the_kernel():
     assert out.startswith("refused: private_network.enter() needs a single-threaded process")
 
 
+def test_the_probe_says_whether_a_process_here_can_be_isolated(monkeypatch):
+    from fedlora.private_network import unavailable_reason
+
+    assert unavailable_reason() is None  # this machine allows it (the slow tests below rely on it)
+    monkeypatch.setenv(TEST_UNAVAILABLE_ENV, "1")
+    assert unavailable_reason() == f"user namespaces are unavailable ({TEST_UNAVAILABLE_ENV}=1)"
+
+
 def test_isolation_is_on_by_default_and_joins_no_cluster():
     config = load_config(None, {})
     assert config.simulation.isolate_network is True and config.simulation.ray_address == ""
@@ -156,8 +165,8 @@ def run_until_raylet_then_signal(tmp_path: Path, sig: signal.Signals) -> None:
     try:
         root = psutil.Process(proc.pid)
         raylet = wait_for_raylet(root, proc)
-        ns = net_namespace(proc.pid)
-        assert ns != net_namespace("self")
+        ns = net_namespace(raylet.pid)
+        assert ns != net_namespace("self")  # the supervisor stays in the host's network, the engine does not
         time.sleep(5)  # Ray's workers start and open their ports
         simulation = {p.pid for p in root.children(recursive=True)} | {p.pid for p in in_namespace(ns)} | {proc.pid}
         ours = socket_inodes(simulation)
@@ -169,6 +178,8 @@ def run_until_raylet_then_signal(tmp_path: Path, sig: signal.Signals) -> None:
         inside = listening_inodes(f"/proc/{raylet.pid}/net")
         engine = ours & set(inside)
         assert len(engine) >= 3, inside  # at least GCS, raylet, object manager
+        # Ray binds to loopback too there (127.0.0.1, or v4-mapped in tcp6): the only address it finds.
+        assert all(inside[i].split()[1].startswith(LOOPBACK) for i in engine), [inside[i] for i in engine]
         names = {psutil.Process(pid).name() for pid in simulation if socket_inodes({pid}) & engine}
         assert {"gcs_server", "raylet"} <= names, names
 

@@ -203,6 +203,17 @@ def run_privacy(args: argparse.Namespace) -> int:
     return 0
 
 
+def plan_network(args: argparse.Namespace) -> None:
+    """Once for all of compare's runs: refuse now if their engines cannot be isolated
+    (unless --allow-network, then the runs are told to run open), and say which."""
+    from fedlora.simulations.engine_network import OPEN, plan_runs
+
+    plan = plan_runs(load_config(None, dict(parse_override(item) for item in args.set)), args.allow_network)
+    plan.announce()
+    if plan.mode == OPEN and args.allow_network:
+        args.set.append("simulation.isolate_network=false")
+
+
 def run_compare(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -212,12 +223,6 @@ def run_compare(args: argparse.Namespace) -> int:
         parse_override(item)  # fail now, not in every run
     if args.seeds < 1:
         raise ConfigError(f"--seeds: must be at least 1, got {args.seeds}")
-    # Isolate once here, before any run: every run's process inherits the private network.
-    from fedlora.simulations.engine_network import OPEN, place_engine
-
-    placement = place_engine(load_config(None, dict(parse_override(item) for item in args.set)), args.allow_network)
-    if placement.mode == OPEN and args.allow_network:
-        args.set.append("simulation.isolate_network=false")  # the runs may not isolate either: run them open as allowed
     if args.epsilons:
         from fedlora.simulations.privacy_utility import CURVE_FILE, curve, parse_epsilons
 
@@ -227,6 +232,7 @@ def run_compare(args: argparse.Namespace) -> int:
             raise ConfigError(str(exc)) from None
         if len(partitions) != 1:
             raise ConfigError("--epsilons: choose one of --partitions non-IID or IID for the curve")
+        plan_network(args)
         print(curve(Path(args.output), epsilons, args.set, args.seeds, partitions[0]))
         print(f"curve: {Path(args.output) / CURVE_FILE}")
         return 0
@@ -234,6 +240,7 @@ def run_compare(args: argparse.Namespace) -> int:
         strategies, partitions = known_strategies(args.strategies), known_partitions(args.partitions)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
+    plan_network(args)
     print(compare(Path(args.output), strategies, args.set, args.seeds, args.dp, partitions))
     return 0
 
@@ -263,17 +270,18 @@ def run_simulate(args: argparse.Namespace) -> int:
             overrides[key] = value
     config = load_config(args.config, overrides)
 
-    from fedlora.simulations.engine_network import engine_child, place_engine, supervise_engine
+    from fedlora.simulations.engine_network import CHILD, SUPERVISOR, engine_role, place_engine, supervise_engine
 
-    if not engine_child():
-        # Before anything starts a thread (a private network can be entered only single-threaded);
-        # then this process supervises the engine, which runs as its child in the same network.
-        return supervise_engine(simulate_argv(args), place_engine(config, args.allow_network))
+    role = engine_role()
+    if role == SUPERVISOR:  # this process stays light and stops the whole tree on Ctrl-C
+        return supervise_engine(simulate_argv(args), config, args.allow_network)
+    # The engine: placed before anything starts a thread (a private network can be entered only single-threaded).
+    placement = place_engine(config, args.allow_network) if role == CHILD else None
 
     from fedlora.run_outcome import EXIT_ENDED_EARLY, ended_early
     from fedlora.simulations.runner import simulate
 
-    run_dir, rows = simulate(config)  # it writes the report too
+    run_dir, rows = simulate(config, announce=placement.announce if placement else None)  # it writes the report too
     if (message := ended_early(rows, config.federation.rounds, run_dir.path)) is not None:
         for line in message.splitlines():
             print(f"fedlora: {line}", file=sys.stderr)
