@@ -138,6 +138,17 @@ def test_isolation_is_on_by_default_and_joins_no_cluster():
     assert config.simulation.isolate_network is True and config.simulation.ray_address == ""
 
 
+def test_the_engine_child_gets_the_command_line_the_user_gave():
+    from fedlora.cli import build_parser, simulate_argv
+
+    parser = build_parser()
+    # Every option of `simulate`: a new one must be passed on to the engine child too.
+    assert set(vars(parser.parse_args(["simulate"]))) == {"command", "config", "clients", "rounds", "output", "set", "allow_network"}
+    args = parser.parse_args(["simulate", "--config", "a b.toml", "--clients", "3", "--rounds", "2", "--output", "runs/x",
+                              "--set", "train.lr=0.1", "--set", 'run.name="x y"', "--allow-network"])
+    assert parser.parse_args(simulate_argv(args)) == args
+
+
 def test_without_namespaces_simulate_refuses_in_one_line_with_exit_2(tmp_path):
     env = {**os.environ, TEST_UNAVAILABLE_ENV: "1"}
     proc = subprocess.run(fedlora("simulate", "--output", str(tmp_path / "run"), *SMALL), env=env,
