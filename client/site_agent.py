@@ -28,6 +28,7 @@ from fedlora.client.coordinator_watch import EXIT_UNREACHABLE, CoordinatorUnreac
 from fedlora.client.site_rejoin import AliveMarker
 from fedlora.flower_env import flower_env, flower_executable
 from fedlora.process_tree import supervise
+from fedlora.site_policy_keys import SITE_POLICY
 
 PRIVACY_UNITS = ("example", "user")
 
@@ -75,23 +76,15 @@ class SiteSettings:
     give_up_after: float | None = None  # seconds without reaching the coordinator before the site stops; None: never
 
     def policy(self) -> dict[str, str | float | int | bool]:
-        """The site policy as node config values (every key always present but
-        max-epsilon, which is absent only under --no-privacy-limit)."""
+        """The site policy as node config values, one per key of fedlora/site_policy_keys.py:
+        every key present but max-epsilon (absent only under --no-privacy-limit) and labels
+        (absent when not declared; node config values are scalars, so one string)."""
         values: dict[str, str | float | int | bool] = {}
-        if self.max_epsilon is not None:
-            values["max-epsilon"] = float(self.max_epsilon)
-        values.update({
-            "max-delta": float(self.max_delta), "privacy-unit": self.privacy_unit, "user-column": self.user_column,
-            "allow-no-dp": bool(self.allow_no_dp), "text-column": self.text_column, "label-column": self.label_column,
-            "prompt-column": self.prompt_column, "response-column": self.response_column,
-            "max-evaluations": int(self.max_evaluations), "calibrate-to-limit": bool(self.calibrate_to_limit),
-            "max-noise-increase": float(self.max_noise_increase),
-            "require-secure-aggregation": bool(self.require_secure_aggregation),
-            "allow-distributed-dp": bool(self.allow_distributed_dp),
-            "min-distributed-tolerance": int(self.min_distributed_tolerance), "min-sites": int(self.min_sites),
-        })
-        if self.labels is not None:  # absent when not declared (node config values are scalars: one string)
-            values["labels"] = ",".join(self.labels)
+        for p in SITE_POLICY:
+            value = getattr(self, p.field)
+            if value is None:
+                continue
+            values[p.key] = ",".join(value) if p.kind == "labels" else _AS_NODE_CONFIG[p.kind](value)
         return values
 
     def node_config(self) -> str:
@@ -111,6 +104,9 @@ class SiteSettings:
     def superexec_secret_file(self) -> Path:
         """The secret the SuperNode checks before it hands a task to the site's executor."""
         return self.state_dir / "flwr-home" / "superexec-auth.secret"
+
+
+_AS_NODE_CONFIG = {"float": float, "int": int, "bool": bool, "str": str}
 
 
 def _toml_value(value: str | float | int | bool) -> str:

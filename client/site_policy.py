@@ -17,8 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fedlora.config import Config
-
-DEFAULT_MAX_DELTA = 1e-5
+from fedlora.site_policy_keys import DEFAULT_MAX_DELTA, SITE_POLICY
 
 
 class PolicyError(ValueError):
@@ -27,6 +26,9 @@ class PolicyError(ValueError):
 
 @dataclass(frozen=True)
 class SitePolicy:
+    """The policy as plain data: one field per key of fedlora/site_policy_keys.py, with its
+    default (tests/test_site_policy_table.py holds the two together)."""
+
     max_epsilon: float = math.inf  # cumulative over every run; inf = the site set no limit
     max_delta: float = DEFAULT_MAX_DELTA
     privacy_unit: str = "example"
@@ -96,26 +98,18 @@ def _labels(node_config: dict, key: str, default: tuple[str, ...]) -> tuple[str,
     return names
 
 
+_PARSERS = {
+    "float": _number,
+    "int": lambda node_config, key, default: int(_number(node_config, key, default, int)),
+    "bool": _flag,
+    "str": _text,
+    "labels": _labels,
+}
+
+
 def _from_node_config(node_config: dict, base: SitePolicy) -> SitePolicy:
-    policy = SitePolicy(
-        max_epsilon=_number(node_config, "max-epsilon", base.max_epsilon),
-        max_delta=_number(node_config, "max-delta", base.max_delta),
-        privacy_unit=_text(node_config, "privacy-unit", base.privacy_unit),
-        user_column=_text(node_config, "user-column", base.user_column),
-        allow_no_dp=_flag(node_config, "allow-no-dp", base.allow_no_dp),
-        text_column=_text(node_config, "text-column", base.text_column),
-        label_column=_text(node_config, "label-column", base.label_column),
-        prompt_column=_text(node_config, "prompt-column", base.prompt_column),
-        response_column=_text(node_config, "response-column", base.response_column),
-        max_evaluations=int(_number(node_config, "max-evaluations", base.max_evaluations, int)),
-        calibrate_to_limit=_flag(node_config, "calibrate-to-limit", base.calibrate_to_limit),
-        max_noise_increase=_number(node_config, "max-noise-increase", base.max_noise_increase),
-        require_secure_aggregation=_flag(node_config, "require-secure-aggregation", base.require_secure_aggregation),
-        allow_distributed_dp=_flag(node_config, "allow-distributed-dp", base.allow_distributed_dp),
-        min_distributed_tolerance=int(_number(node_config, "min-distributed-tolerance", base.min_distributed_tolerance, int)),
-        min_sites=int(_number(node_config, "min-sites", base.min_sites, int)),
-        labels=_labels(node_config, "labels", base.labels),
-    )
+    # One parser per kind of key (fedlora/site_policy_keys.py lists the keys and kinds).
+    policy = SitePolicy(**{p.field: _PARSERS[p.kind](node_config, p.key, getattr(base, p.field)) for p in SITE_POLICY})
     if not policy.max_epsilon > 0:
         raise PolicyError(f"node config 'max-epsilon' must be > 0, got {node_config.get('max-epsilon')!r}")
     if not 0 < policy.max_delta < 1:

@@ -17,6 +17,7 @@ import json
 from flwr.app import ConfigRecord, MetricRecord
 
 from fedlora.config import Config, from_flat
+from fedlora.site_policy_keys import SITE_POLICY
 
 ROUND_KEY = "fedlora.round"
 FINGERPRINT_KEY = "fedlora.base-fingerprint"  # the coordinator's base model (fedlora/base_fingerprint.py)
@@ -31,9 +32,8 @@ TRAIN_METRICS = ("num-examples", "train-loss", "epsilon", "run-epsilon", "planne
                  "planned-noise-multiplier", "steps", "seconds")
 # The site's policy, as node-config keys; a decline names one of them.
 POLICY_KEYS = (
-    "max-epsilon", "max-delta", "privacy-unit", "user-column", "allow-no-dp", "text-column", "label-column",
-    "prompt-column", "response-column", "max-evaluations", "calibrate-to-limit", "peer-keys",
-    "require-secure-aggregation", "allow-distributed-dp", "min-distributed-tolerance", "labels", "max-noise-increase",
+    *(p.key for p in SITE_POLICY),  # fedlora/site_policy_keys.py
+    "peer-keys",  # the site holds no trusted peer keys: it takes no part in secure aggregation
     # Not node-config keys: what the request itself must keep to. "round": the round lies
     # outside the run's own plan (1..federation.rounds; evaluation and queries also 0).
     "round",

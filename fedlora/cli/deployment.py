@@ -10,6 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from fedlora.config import Config, parse_override
+from fedlora.site_policy_keys import SITE_POLICY, PolicyKey, shown_default
 
 DEPLOYMENT_GUIDE = "See docs/deployment.md for a three-site TLS federation with node authentication."
 
@@ -19,6 +20,32 @@ def _connection_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--superlink", metavar="HOST:PORT", help="the coordinator's address (from another machine)")
     p.add_argument("--root-cert", type=Path, metavar="FILE", help="the CA certificate (ca.pem) with --superlink")
     p.add_argument("--insecure", action="store_true", help="no TLS (a local trial only)")
+
+
+def add_policy_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per site-policy key (fedlora/site_policy_keys.py), into the attribute of its
+    SiteSettings field; a bool that defaults to true is turned off with --no-KEY."""
+    for p in SITE_POLICY:
+        said = p.kind == "bool" or _flag_default(p) is None  # the flag or the meaning says it
+        options: dict = {"dest": p.field, "help": p.meaning if said else f"{p.meaning} (default {shown_default(p)})"}
+        if p.kind == "bool":
+            options["action"] = "store_false" if p.default else "store_true"
+        else:
+            options["metavar"] = p.metavar or None
+            options["type"] = _FLAG_TYPES[p.kind]
+            options["default"] = _flag_default(p)
+            if p.choices:
+                options.update(choices=p.choices, metavar=None)
+        parser.add_argument(p.flag, **options)
+
+
+_FLAG_TYPES = {"float": float, "int": int, "str": str, "labels": lambda value: value.split(",")}
+
+
+def _flag_default(p: PolicyKey) -> object:
+    # max-epsilon and labels have no default a site could get by saying nothing:
+    # the limit is required (or --no-privacy-limit), the labels are declared or absent.
+    return None if p.key in ("max-epsilon", "labels") else p.default
 
 
 def add_deployment_commands(commands: argparse._SubParsersAction) -> None:
@@ -46,28 +73,8 @@ def add_deployment_commands(commands: argparse._SubParsersAction) -> None:
     s.add_argument("--model-path", default="default", metavar="DIR",
                    help="this site's local copy of the base model ('default' = the embedded model)")
     s.add_argument("--state-dir", type=Path, required=True, metavar="DIR", help="this site's privacy ledger, audit log and local state")
-    s.add_argument("--max-epsilon", type=float, metavar="EPS",
-                   help="required: this site's privacy limit (epsilon) over all runs; it wins over the coordinator")
+    add_policy_flags(s)
     s.add_argument("--no-privacy-limit", action="store_true", help="run without an epsilon limit (instead of --max-epsilon)")
-    s.add_argument("--max-delta", type=float, default=1e-5, metavar="D",
-                   help="the largest delta this site accepts; its budget is measured at it (default 1e-5)")
-    s.add_argument("--privacy-unit", choices=("example", "user"), default="example",
-                   help="what DP protects here: one example (row) or one user's rows together (default example)")
-    s.add_argument("--user-column", default="user_id", metavar="NAME",
-                   help="the column naming each row's user, for --privacy-unit user (default user_id)")
-    s.add_argument("--allow-no-dp", action="store_true", help="take part in runs that train without DP (default: decline them)")
-    s.add_argument("--text-column", default="text", metavar="NAME", help="this site's text column (default text)")
-    s.add_argument("--label-column", default="label", metavar="NAME", help="this site's label column, classification (default label)")
-    s.add_argument("--prompt-column", default="prompt", metavar="NAME", help="this site's prompt column, causal LM (default prompt)")
-    s.add_argument("--response-column", default="response", metavar="NAME",
-                   help="this site's response column, causal LM (default response)")
-    s.add_argument("--max-evaluations", type=int, default=0, metavar="N",
-                   help="evaluations this site answers per run (default 0 = no cap)")
-    s.add_argument("--no-calibrate-to-limit", action="store_true",
-                   help="decline rounds past the limit instead of adding noise to stay within it for the whole run")
-    s.add_argument("--max-noise-increase", type=float, default=4.0, metavar="X",
-                   help="decline a round whose noise, raised to stay within the limit, would exceed X times the run's "
-                        "plan (little left to learn; default 4, 0 = no cap)")
     s.add_argument("--allow-app", action="append", default=[], metavar="sha256:HEX",
                    help="also run this app hash (`fedlora app-hash`) besides the installed fedlora release (repeatable)")
     s.add_argument("--allow-apps", type=Path, metavar="FILE",
@@ -75,20 +82,6 @@ def add_deployment_commands(commands: argparse._SubParsersAction) -> None:
     s.add_argument("--peer-keys", type=Path, metavar="FILE",
                    help="take part in secure aggregation: the public keys (.pub lines) of the consortium's sites, this "
                         "one's included, exchanged among the sites (not through the coordinator); the site signs with --key")
-    s.add_argument("--require-secure-aggregation", action="store_true",
-                   help="decline every run that does not use secure aggregation (needs --peer-keys)")
-    s.add_argument("--allow-distributed-dp", action="store_true",
-                   help="take part in privacy.mode = 'distributed': one DP-SGD step per round whose noise the sites add "
-                        "together under secure aggregation (needs --peer-keys; trusts that few sites drop out or collude)")
-    s.add_argument("--min-distributed-tolerance", type=int, default=1, metavar="N",
-                   help="under distributed DP, decline runs whose privacy.distributed_tolerance (dropped or colluding "
-                        "sites the noise still covers) is below N (default 1)")
-    s.add_argument("--labels", type=lambda v: v.split(","), metavar="A,B,...",
-                   help="classification: this site's label names in class-id order; runs whose data.labels differ are "
-                        "declined before data is read, and every row's label must be one of them")
-    s.add_argument("--min-sites", type=int, default=3, metavar="N",
-                   help="under secure aggregation, refuse an aggregation whose roster, sharers or survivors are fewer "
-                        "than N sites (default 3: with 2, one colluding site and the coordinator learn this one's update)")
     s.add_argument("--lora-rank", type=int, metavar="R", help="this site's LoRA rank (needs strategy.name = 'exact' if it differs)")
     s.add_argument("--port", type=int, default=9094, help="this SuperNode's local API port (one per SuperNode on a machine)")
     s.add_argument("--insecure", action="store_true", help="no TLS (a local trial only)")
@@ -192,18 +185,12 @@ def run_client_cmd(args: argparse.Namespace) -> int:
             raise SiteError(f"--give-up-after: {exc}") from None
     return run_site(SiteSettings(
         superlink=args.coordinator, data_path=args.data_path.expanduser().resolve(), state_dir=args.state_dir.expanduser().resolve(),
-        model_path=model, max_epsilon=args.max_epsilon, no_privacy_limit=args.no_privacy_limit, lora_rank=args.lora_rank,
+        model_path=model, no_privacy_limit=args.no_privacy_limit, lora_rank=args.lora_rank,
         root_cert=args.root_cert and args.root_cert.resolve(), key=args.key and args.key.resolve(),
-        insecure=args.insecure, runtime_port=args.port, max_delta=args.max_delta, privacy_unit=args.privacy_unit,
-        user_column=args.user_column, allow_no_dp=args.allow_no_dp, text_column=args.text_column,
-        label_column=args.label_column, prompt_column=args.prompt_column, response_column=args.response_column,
-        max_evaluations=args.max_evaluations, calibrate_to_limit=not args.no_calibrate_to_limit,
-        max_noise_increase=args.max_noise_increase,
+        insecure=args.insecure, runtime_port=args.port,
         allow_app=args.allow_app, allow_apps_file=args.allow_apps and args.allow_apps.expanduser().resolve(),
         peer_keys=args.peer_keys and args.peer_keys.expanduser().resolve(),
-        require_secure_aggregation=args.require_secure_aggregation,
-        allow_distributed_dp=args.allow_distributed_dp, min_distributed_tolerance=args.min_distributed_tolerance,
-        min_sites=args.min_sites, labels=args.labels, give_up_after=give_up_after,
+        **{p.field: getattr(args, p.field) for p in SITE_POLICY}, give_up_after=give_up_after,
     ))
 
 
