@@ -22,6 +22,9 @@ and the coordinator aggregates them round by round. With no arguments it runs
 the built-in default: the pretrained all-MiniLM-L6-v2 learning to route
 synthetic clinical triage notes to departments. Results go to the run
 directory: config.toml, metrics.jsonl, labels.json, adapter/, checkpoints/.
+The simulation engine runs in a private network namespace whose only interface
+is loopback, so no other machine can reach it (Linux user namespaces; see
+--allow-network, simulation.isolate_network and simulation.ray_address).
 """
 
 
