@@ -226,9 +226,6 @@ class SimulationSection:
     # Reload the base model on every client call instead of once per worker: the baseline
     # (what FlowerTune does) that `fedlora bench simulation` compares against. Never faster.
     reload_base_model: bool = False
-    site_policy: SitePolicySection = field(default_factory=SitePolicySection)
-
-
     # Run the simulation engine in a private network namespace whose only interface is
     # loopback, so that nothing Ray starts can be reached from another machine
     # (fedlora/private_network.py). Linux only; elsewhere `fedlora simulate` refuses
@@ -237,6 +234,9 @@ class SimulationSection:
     # Join this existing Ray cluster (e.g. "10.0.0.5:6379") instead of starting Ray on
     # this machine; "" = a private one. Needs the network, so isolation is off for it.
     ray_address: str = ""
+    site_policy: SitePolicySection = field(default_factory=SitePolicySection)
+
+
 @dataclass
 class Config:
     run: RunSection = field(default_factory=RunSection)
