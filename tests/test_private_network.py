@@ -138,6 +138,18 @@ def test_isolation_is_on_by_default_and_joins_no_cluster():
     assert config.simulation.isolate_network is True and config.simulation.ray_address == ""
 
 
+def test_asking_for_the_network_leaves_this_process_where_it_is():
+    from fedlora.simulations.engine_network import CLUSTER, OPEN, place_engine
+
+    before = net_namespace("self")
+    off = place_engine(load_config(None, {"simulation.isolate_network": False}))
+    cluster = place_engine(load_config(None, {"simulation.ray_address": "10.0.0.5:6379"}))
+    assert (off.mode, cluster.mode) == (OPEN, CLUSTER) and net_namespace("self") == before
+    assert off.line == ("network isolation off (simulation.isolate_network = false): "
+                        "the simulation engine listens on this machine's network")
+    assert cluster.line == "network isolation off: joining the Ray cluster at 10.0.0.5:6379 (simulation.ray_address) needs the network"
+
+
 def test_the_engine_child_gets_the_command_line_the_user_gave():
     from fedlora.cli import build_parser, simulate_argv
 
