@@ -6,7 +6,7 @@ seconds of rounds 1-3 from each run's metrics.jsonl (docs/performance.md).
 
     python tests/bench_deployed_rounds.py OUT_DIR
 
-Uses tests/test_deployment.py's harness, so it runs from the checkout (not a test: pytest
+Uses tests/helpers/deployment.py's harness, so it runs from the checkout (not a test: pytest
 does not collect it).
 """
 import sys
@@ -15,7 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from fedlora.simulations.tiny_models import build_tiny_model  # noqa: E402
-from tests.test_deployment import FEDLORA, Deployment, metrics_rows, start  # noqa: E402
+from tests.helpers.deployment import FEDLORA, Deployment, metrics_rows, start  # noqa: E402
 
 root = Path(sys.argv[1])
 model = build_tiny_model("bert", root / "bert")

@@ -32,7 +32,7 @@ from fedlora.client.site_agent import SiteError, SiteSettings, validate_site
 from fedlora.app_hash import AppHashError, app_dir_hash, build_app_fab, fab_code_hash, installed_app_dir
 from fedlora.cli import main
 from fedlora.flower_env import flower_env, flower_executable
-from tests.test_site_ledger import write_site_data
+from tests.helpers.site_data import write_site_data
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -331,7 +331,7 @@ def test_the_approved_bundle_is_what_is_imported_whatever_lies_first_on_sys_path
 @pytest.mark.slow
 def test_a_bundle_with_one_changed_line_is_refused_at_every_site_then_the_release_runs(tmp_path, tiny_models):
     from fedlora.server.run_submission import resolved_config, run_config_values
-    from tests.test_deployment import FEDLORA, Deployment, metrics_rows
+    from tests.helpers.deployment import FEDLORA, Deployment, metrics_rows
 
     d = Deployment(tmp_path, tiny_models["bert"])
     try:

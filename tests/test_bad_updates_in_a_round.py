@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 from flwr.app import Context, Message, RecordDict
-from tests.client_apps import client_app_with_train, run_in_process
+from tests.helpers.client_apps import client_app_with_train, run_in_process
 
 
 

@@ -25,7 +25,7 @@ from fedlora.client.site_data import load_site_data
 from fedlora.config import Config, load_config
 from fedlora.privacy.site_ledger import SiteLedger
 from fedlora.text_data import DataError
-from tests.test_site_sovereignty import send, site  # noqa: F401 - the fixture
+from tests.helpers.site_messages import send, site  # noqa: F401 - the fixture
 
 
 def write_rows(path: Path, labels: str, rows: int = 60) -> Path:

@@ -18,7 +18,7 @@ from fedlora.client.coordinator_watch import (
     EXIT_UNREACHABLE, SAY_EVERY_SECONDS, CoordinatorUnreachable, CoordinatorWatch, parse_duration,
 )
 from fedlora.flower_env import flower_env
-from tests.test_site_ledger import write_site_data
+from tests.helpers.site_data import write_site_data
 
 ROOT = Path(__file__).resolve().parents[1]
 

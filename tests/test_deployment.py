@@ -13,144 +13,22 @@ through fedlora's own commands, on a tiny test model.
 from __future__ import annotations
 
 import json
-import os
 import re
-import signal
-import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from fedlora.config import load_config, write_config
-from fedlora.flower_env import flower_env, flower_executable
-from tests.test_site_ledger import write_site_data
+from tests.helpers.deployment import FEDLORA, Deployment, fedlora, kill, metrics_rows, start, wait_for
 
 pytestmark = pytest.mark.slow
-ROOT = Path(__file__).resolve().parent.parent
-FEDLORA = [sys.executable, "-m", "fedlora.cli"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start(command: list[str], log: Path, cwd: Path = ROOT) -> subprocess.Popen:
-    """A process in its own session, so that it and its children can be killed together."""
-    return subprocess.Popen(command, stdout=log.open("w"), stderr=subprocess.STDOUT, cwd=cwd, env=flower_env(),
-                            start_new_session=True)
-
-
-def kill(proc: subprocess.Popen, sig: int = signal.SIGKILL) -> None:
-    try:
-        os.killpg(proc.pid, sig)
-    except ProcessLookupError:
-        pass
-    proc.wait(timeout=30)
-
-
-def wait_for(predicate, timeout: float, what: str, interval: float = 0.5):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
-
-
-def fedlora(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([*FEDLORA, *args], cwd=ROOT, env=flower_env(), capture_output=True, text=True, timeout=timeout)
-
-
-def metrics_rows(run_dir: Path) -> list[dict]:
-    path = run_dir / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
 def trained_rounds(state_dir: Path) -> list[int]:
     """The rounds of the DP-SGD mechanisms in a site's ledger (its accounted evaluations left out)."""
     ledger = json.loads((state_dir / "privacy-ledger.json").read_text())
     return [m["round"] for m in ledger["runs"][0]["mechanisms"] if m.get("kind", "train") == "train"]
-
-
-class Deployment:
-    """Certificates, site keys, data, a coordinator, and the site processes."""
-
-    def __init__(self, root: Path, model: Path):
-        self.root, self.model = root, model
-        self.port = free_port()
-        self.state = root / "coordinator"
-        self.processes: list[subprocess.Popen] = []
-        self.commands: dict[str, list[str]] = {}  # each site's command, to restart it
-        out = fedlora("certs", "--out", str(root / "certs"))
-        assert out.returncode == 0, out.stderr
-        self.coordinator = self.start_coordinator()
-
-    def start_coordinator(self) -> subprocess.Popen:
-        log = self.root / f"coordinator-{len(self.processes)}.log"
-        proc = start([*FEDLORA, "coordinator", "--state-dir", str(self.state), "--certs", str(self.root / "certs"),
-                      "--port", str(self.port)], log)
-        self.processes.append(proc)
-        wait_for(lambda: "Uvicorn running" in log.read_text(), 60, "the SuperLink to listen")
-        return proc
-
-    def site_key(self, name: str, register: bool = True) -> Path:
-        out = fedlora("site-key", "--out", str(self.root / "keys"), "--name", name)
-        assert out.returncode == 0, out.stderr
-        if register:
-            out = fedlora("register-site", str(self.root / "keys" / f"{name}.pub"), "--coordinator-dir", str(self.state))
-            assert out.returncode == 0 and "node id" in out.stdout, out.stdout + out.stderr
-        return self.root / "keys" / name
-
-    def site(self, name: str, register: bool = True, model: Path | None = None, direct: bool = False,
-             extra_args: tuple[str, ...] = (), key: Path | None = None) -> subprocess.Popen:
-        """A site: `fedlora client` (or `flower-supernode --node-config ...` if direct);
-        `key`: a key made (and registered) before, else a new one."""
-        key = key or self.site_key(name, register)
-        data = write_site_data(self.root / f"{name}.jsonl", rows=120)
-        state, model = self.root / "sites" / name, model or self.model
-        if direct:
-            state.mkdir(parents=True)
-            node_config = f'data-path="{data}" model-path="{model}" state-dir="{state}" labels="a,b,c"'
-            command = [flower_executable("flower-supernode"), "--superlink", f"127.0.0.1:{self.port}", "--root-certificates",
-                       str(self.root / "certs" / "ca.pem"), "--auth-supernode-private-key", str(key),
-                       "--node-config", node_config, "--port", str(free_port())]
-        else:
-            command = [*FEDLORA, "client", "--coordinator", f"127.0.0.1:{self.port}", "--root-cert",
-                       str(self.root / "certs" / "ca.pem"), "--key", str(key), "--data-path", str(data),
-                       "--model-path", str(model), "--state-dir", str(state), "--port", str(free_port()), "--max-epsilon", "10",
-                       "--labels", "a,b,c", *extra_args]
-        self.commands[name] = command
-        proc = start(command, self.root / f"site-{name}.log")
-        self.processes.append(proc)
-        return proc
-
-    def restart(self, name: str) -> subprocess.Popen:
-        """The site's same command again (its log goes to site-NAME-restart.log)."""
-        proc = start(self.commands[name], self.root / f"site-{name}-restart.log")
-        self.processes.append(proc)
-        return proc
-
-    def config(self, name: str, **overrides) -> Path:
-        config = load_config(None, {
-            "model.path": str(self.model), "data.labels": ["a", "b", "c"], "run.output_dir": str(self.root / "runs" / name),
-            "federation.rounds": 2, "federation.min_clients": 2, "federation.round_timeout": 60.0,
-            "train.local_steps": 2, "train.batch_size": 16, "privacy.target_epsilon": 4.0, **overrides,
-        })
-        path = self.root / f"{name}.toml"
-        write_config(config, path)
-        return path
-
-    def close(self) -> None:
-        for proc in self.processes:
-            if proc.poll() is None:
-                kill(proc, signal.SIGTERM)
 
 
 @pytest.fixture

@@ -1,6 +1,6 @@
 """Distributed DP (`privacy.mode = "distributed"`): the Skellam accounting against
 independent computations, the site's rounded clipped sum, and whole rounds through the
-real site ClientApp and coordinator code (the in-process grid of test_secure_rounds.py)."""
+real site ClientApp and coordinator code (the in-process grid of tests/helpers/in_process.py)."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from fedlora.privacy import secure_aggregation_records as records
 from fedlora.privacy.accounting import calibrate_noise, epsilon_of
 from fedlora.privacy.site_ledger import SiteLedger
 from fedlora.server.secure_round import UNMASK_FAILED
-from tests.test_secure_rounds import NODES, attempt, coordinator_identity, federation  # noqa: F401 (fixtures)
+from tests.helpers.in_process import NODES, attempt, coordinator_identity, federation  # noqa: F401 (fixtures)
 
 
 def exact_skellam_divergence(alpha: float, lam: float, shift: int) -> float:
@@ -241,7 +241,7 @@ def test_a_distributed_simulation_evaluating_every_second_round_spends_exactly_i
     and 3 only, and every site ends at the target epsilon (the plan counted exactly the
     evaluations that happened)."""
     from fedlora.simulations.virtual_sites import simulated_site_app
-    from tests.client_apps import run_small_simulation
+    from tests.helpers.client_apps import run_small_simulation
 
     overrides = {"federation.rounds": 3, "federation.evaluate_every": 2, "federation.secure_aggregation": True,
                  "privacy.mode": "distributed", "privacy.distributed_sample_rate": 0.2, "privacy.target_epsilon": 6.0}

@@ -8,26 +8,10 @@ import torch
 from fedlora.client.local_training import DPPlan, forward_logits, sequence_losses, train_locally
 from fedlora.client.model_cache import cached_model
 from fedlora.adapter_state import adapter_of
-from fedlora.config import Config, DataSection, LoraSection, ModelSection, TrainSection
+from fedlora.config import Config, DataSection, LoraSection, ModelSection
 from fedlora.text_data import IGNORE_INDEX, collate, encode
 from fedlora.privacy.dp_sgd import private_optimizer
-
-
-def causal_config(path) -> Config:
-    return Config(
-        model=ModelSection(path=str(path), task="causal-lm", max_length=32),
-        lora=LoraSection(rank=4, alpha=8, target_modules="auto"),
-        train=TrainSection(local_steps=3, batch_size=4, lr=0.05),
-    )
-
-
-ROWS = [
-    {"prompt": "patient reports chest pain", "response": "cardiology"},
-    {"prompt": "rash on both arms for two weeks with itching", "response": "dermatology clinic"},
-    {"prompt": "fall", "response": "orthopedics"},
-    {"prompt": "wheezing and cough", "response": "pulmonology"},
-    {"prompt": "headache with blurred vision since morning and nausea", "response": "neurology"},
-]
+from tests.helpers.causal_lm import ROWS, causal_config
 
 
 def test_prompt_tokens_carry_no_loss(tiny_models):

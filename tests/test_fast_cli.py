@@ -53,7 +53,7 @@ def test_a_reader_that_goes_away_ends_a_command_quietly(tmp_path):
     import os
     from pathlib import Path
 
-    from tests.test_ledger_report_cache import record
+    from tests.helpers.ledgers import record
 
     record(tmp_path, "runs/a", 1e-5, 3)
     read, write = os.pipe()

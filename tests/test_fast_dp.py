@@ -16,7 +16,7 @@ from fedlora.config import Config, DataSection, LoraSection, ModelSection
 from fedlora.text_data import collate, encode
 from fedlora.privacy.dp_sgd import choose_impl, mark_empty_batch, private_optimizer
 from fedlora.privacy.user_level import merge_rows_by_unit
-from tests.test_dp_training import ROWS as DP_TRAINING_ROWS
+from tests.helpers.causal_lm import ROWS as DP_TRAINING_ROWS
 
 ROWS = [*DP_TRAINING_ROWS, {"prompt": "knee swelling after a run", "response": "orthopedics"}]  # lengths vary
 CASES = [("llama", "causal-lm"), ("gpt2", "causal-lm"), ("bert", "classification")]

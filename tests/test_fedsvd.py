@@ -129,7 +129,7 @@ def test_rank_above_the_input_features_is_refused():
 def test_a_federation_sends_b_only_and_reorients_a(tmp_path, monkeypatch):
     """The real coordinator and the simulation's site ClientApp at three virtual sites, in process."""
     from fedlora.simulations.virtual_sites import simulated_site_app
-    from tests.client_apps import run_in_process
+    from tests.helpers.client_apps import run_in_process
 
     out = tmp_path / "fedsvd"
     rows = run_in_process(simulated_site_app(), out, monkeypatch, 3, {"federation.rounds": 2, "strategy.name": "fedsvd"})

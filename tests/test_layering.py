@@ -1,7 +1,8 @@
 """Imports go one way: the shared core imports no floor, strategies/ and privacy/ import
 neither server/ nor client/, client/ and server/ do not import each other or the
 simulation, and only the composition root (fedlora.cli) wires everything together:
-nothing imports it. No module imports itself through others, lazily or not.
+nothing imports it. No module imports itself through others, lazily or not. No test
+module imports another: shared test code lives in tests/helpers/.
 
 Read from the source with `ast`, so lazy imports inside functions and relative imports
 count too."""
@@ -131,6 +132,46 @@ def test_the_check_sees_a_lazy_import_of_an_upper_floor(tmp_path):
     module = tmp_path / "m.py"
     module.write_text("def f():\n    from fedlora.simulations.virtual_sites import partition_rows\n    import fedlora.server.federation\n")
     assert imported_floors(module) == {"simulations", "server"}
+
+
+def imported_test_modules(path: Path) -> set[str]:
+    """The `tests.test_*` modules a file under tests/ imports, other than itself: relative
+    and lazy imports included (`from tests import test_x` imports tests.test_x)."""
+    rel = path.relative_to(ROOT).with_suffix("")
+    package, itself = list(rel.parts[:-1]), ".".join(rel.parts)
+    names = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            names += [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                base = ".".join([*package[: len(package) - (node.level - 1)], *([base] if base else [])])
+            names += [base, *(f"{base}.{a.name}" for a in node.names)]
+    found = {".".join(n.split(".")[:2]) for n in names if n.startswith("tests.")}
+    return {n for n in found if n.startswith("tests.test_") and n != itself}
+
+
+def test_no_test_module_imports_another_shared_test_code_lives_in_helpers():
+    """A test module imports no other test module (what two share lives in tests/helpers/),
+    and tests/helpers/ imports none at all: running or moving one test file never drags
+    in, or breaks, another."""
+    offenders = {str(p.relative_to(ROOT)): sorted(imported_test_modules(p)) for p in sorted((ROOT / "tests").rglob("*.py"))}
+    assert {p: names for p, names in offenders.items() if names} == {}
+    assert (ROOT / "tests" / "helpers" / "__init__.py").is_file()
+
+
+def test_the_test_module_check_sees_absolute_relative_and_lazy_imports(tmp_path, monkeypatch):
+    helpers = tmp_path / "tests" / "helpers"
+    helpers.mkdir(parents=True)
+    module = helpers / "m.py"
+    module.write_text("import tests.test_a\nfrom ..test_b import x\nfrom .. import test_c, helpers\n"
+                      "def f():\n    from tests.test_d import y\n    from tests.helpers.site_data import write_site_data\n")
+    itself = tmp_path / "tests" / "test_e.py"
+    itself.write_text("from tests.test_e import z\nfrom tests.helpers import deployment\n")
+    monkeypatch.setattr(f"{__name__}.ROOT", tmp_path)
+    assert imported_test_modules(module) == {"tests.test_a", "tests.test_b", "tests.test_c", "tests.test_d"}
+    assert imported_test_modules(itself) == set()
 
 
 def test_a_site_process_loads_no_torch_until_it_trains():

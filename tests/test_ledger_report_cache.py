@@ -11,17 +11,9 @@ from pathlib import Path
 
 from fedlora.privacy.epsilon_cache import CACHE_FILE
 from fedlora.privacy.ledger_report import ledger_summary
-from fedlora.privacy.site_ledger import Declined, Mechanism, open_ledger
+from tests.helpers.ledgers import record
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def record(state_dir: Path, run: str, delta: float, rounds: int, accountant: str = "prv") -> None:
-    with open_ledger(state_dir) as ledger:
-        for r in range(1, rounds + 1):
-            ledger.record(run, accountant, delta, Mechanism(r, 1.1, 0.05, 4), 20.0)
-            ledger.record(run, accountant, delta, Mechanism(r, 3.0, 1.0, 3, kind="evaluation"), 20.0)
-        ledger.record(run, accountant, delta, Declined(rounds + 1, 3.0, 30.0, 20.0), 20.0)
 
 
 def test_kept_figures_equal_recomputed_ones_across_runs_deltas_and_accountants(tmp_path):

@@ -26,8 +26,8 @@ import pytest
 
 from fedlora.config import load_config, write_config
 from fedlora.flower_env import flower_env
-from tests.test_deployment import FEDLORA, ROOT, free_port, wait_for
-from tests.test_site_ledger import write_site_data
+from tests.helpers.deployment import FEDLORA, ROOT, free_port, wait_for
+from tests.helpers.site_data import write_site_data
 
 STOP_BOUND = 30.0  # seconds from the signal until the top process has exited
 

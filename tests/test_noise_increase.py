@@ -5,7 +5,7 @@ metrics.jsonl), and a run that too few sites could train for that reason ends ea
 line that says the budgets are nearly spent and where to read them (exit 3).
 
 Through the real site ClientApp and the real coordinator loop, delivered in process
-(tests/test_secure_rounds.py: InProcessGrid)."""
+(tests/helpers/in_process.py: InProcessGrid)."""
 
 from __future__ import annotations
 
@@ -19,9 +19,9 @@ from fedlora.config import load_config
 from fedlora.privacy.site_ledger import SiteLedger
 from fedlora.run_outcome import EXIT_ENDED_EARLY, ended_early, metrics_rows
 from fedlora.server.progress import Progress
-from tests.test_secure_rounds import InProcessGrid, coordinator_identity  # noqa: F401 - fixture
-from tests.test_site_ledger import write_site_data
-from tests.test_site_sovereignty import send
+from tests.helpers.in_process import InProcessGrid, coordinator_identity  # noqa: F401 - fixture
+from tests.helpers.site_data import write_site_data
+from tests.helpers.site_messages import send
 
 TIGHT_LIMIT = 0.7  # the run plans 8 (0.5 of it for evaluations): training within 0.7 needs far more noise
 

@@ -30,7 +30,7 @@ from fedlora.privacy.dp_sgd import private_optimizer
 from fedlora.privacy.finite import NonFiniteRelease, check_finite_values, sanitized_losses, zero_non_finite_rows
 from fedlora.privacy.site_ledger import SiteLedger
 from fedlora.text_data import collate
-from tests.test_site_ledger import write_site_data
+from tests.helpers.site_data import write_site_data
 
 FLOAT_MAX = torch.finfo(torch.float32).max
 HEAD = "base_model.model.classifier"

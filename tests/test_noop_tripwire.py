@@ -13,7 +13,7 @@ from fedlora.client.model_cache import cached_model
 from fedlora.client.reply_guard import error_category
 from fedlora.adapter_state import adapter_of
 from fedlora.text_data import encode
-from tests.test_dp_training import ROWS, causal_config
+from tests.helpers.causal_lm import ROWS, causal_config
 
 
 def frozen_adapter_optimizer(make_optimizer):

@@ -15,7 +15,7 @@ from flwr.app import Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedlora.privacy.accounting import epsilon_of
-from tests.client_apps import client_app_with_train
+from tests.helpers.client_apps import client_app_with_train
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parent.parent

@@ -15,7 +15,7 @@ import pytest
 from fedlora.config import load_config, write_config
 from fedlora.server import site_names
 from fedlora.server.run_report import noise_scale, write_report
-from tests.test_run_report import write_run
+from tests.helpers.run_dirs import write_run
 
 
 def figure(page: str, name: str) -> str:

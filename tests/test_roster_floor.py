@@ -14,7 +14,7 @@ from flwr.app import MessageType
 from fedlora.client.site_policy import PolicyError, SitePolicy, site_policy
 from fedlora.config import Config
 from fedlora.privacy.site_ledger import SiteLedger
-from tests.test_secure_rounds import NODES, attempt, coordinator_identity, federation  # noqa: F401 - fixtures
+from tests.helpers.in_process import NODES, attempt, coordinator_identity, federation  # noqa: F401 - fixtures
 
 
 def unspent(nodes) -> bool:

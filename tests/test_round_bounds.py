@@ -17,7 +17,7 @@ from flwr.app import MessageType
 
 from fedlora.privacy.accounting import calibrate_noise
 from fedlora.privacy.site_ledger import SiteLedger
-from tests.test_site_sovereignty import send, site  # noqa: F401 - the fixture
+from tests.helpers.site_messages import send, site  # noqa: F401 - the fixture
 
 
 @pytest.fixture(autouse=True)

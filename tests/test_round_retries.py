@@ -9,7 +9,7 @@ import json
 
 import pytest
 from flwr.app import Context, Message
-from tests.client_apps import client_app_with_train, run_in_process
+from tests.helpers.client_apps import client_app_with_train, run_in_process
 
 
 

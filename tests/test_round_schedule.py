@@ -13,8 +13,8 @@ from fedlora.adapter_state import adapter_of, from_record
 from fedlora.base_model import build_peft_model
 from fedlora.config import ConfigError, load_config
 from fedlora.round_schedule import LORA_FACTORS, frozen_in_round, round_lr
-from tests.test_site_ledger import write_site_data
-from tests.test_site_sovereignty import send
+from tests.helpers.site_data import write_site_data
+from tests.helpers.site_messages import send
 
 
 def test_the_cosine_rate_runs_from_lr_to_its_final_fraction_by_its_formula():

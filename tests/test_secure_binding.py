@@ -17,7 +17,7 @@ from flwr.app import ConfigRecord, Message, MessageType
 from fedlora.adapter_state import to_record
 from fedlora.privacy import secure_aggregation_records as records
 from fedlora.privacy.site_ledger import SiteLedger
-from tests.test_secure_rounds import NODES, attempt, coordinator_identity, federation  # noqa: F401 - fixtures
+from tests.helpers.in_process import NODES, attempt, coordinator_identity, federation  # noqa: F401 - fixtures
 
 TARGET = NODES[0]
 
@@ -71,7 +71,7 @@ def test_sites_sent_different_adapters_refuse_at_the_roster(federation, monkeypa
     from fedlora.server.message_exchange import Envelope
     from fedlora.server.progress import Progress
     from fedlora.server.secure_round import secure_train
-    from tests.test_secure_rounds import InProcessGrid
+    from tests.helpers.in_process import InProcessGrid
 
     config, nodes, global_adapter = federation
     lenient(monkeypatch)

@@ -13,7 +13,7 @@ from fedlora.client.site_agent import SiteError, SiteSettings, supernode_command
 from fedlora.client.site_keys import create_site_key
 from fedlora.cli import main
 from fedlora.server.certificates import create_certificates
-from tests.test_site_ledger import write_site_data
+from tests.helpers.site_data import write_site_data
 
 
 @pytest.fixture

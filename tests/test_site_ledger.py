@@ -20,19 +20,10 @@ import pytest
 from fedlora.config import load_config, write_config
 from fedlora.privacy.accounting import epsilon_of
 from fedlora.privacy.site_ledger import LEDGER_FILE, LedgerError, Mechanism, SiteLedger
-from tests.site_process import train_once
+from tests.helpers.site_data import write_site_data
+from tests.helpers.site_process import train_once
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def write_site_data(path: Path, rows: int = 240, users: int = 0) -> Path:
-    with path.open("w") as fh:
-        for i in range(rows):
-            row = {"text": f"note {i} about {['cough', 'fracture', 'rash'][i % 3]} and fever", "label": "abc"[i % 3]}
-            if users:
-                row["user_id"] = f"patient-{i % users}"
-            fh.write(json.dumps(row) + "\n")
-    return path
 
 
 @pytest.fixture
@@ -52,7 +43,7 @@ def site(tmp_path, tiny_models):
 def test_ledger_written_across_process_restarts_matches_one_uninterrupted_run(site, tmp_path):
     config, path, node = site
     for server_round in (1, 2, 3):  # a fresh Python process per message, like a SuperNode
-        out = subprocess.run([sys.executable, "-m", "tests.site_process", str(path), str(server_round), json.dumps(node)],
+        out = subprocess.run([sys.executable, "-m", "tests.helpers.site_process", str(path), str(server_round), json.dumps(node)],
                              cwd=ROOT, capture_output=True, text=True, timeout=300)
         assert out.returncode == 0, out.stderr[-2000:]
     restarted = SiteLedger.load(node["state-dir"])
@@ -129,7 +120,7 @@ def test_client_killed_mid_round_keeps_its_entry_and_the_retry_is_charged_again(
     config.train.local_steps = 2000  # long enough to be killed while training
     path = tmp_path / "long.toml"
     write_config(config, path)
-    proc = subprocess.Popen([sys.executable, "-m", "tests.site_process", str(path), "1", json.dumps(node)], cwd=ROOT,
+    proc = subprocess.Popen([sys.executable, "-m", "tests.helpers.site_process", str(path), "1", json.dumps(node)], cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     ledger_path = Path(node["state-dir"]) / LEDGER_FILE
 

@@ -11,7 +11,7 @@ import pytest
 
 from fedlora.client.site_rejoin import ALIVE_FILE, HOLD_SECONDS, AliveMarker
 from fedlora.server.coordinator_service import list_sites
-from tests.test_deployment import Deployment, kill, wait_for
+from tests.helpers.deployment import Deployment, kill, wait_for
 
 
 def test_a_restart_waits_only_for_what_is_left_of_the_hold(tmp_path, monkeypatch, capsys):

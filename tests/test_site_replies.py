@@ -19,7 +19,7 @@ from fedlora.config import Config, StrategySection, load_config
 from fedlora.server import site_replies
 from fedlora.server.site_replies import MalformedReply, capped_updates, evaluation, lora_rank, max_weight_share, train_update
 from fedlora.strategies.base import ClientUpdate
-from tests.client_apps import client_app_with_train, run_in_process
+from tests.helpers.client_apps import client_app_with_train, run_in_process
 
 ADAPTER = {"x.lora_A.weight": torch.ones(2, 3), "x.lora_B.weight": torch.full((3, 2), 0.5)}
 

@@ -20,7 +20,7 @@ from fedlora.privacy import secure_aggregation_records as records
 from fedlora.server.message_exchange import Envelope
 from fedlora.server.progress import Progress
 from fedlora.server.secure_round import secure_train
-from tests.test_secure_rounds import NODES, InProcessGrid, coordinator_identity, federation  # noqa: F401 - fixtures
+from tests.helpers.in_process import NODES, InProcessGrid, coordinator_identity, federation  # noqa: F401 - fixtures
 
 
 def test_a_site_whose_state_push_was_lost_does_not_mask_twice(federation):

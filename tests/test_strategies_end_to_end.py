@@ -8,7 +8,7 @@ from __future__ import annotations
 from safetensors.torch import load_file
 
 from fedlora.simulations.virtual_sites import simulated_site_app
-from tests.client_apps import run_in_process
+from tests.helpers.client_apps import run_in_process
 
 
 def simulate(tmp_path, monkeypatch, name: str) -> tuple:

@@ -1,7 +1,7 @@
 """One ClientApp `train` call, in this process, as Flower's deployment engine makes it
 (a fresh process per message). Run as a script, it prints the reply's metrics as JSON:
 
-    python -m tests.site_process CONFIG.toml ROUND '{"state-dir": "...", "data-path": "..."}'
+    python -m tests.helpers.site_process CONFIG.toml ROUND '{"state-dir": "...", "data-path": "..."}'
 """
 
 from __future__ import annotations
