@@ -20,12 +20,16 @@ from __future__ import annotations
 import math
 import os
 import secrets
+import signal
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from fedlora.client.coordinator_watch import EXIT_UNREACHABLE, CoordinatorUnreachable, CoordinatorWatch
-from fedlora.client.site_rejoin import AliveMarker
+from fedlora.client.site_rejoin import (
+    FLOWER_HOLD_SECONDS, REFUSAL_LINE, RETRY_SECONDS, STOPPED_BY_SIGNAL, AliveMarker, refused_by_coordinator,
+)
 from fedlora.flower_env import flower_env, flower_executable
 from fedlora.process_tree import supervise
 from fedlora.site_policy_keys import SITE_POLICY
@@ -398,7 +402,9 @@ def run_site(site: SiteSettings) -> int:
     """Validate, then run the site's executor and SuperNode until either exits or this
     process gets SIGTERM or SIGINT; the whole process tree goes down together
     (fedlora/process_tree.py). A site restarted right after a crash first waits until
-    the coordinator releases it (client/site_rejoin.py). A site without its executor
+    the coordinator releases it, and a site refused (code 2004) within the coordinator's
+    hold on its own last connection tries again until the hold has lapsed
+    (client/site_rejoin.py); a refusal otherwise is the key's. A site without its executor
     cannot run tasks, so the exit code is non-zero in every case: the first one's code
     (1 if it was 0), 128+N when stopped by signal N, or 4 when the coordinator stayed out
     of reach for --give-up-after (client/coordinator_watch.py)."""
@@ -419,6 +425,7 @@ def run_site(site: SiteSettings) -> int:
               "so a coordinator can learn whether this site holds a label outside a list it sends (docs/privacy.md)",
               flush=True)
     alive = AliveMarker(site.state_dir)
+    last_left = alive.last_left()  # read before the SuperNode runs (it marks itself alive)
     alive.wait_for_release()
     watch = CoordinatorWatch(site.superlink, None if site.insecure else site.root_cert, site.give_up_after)
     watch.start()
@@ -427,8 +434,40 @@ def run_site(site: SiteSettings) -> int:
         alive.touch()
         watch()  # says once a minute that the coordinator is out of reach; raises past --give-up-after
 
+    deadline: float | None = None
     try:
-        code = supervise([executor_command(site, approved), supernode_command(site)], env=env, while_running=while_running)
+        while True:
+            refused: list[str] = []
+
+            def on_supernode_line(line: str) -> None:
+                if refused_by_coordinator(line):
+                    refused.append(line)
+
+            # The SuperNode (index 1) gets one SIGTERM only, so that it sends Flower's deactivation
+            # however the site is stopped (fedlora/process_tree.py, sigterm_once).
+            code = supervise([executor_command(site, approved), supernode_command(site)], env=env,
+                             while_running=while_running, sigterm_once=(1,), watch_output={1: on_supernode_line})
+            if not refused or code in STOPPED_BY_SIGNAL:
+                break
+            alive.refused()
+            first_refusal = deadline is None
+            if first_refusal:
+                deadline = alive.rejoin_deadline(last_left, now=time.time())
+            if deadline is None or time.time() >= deadline:
+                print(f"fedlora: {REFUSAL_LINE}", file=sys.stderr, flush=True)
+                return code or 1
+            if first_refusal:
+                kind, at = last_left
+                print(f"[fedlora] the coordinator refused this site (Flower's code 2004), and this site's previous "
+                      f"connection ended {time.time() - at:.0f} s ago ({'a stop' if kind == 'stopped' else 'a crash'}): "
+                      f"the coordinator may still hold it online (for up to {FLOWER_HOLD_SECONDS:.0f} s after its last heartbeat, "
+                      f"unless it heard the site leave); trying again {RETRY_SECONDS:.0f} s after each refusal for up to "
+                      f"{deadline - time.time():.0f} s", flush=True)
+            else:
+                print(f"[fedlora] still refused; trying again for up to {deadline - time.time():.0f} s more", flush=True)
+            stopped = _pause(min(RETRY_SECONDS, deadline - time.time()))
+            if stopped:
+                return stopped
     except CoordinatorUnreachable as exc:
         # supervise stopped the SuperNode gracefully: it holds no place at a coordinator it cannot reach.
         alive.path.unlink(missing_ok=True)
@@ -438,3 +477,15 @@ def run_site(site: SiteSettings) -> int:
         watch.stop()
     alive.stopped(code)
     return code or 1
+
+
+def _pause(seconds: float) -> int | None:
+    """Sleep between tries, unless SIGTERM, SIGINT or SIGHUP comes: then 128 + N."""
+    received: list[int] = []
+    handled = [signal.SIGTERM, signal.SIGINT] + ([signal.SIGHUP] if signal.getsignal(signal.SIGHUP) != signal.SIG_IGN else [])
+    for sig in handled:
+        signal.signal(sig, lambda signum, _frame: received.append(signum))
+    end = time.monotonic() + seconds
+    while not received and time.monotonic() < end:
+        time.sleep(0.2)
+    return 128 + received[0] if received else None

@@ -23,9 +23,11 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from pathlib import Path
+from typing import IO
 
 import psutil
 
@@ -104,11 +106,37 @@ def stop_descendants(procs: Sequence[subprocess.Popen], grace: float = GRACE_SEC
     _reap_adopted(own)
 
 
+def _ignore_sigterm() -> None:
+    """In the child, before exec: SIGTERM ignored until the program installs a handler."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def _relay(stream: IO[bytes], to: IO[str], on_line: Callable[[str], None]) -> None:
+    """Copy a child's output to ours line by line, showing each line to `on_line`."""
+    for raw in iter(stream.readline, b""):
+        line = raw.decode(errors="replace")
+        to.write(line)
+        to.flush()
+        on_line(line)
+    stream.close()
+
+
 def supervise(commands: Sequence[Sequence[str]], env: Mapping[str, str] | None = None, cwd: Path | None = None,
-              grace: float = GRACE_SECONDS, while_running: Callable[[], None] = lambda: None) -> int:
+              grace: float = GRACE_SECONDS, while_running: Callable[[], None] = lambda: None,
+              sigterm_once: Collection[int] = (), watch_output: Mapping[int, Callable[[str], None]] | None = None) -> int:
     """Start the commands and wait until one of them exits or this process gets
     SIGTERM, SIGINT or SIGHUP; then stop the whole tree. `while_running` is called
-    every poll while all commands run. Returns the exit code (see the module docstring)."""
+    every poll while all commands run. Returns the exit code (see the module docstring).
+
+    `sigterm_once`: the indexes of commands that stop gracefully on the first SIGTERM
+    and must not get a second one (Flower's processes: their handler resets SIGTERM to
+    the disposition they inherited, and a second signal with the default one kills them
+    before they have, for a SuperNode, left the coordinator). A signal to this process's
+    group (`kill %1` in a shell, Ctrl-C at a terminal) reaches them as well as the one
+    sent here, so they start with SIGTERM ignored: their own handler still takes the
+    first, and any later one is ignored (a stuck one still gets SIGKILL after `grace`).
+    `watch_output`: command index -> a callable shown each line that command prints
+    (its stdout and stderr are relayed to this process's, line by line)."""
     received: list[int] = []
 
     def on_signal(signum: int, _frame: object) -> None:
@@ -121,9 +149,18 @@ def supervise(commands: Sequence[Sequence[str]], env: Mapping[str, str] | None =
         signal.signal(sig, on_signal)
     become_subreaper()
     procs: list[subprocess.Popen] = []
+    relays: list[threading.Thread] = []
+    watch_output = watch_output or {}
     try:
-        for command in commands:
-            procs.append(subprocess.Popen(list(command), env=None if env is None else dict(env), cwd=cwd))  # pylint: disable=consider-using-with
+        for index, command in enumerate(commands):
+            piped = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE} if index in watch_output else {}
+            proc = subprocess.Popen(list(command), env=None if env is None else dict(env), cwd=cwd,  # pylint: disable=consider-using-with
+                                    preexec_fn=_ignore_sigterm if index in sigterm_once else None, **piped)
+            procs.append(proc)
+            if piped:
+                for stream, to in ((proc.stdout, sys.stdout), (proc.stderr, sys.stderr)):
+                    relays.append(threading.Thread(target=_relay, args=(stream, to, watch_output[index]), daemon=True))
+                    relays[-1].start()
         while not received and all(p.poll() is None for p in procs):
             _reap_adopted({p.pid for p in procs})
             while_running()
@@ -131,6 +168,8 @@ def supervise(commands: Sequence[Sequence[str]], env: Mapping[str, str] | None =
     finally:
         exited = [p.returncode for p in procs if p.returncode is not None]
         stop_descendants(procs, grace, kill_now=lambda: len(received) > 1)  # a second Ctrl-C: SIGKILL now
+        for relay in relays:
+            relay.join(timeout=5)  # the last lines, before the caller reads what they showed
     if received:
         return 128 + received[0]
     return exit_code(exited[0]) if exited else 1

@@ -250,6 +250,6 @@ def test_a_site_with_peer_keys_says_how_many_it_loaded(site, tmp_path, monkeypat
     site.peer_keys = tmp_path / "peers.pub"
     lines = [Path(f"{site.key}.pub").read_text().strip(), "# the consortium's other sites", *(p.read_text().strip() for p in peers)]
     site.peer_keys.write_text("\n".join(lines) + "\n")
-    monkeypatch.setattr(site_agent, "supervise", lambda commands, env, while_running: 0)  # no SuperNode here
+    monkeypatch.setattr(site_agent, "supervise", lambda commands, env, while_running, **_: 0)  # no SuperNode here
     site_agent.run_site(site)
     assert f"[fedlora] loaded 3 peer keys from {site.peer_keys}\n" in capsys.readouterr().out
