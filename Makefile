@@ -10,7 +10,7 @@ export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1
 export HF_HUB_OFFLINE=1
 export TRANSFORMERS_OFFLINE=1
 
-.PHONY: demo test install install-dev clean
+.PHONY: demo test test-fast install install-dev clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -26,8 +26,13 @@ install-dev: $(PY)
 demo: install
 	$(VENV)/bin/fedlora simulate --set simulation.test_notes=1000
 
+# Two workers (one per core); the tests that start a Ray cluster run one at a time
+# on one of them (tests/conftest.py). test-fast leaves out the slow end-to-end tests.
 test: install-dev
-	$(PY) -m pytest -q -ra --durations=20
+	$(PY) -m pytest -q -ra --durations=20 -n 2 --dist loadgroup
+
+test-fast: install-dev
+	$(PY) -m pytest -q -ra --durations=10 -n 2 --dist loadgroup -m "not slow"
 
 clean:
 	rm -rf runs .pytest_cache

@@ -1,5 +1,8 @@
 """Shared fixtures: tiny models built from configs and saved to a temp dir, so the
-real loading path (from a local folder) is exercised without any download."""
+real loading path (from a local folder) is exercised without any download.
+
+`make test` runs two pytest-xdist workers (--dist loadgroup): tests marked `ray` start
+a Ray cluster, and they all go to one group, so two clusters never share the two cores."""
 
 from __future__ import annotations
 
@@ -15,7 +18,14 @@ os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
 os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-torch.set_num_threads(2)
+# One worker per core under pytest-xdist: a worker's torch takes one thread, not two.
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.get_closest_marker("ray"):
+            item.add_marker(pytest.mark.xdist_group("ray"))
 
 
 @pytest.fixture(scope="session")

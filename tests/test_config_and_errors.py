@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+from types import SimpleNamespace
+
 import pytest
 
 from fedlora.cli import main
@@ -116,7 +119,8 @@ def test_a_run_that_ends_early_exits_3_and_says_what_was_trained(monkeypatch, ca
     assert ended_early(early, 3) == ("run ended early: 1 of 3 rounds trained; too few sites could train round 2 "
                                      "(declined: privacy budget); 1 site(s) trained in round 2 and their updates were discarded")
     for rows, code in ((done, 0), (early, EXIT_ENDED_EARLY)):
-        monkeypatch.setattr(fedlora.simulations.runner, "simulate", lambda config, rows=rows, **_: (None, rows))
+        run_dir = SimpleNamespace(path=Path("runs") / "early")  # what the real simulate returns: a RunDirectory
+        monkeypatch.setattr(fedlora.simulations.runner, "simulate", lambda config, rows=rows, **_: (run_dir, rows))
         assert main(["simulate", "--rounds", "3"]) == code
         err = capsys.readouterr().err
         assert ("run ended early: 1 of 3 rounds trained" in err) == (code == EXIT_ENDED_EARLY)

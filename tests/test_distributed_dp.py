@@ -235,6 +235,7 @@ def test_configs_distributed_dp_cannot_serve_are_refused(overrides, key):
 
 
 @pytest.mark.slow
+@pytest.mark.ray
 def test_a_distributed_simulation_evaluating_every_second_round_spends_exactly_its_budget(tmp_path, monkeypatch):
     """The Flower simulation engine with distributed DP and federation.evaluate_every = 2:
     rounds 1-3 are one distributed step each, the adapter is evaluated after rounds 0, 2

@@ -165,6 +165,7 @@ def test_a_worker_swaps_lora_rank_without_reloading_the_base(tiny_models):
 
 
 @pytest.mark.slow
+@pytest.mark.ray
 def test_simulation_with_sites_of_ranks_4_8_16(tmp_path):
     out, load_log = tmp_path / "run", tmp_path / "loads.txt"
     cmd = [sys.executable, "-m", "fedlora.cli", "simulate", "--clients", "3", "--rounds", "2", "--output", str(out),

@@ -156,15 +156,15 @@ def test_coordinator_and_site_leave_no_process_behind(sig, mid_run, tmp_path, ti
                        "--model-path", str(tiny_models["bert"]), "--state-dir", str(tmp_path / "site"),
                        "--max-epsilon", "10", "--labels", "a,b,c", "--port", str(free_port())], tmp_path / "site.log"))
     try:
-        coordinator.wait_until_running(["flower-superlink", "flower-superexec"], 60)
+        coordinator.wait_until_running(["flower-superlink", "flower-superexec"], 180)
         if mid_run:
             submit = start([*FEDLORA, "run", "--detach", "--config", str(long_run_config(tmp_path, tiny_models["bert"])),
                             "--coordinator-dir", str(state)], tmp_path / "run.log")
-        site.wait_until_running(["flower-supernode", "fedlora.client.site_executor"], 60)
+        site.wait_until_running(["flower-supernode", "fedlora.client.site_executor"], 180)
         if mid_run:
             assert submit.wait(timeout=120) == 0, (tmp_path / "run.log").read_text()[-2000:]
-            coordinator.wait_until_running(["flwr-serverapp"], 60)
-            site.wait_until_running(["fedlora.client.pinned_clientapp"], 90)
+            coordinator.wait_until_running(["flwr-serverapp"], 180)
+            site.wait_until_running(["fedlora.client.pinned_clientapp"], 180)
 
         assert site.stop(sig) == 128 + sig, (tmp_path / "site.log").read_text()[-2000:]
         assert coordinator.stop(sig) == 128 + sig, (tmp_path / "coordinator.log").read_text()[-2000:]

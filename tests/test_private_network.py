@@ -224,16 +224,19 @@ def run_until_raylet_then_signal(tmp_path: Path, sig: signal.Signals) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.ray
 def test_simulate_listens_only_inside_its_namespace_and_ctrl_c_leaves_nothing(tmp_path):
     run_until_raylet_then_signal(tmp_path, signal.SIGINT)
 
 
 @pytest.mark.slow
+@pytest.mark.ray
 def test_sigterm_to_simulate_leaves_nothing(tmp_path):
     run_until_raylet_then_signal(tmp_path, signal.SIGTERM)
 
 
 @pytest.mark.slow
+@pytest.mark.ray
 def test_without_namespaces_allow_network_runs_and_names_the_open_ports(tmp_path):
     env = {**os.environ, TEST_UNAVAILABLE_ENV: "1"}
     proc = subprocess.run(fedlora("simulate", "--allow-network", "--rounds", "1", "--output", str(tmp_path / "run"), *SMALL),
@@ -251,6 +254,7 @@ def free_port() -> int:
 
 
 @pytest.mark.slow
+@pytest.mark.ray
 def test_a_ray_address_joins_that_cluster_with_isolation_off(tmp_path):
     ray = Path(sys.executable).parent / "ray"
     temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short: Ray's socket paths have a length limit

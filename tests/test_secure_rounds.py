@@ -117,6 +117,7 @@ def test_configs_secure_aggregation_cannot_serve_are_refused(overrides, key):
 
 
 @pytest.mark.slow
+@pytest.mark.ray
 def test_fedlora_simulate_with_secure_aggregation(tmp_path):
     """The Flower simulation engine's path: virtual sites with derived node keys, one round."""
     import json

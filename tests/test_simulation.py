@@ -14,7 +14,7 @@ import torch
 
 from fedlora.config import load_config
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
 REQUIRED_KEYS = {"round", "clients_ok", "clients_failed", "train_loss", "eval_loss", "eval_accuracy",
                  "epsilon_max", "bytes_up", "bytes_down", "seconds"}
