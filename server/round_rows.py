@@ -130,6 +130,8 @@ def training_row(server_round: int, state: RoundTraining, ended_early: bool, eva
         # Sites that trained (and spent privacy budget) in a round too few others could join: their updates were dropped.
         "clients_discarded": len(state.updates) if ended_early else 0,
         "ended_early": ended_early,
+        # The round's sum was formed under secure aggregation: the coordinator saw no single site's update.
+        "secure_aggregation": config.federation.secure_aggregation and not ended_early,
         # Evaluation failures are listed too, but a site is counted once (as failed in training).
         "failures": {**dict(failures), **{f"evaluate: {k}": v for k, v in eval_replies.failures.items()}},
         "updates_rejected": sum(state.rejected.values()),

@@ -225,6 +225,17 @@ def _failure_table(rows: list[dict[str, Any]], labels: dict[int, str]) -> str:
     return "<table><tr><th>round</th><th>why</th><th>sites</th></tr>" + "".join(lines) + "</table>"
 
 
+def _secure_rounds(rows: list[dict[str, Any]]) -> str:
+    """One sentence saying which rounds were aggregated under secure aggregation."""
+    secure = [r["round"] for r in rows if r.get("secure_aggregation")]
+    if not secure:
+        return "No round was securely aggregated: the coordinator saw each site's update."
+    trained = [r["round"] for r in rows if r["round"] > 0 and r.get("clients_ok")]
+    which = "Every trained round was" if secure == trained else f"Round{'s' * (len(secure) > 1)} {', '.join(map(str, secure))} " \
+        f"{'were' if len(secure) > 1 else 'was'}"
+    return f"{which} aggregated under secure aggregation: the coordinator saw only the sum of the sites' updates."
+
+
 def _held_out(run_dir: Path) -> str:
     """The exact held-out score (simulations/held_out_test.py), per label and as a confusion matrix."""
     path = run_dir / TEST_FILE
@@ -306,6 +317,7 @@ pre {{ background: #f4f4f4; padding: 1em; overflow-x: auto; }}
 {'-' if quality is None else f'{quality:.4f}'}, largest epsilon of any site {final.get('epsilon_max') or 0:.3f}
 ({'DP-SGD at target epsilon ' + format(config['privacy']['target_epsilon'], 'g') if private else 'no DP'}).
 Evaluation figures under DP are released with noise by each site.
+{_secure_rounds(rows)}
 {why_less_than_target(rows, target, limits, labels) if private else ''}</p>
 <p>Final adapter: <code>{html.escape(str(adapter.resolve()))}</code>{'' if adapter.is_dir() else ' (not written yet)'}.
 Report written {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC from <code>metrics.jsonl</code> and <code>config.toml</code>.</p>

@@ -129,3 +129,18 @@ def test_the_deployed_coordinator_takes_the_names_from_its_state_dir_and_keeps_t
     assert site_labels(RunDirectory(run_dir), [11, 12]) == {11: "north-clinic (node 11)"}
     monkeypatch.chdir(tmp_path)  # later, elsewhere: the run directory remembers
     assert site_names.run_labels(run_dir) == {11: "north-clinic (node 11)"}
+
+
+def test_the_report_says_which_rounds_were_securely_aggregated(tmp_path):
+    run_dir = write_run(tmp_path / "plain")
+    assert "No round was securely aggregated" in write_report(run_dir).read_text()
+    run_dir = write_run(tmp_path / "secure")
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    for row in rows[1:]:
+        row["secure_aggregation"] = True
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    page = write_report(run_dir).read_text()
+    assert "Every trained round was aggregated under secure aggregation" in page
+    rows[2]["secure_aggregation"] = False
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert "Rounds 1, 3 were aggregated under secure aggregation" in write_report(run_dir).read_text()

@@ -135,6 +135,8 @@ def test_fedlora_simulate_with_secure_aggregation(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert rows[1]["clients_ok"] == 3 and rows[1]["failures"] == {}
+    assert rows[1]["secure_aggregation"] is True and "Every trained round was aggregated under secure aggregation" in \
+        (out / "report.html").read_text()
     assert "WARNING" not in proc.stdout + proc.stderr
     # Each site sent one uint64 per trained value, plus its weight (and a small .npy header).
     values = sum(t.numel() for t in load_file(str(out / "adapter" / "adapter_model.safetensors")).values())
