@@ -30,6 +30,12 @@ History = list[tuple]  # (sigma, q, steps), or (sigma, q, steps, l2, l1) for a S
 
 ACCOUNTANTS = {"prv": PRVAccountant, "rdp": RDPAccountant}
 
+# PRV's discretized domain grows with the steps it composes (about 2 GB at 20,000 steps of
+# sigma 1, q 0.05; a coordinator asking for 100,000 local steps made a site try to allocate
+# 24 GB). Past this many steps a history is composed in RDP, which only ever states a
+# larger epsilon than PRV: the site stays safe and bounded in memory.
+PRV_MAX_STEPS = 4000
+
 # Opacus computes the RDP of one sampled-Gaussian step, (q, sigma, order) -> float, in pure
 # Python (a few ms each), for every order and every history entry on every epsilon query:
 # PRV's domain bound goes through it too. That value depends on its arguments only and a
@@ -100,6 +106,8 @@ def _epsilon(history: tuple[tuple, ...], delta: float, accountant: str) -> float
             from fedlora.privacy.skellam import epsilon_of_rdp_history
 
             return epsilon_of_rdp_history(list(history), delta)
+        if accountant == "prv" and sum(int(entry[2]) for entry in history) > PRV_MAX_STEPS:
+            accountant = "rdp"
         acc = ACCOUNTANTS[accountant]()
         acc.history = list(history)
         with np.errstate(divide="ignore"):  # PRV evaluates log(0) at the domain's edge for large q

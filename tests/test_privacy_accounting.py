@@ -57,3 +57,19 @@ def test_the_memoised_rdp_terms_give_the_same_epsilons_as_opacus_own(accountant)
     assert accounting._memoised_one_step_rdp.cache_info().hits > 0
     # Outside fedlora's own accountant calls, Opacus is Opacus (nothing patched for others).
     assert opacus_rdp._compute_rdp is accounting._opacus_one_step_rdp
+
+
+def test_a_history_past_prvs_step_bound_is_composed_in_rdp_in_bounded_memory():
+    """100,000 steps once made PRV allocate 24 GB at a site: past PRV_MAX_STEPS the epsilon
+    is RDP's, an upper bound on PRV's (the site can only overstate what it spent)."""
+    import resource
+    import time
+
+    from fedlora.privacy import accounting
+
+    long = [(0.8, 0.05, 100_000)]
+    start, before = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    assert epsilon_of(long, 1e-5, "prv") == epsilon_of(long, 1e-5, "rdp")
+    assert time.perf_counter() - start < 30 and resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 500_000  # KiB
+    short = [(0.8, 0.05, accounting.PRV_MAX_STEPS)]
+    assert epsilon_of(short, 1e-5, "prv") < epsilon_of(short, 1e-5, "rdp")  # PRV below the bound: tighter
