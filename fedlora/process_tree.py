@@ -106,9 +106,16 @@ def stop_descendants(procs: Sequence[subprocess.Popen], grace: float = GRACE_SEC
     _reap_adopted(own)
 
 
-def _ignore_sigterm() -> None:
-    """In the child, before exec: SIGTERM ignored until the program installs a handler."""
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+# Starts a command with SIGTERM ignored (an ignored disposition survives exec) until the
+# program installs its own handler. A wrapper that execs, not a preexec_fn: Python code
+# between fork and exec breaks in a process where gRPC already runs (the site's
+# coordinator watch), and the child died before its exec.
+_IGNORING_SIGTERM = ("import os, signal, sys; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+                     "os.execvp(sys.argv[1], sys.argv[1:])")
+
+
+def _with_sigterm_ignored(command: Sequence[str]) -> list[str]:
+    return [sys.executable, "-c", _IGNORING_SIGTERM, *command]
 
 
 def _relay(stream: IO[bytes], to: IO[str], on_line: Callable[[str], None]) -> None:
@@ -154,8 +161,8 @@ def supervise(commands: Sequence[Sequence[str]], env: Mapping[str, str] | None =
     try:
         for index, command in enumerate(commands):
             piped = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE} if index in watch_output else {}
-            proc = subprocess.Popen(list(command), env=None if env is None else dict(env), cwd=cwd,  # pylint: disable=consider-using-with
-                                    preexec_fn=_ignore_sigterm if index in sigterm_once else None, **piped)
+            argv = _with_sigterm_ignored(command) if index in sigterm_once else list(command)
+            proc = subprocess.Popen(argv, env=None if env is None else dict(env), cwd=cwd, **piped)  # pylint: disable=consider-using-with
             procs.append(proc)
             if piped:
                 for stream, to in ((proc.stdout, sys.stdout), (proc.stderr, sys.stderr)):

@@ -21,6 +21,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from fedlora.atomic_file import write_atomic
 from fedlora.config import ConfigError
 from fedlora.run_outcome import metrics_rows
 from fedlora.server import site_names
@@ -331,7 +332,5 @@ Report written {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC from <code>metric
 </body></html>
 """
     out = run_dir / REPORT_FILE
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(page)
-    tmp.replace(out)
+    write_atomic(out, page)
     return out

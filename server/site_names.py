@@ -12,9 +12,10 @@ each one's node id, simulations/virtual_node_ids.py)."""
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
+
+from fedlora.atomic_file import write_atomic
 
 NAMES_FILE = "site-names.json"
 RUN_NAMES_FILE = "site-names.json"  # in the run directory: node id -> display label
@@ -36,9 +37,7 @@ def load(coordinator_dir: Path) -> dict[int, str]:
 
 def _save(coordinator_dir: Path, names: dict[int, str]) -> None:
     path = coordinator_dir / NAMES_FILE
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({str(n): names[n] for n in sorted(names)}, indent=1) + "\n")
-    os.replace(tmp, path)  # never a half-written file
+    write_atomic(path, json.dumps({str(n): names[n] for n in sorted(names)}, indent=1) + "\n")
 
 
 def record(coordinator_dir: Path, node_id: int, name: str) -> None:
@@ -84,9 +83,7 @@ def record_run_labels(run_dir: Path, coordinator_dir: Path | None, nodes: list[i
     labels = run_labels(run_dir, coordinator_dir)
     kept = {n: labels[n] for n in sorted(set(nodes) | {int(n) for n in recorded}) if n in labels}
     if kept:
-        tmp = (run_dir / RUN_NAMES_FILE).with_suffix(".tmp")
-        tmp.write_text(json.dumps({str(n): kept[n] for n in kept}, indent=1) + "\n")
-        os.replace(tmp, run_dir / RUN_NAMES_FILE)
+        write_atomic(run_dir / RUN_NAMES_FILE, json.dumps({str(n): kept[n] for n in kept}, indent=1) + "\n")
     return labels
 
 

@@ -6,12 +6,12 @@ One machine runs every party of a simulation; a deployed site has no such file."
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from flwr.app import Context, Message
 from flwr.clientapp.typing import ClientAppCallable
 
+from fedlora.atomic_file import write_atomic
 from fedlora.server.site_names import VIRTUAL_NODE_FILE
 
 RUN_DIR_KEY = "run.output_dir"  # the run config's key, as the config record carries it
@@ -33,6 +33,4 @@ def note_node_id(site_dir: Path, node_id: int) -> None:
     if path.is_file():
         return
     site_dir.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{VIRTUAL_NODE_FILE}.{os.getpid()}.tmp")
-    tmp.write_text(f"{node_id}\n")
-    os.replace(tmp, path)  # never half-written: the coordinator may read it at any time
+    write_atomic(path, f"{node_id}\n")  # never half-written: the coordinator may read it at any time

@@ -68,3 +68,14 @@ def test_a_failed_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path, mon
         write_atomic(target, "new")
     assert target.read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["config.toml"]
+
+
+def test_no_module_writes_its_own_temporary_file():
+    """One way to replace a file: every os.replace outside fedlora/atomic_file.py is a
+    checkpoint folder's rename (a folder, which write_atomic does not write)."""
+    import re
+
+    root = Path(__file__).resolve().parent.parent
+    found = sorted(str(p.relative_to(root)) for folder in ("fedlora", "client", "server", "strategies", "privacy", "simulations")
+                   for p in (root / folder).rglob("*.py") if re.search(r"os\.replace\(|\.replace\(tmp|\.rename\(", p.read_text()))
+    assert found == ["fedlora/atomic_file.py", "server/run_directory.py"]

@@ -48,7 +48,11 @@ class Tree:
         try:
             for proc in psutil.Process(self.top.pid).children(recursive=True):
                 try:
-                    self.seen.setdefault(proc.pid, (proc, " ".join(proc.cmdline())))
+                    # The command line read again each time: a child seen between its fork
+                    # and its exec still shows its parent's.
+                    first = self.seen.get(proc.pid, (proc, ""))[0]
+                    if first == proc:  # not a reused PID
+                        self.seen[proc.pid] = (first, " ".join(proc.cmdline()))
                 except psutil.NoSuchProcess:
                     pass
         except psutil.NoSuchProcess:
