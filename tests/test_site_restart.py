@@ -1,7 +1,9 @@
 """Restarts that work however the sites were stopped (issue 28, item 2): three sites
 stopped together with SIGTERM to their process groups (what `kill %1 %2 %3` does) all
-leave the coordinator and all rejoin when restarted at once; and the rule a site
-applies when the coordinator refuses it with Flower's code 2004 (client/site_rejoin.py)."""
+leave the coordinator and all rejoin when restarted at once, and a site killed with
+SIGKILL, restarted at once, waits out the coordinator's hold and rejoins with its node
+id (client/site_rejoin.py); and the rule a site applies when the coordinator refuses it
+with Flower's code 2004."""
 
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ from fedlora.client.site_rejoin import (
     ALIVE_FILE, FLOWER_HOLD_SECONDS, HOLD_SECONDS, REFUSAL_LINE, STOPPED_FILE, AliveMarker, refused_by_coordinator,
 )
 from fedlora.server.coordinator_service import list_sites
-from tests.helpers.deployment import Deployment, wait_for
+from tests.helpers.deployment import Deployment, kill, wait_for
 
 
 def test_a_refusal_after_a_recent_stop_of_its_own_is_retried_until_the_hold_lapses(tmp_path):
@@ -102,27 +104,51 @@ def test_run_site_retries_a_refusal_within_the_window_then_names_it(tmp_path, mo
 
 
 @pytest.mark.slow
-def test_three_sites_stopped_together_with_sigterm_rejoin_at_once(tmp_path, tiny_models):
+def test_sites_stopped_together_rejoin_at_once_and_a_crashed_one_after_the_hold(tmp_path, tiny_models):
+    """Three sites stopped together with SIGTERM and a fourth killed with SIGKILL, all
+    restarted at once, on one coordinator: the three left and rejoin at once; the crashed
+    one could not leave, says it waits for the coordinator's hold, and rejoins with its
+    node id after it. (One deployment for both: the crashed site's hold, a Flower
+    constant of about a minute, covers the others' restart.)"""
     d = Deployment(tmp_path, tiny_models["bert"])
     home = d.state / "flwr-home"
     names = ["site-0", "site-1", "site-2"]
+    crashed_marker = tmp_path / "sites" / "crashed" / ALIVE_FILE
 
     def online() -> list[dict]:
         return [n for n in list_sites(home) if n["status"] == "online"]
 
     try:
         sites = [d.site(name) for name in names]
-        first = wait_for(lambda: len(online()) == 3 and online(), 120, "the three sites to connect")
+        crashed = d.site("crashed")
+        first = wait_for(lambda: len(online()) == 4 and online(), 120, "the four sites to connect")
+        wait_for(crashed_marker.exists, 30, "the crashed site to mark itself alive")
+        kill(crashed)  # SIGKILL to the whole site: its SuperNode cannot leave the coordinator
+        assert crashed_marker.exists()
         for site in sites:  # together, each to its whole process group: the SuperNodes get the signal twice
             os.killpg(site.pid, signal.SIGTERM)
         assert [site.wait(timeout=60) for site in sites] == [128 + signal.SIGTERM] * 3
-        assert len([n for n in list_sites(home) if n["status"] == "online"]) == 0  # all three left the coordinator
+        still_online = online()
+        assert len(still_online) == 1  # the three left the coordinator; the crashed one is held online
+        (held,) = still_online
 
-        restarted = [d.restart(name) for name in names]  # at once
+        restarted = [d.restart(name) for name in names]  # all at once
+        crashed_again = d.restart("crashed")
         before = {n["online-at"] for n in first}
-        wait_for(lambda: len([n for n in online() if n["online-at"] not in before]) == 3, HOLD_SECONDS + 60,
-                 "the three restarted sites to rejoin")
+        crashed_log = tmp_path / "site-crashed-restart.log"
+        wait_for(lambda: "waiting" in crashed_log.read_text(), 60, "the crashed site to say it waits")
+        wait_for(lambda: len([n for n in online() if n["online-at"] not in before]) >= 3, 90,
+                 "the three stopped sites to rejoin")
+        rejoined = wait_for(lambda: [n for n in online() if n["node-id"] == held["node-id"] and n["online-at"] != held["online-at"]],
+                            HOLD_SECONDS + 60, "the crashed site to rejoin after the hold")
+        assert rejoined and crashed_again.poll() is None, crashed_log.read_text()[-3000:]
+        assert "Failed to activate" not in crashed_log.read_text()
         for name, proc in zip(names, restarted):
             assert proc.poll() is None, (tmp_path / f"site-{name}-restart.log").read_text()[-3000:]
+
+        # Stopped by SIGTERM, the site leaves the coordinator and the marker goes: the next start does not wait.
+        os.kill(crashed_again.pid, signal.SIGTERM)
+        assert crashed_again.wait(timeout=60) == 128 + signal.SIGTERM
+        assert not crashed_marker.exists()
     finally:
         d.close()
