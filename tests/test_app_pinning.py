@@ -8,9 +8,10 @@
   bad flags and data without the site's columns are one-line errors without values.
 - The pinned ClientApp loader imports the approved bundle's code, not the installed
   package that the trusted process had imported, and refuses code from elsewhere.
-- A real deployment on 127.0.0.1 (TLS, node auth, sites started with `fedlora
-  client`): a bundle with one changed line is refused at every site before any of its
-  code runs; then the unmodified app runs to completion on the same sites.
+- In a real deployment (TLS, node auth, sites started with `fedlora client`), a bundle
+  with one changed line is refused at every site before any of its code runs, and the
+  unmodified app then runs on the same sites: the first run of
+  tests/test_deployment.py's three-site test.
 """
 
 from __future__ import annotations
@@ -27,34 +28,15 @@ from pathlib import Path
 import pytest
 import tomli_w
 
-from fedlora.client.app_pinning import REFUSED_APP, AppPinningError, approved_hashes, decide, parse_app_hash, read_allowed_apps
+from fedlora.client.app_pinning import AppPinningError, approved_hashes, decide, parse_app_hash, read_allowed_apps
 from fedlora.client.site_agent import SiteError, SiteSettings, validate_site
 from fedlora.app_hash import AppHashError, app_dir_hash, build_app_fab, fab_code_hash, installed_app_dir
 from fedlora.cli import main
-from fedlora.flower_env import flower_env, flower_executable
+from fedlora.flower_env import flower_env
+from tests.helpers.app_bundles import copy_app
 from tests.helpers.site_data import write_site_data
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def copy_app(dest: Path) -> Path:
-    """The installed app folder as an operator would copy it: pyproject.toml and the
-    files `fab-include` selects (the ones Flower puts in the bundle)."""
-    with zipfile.ZipFile(io.BytesIO(build_app_fab(installed_app_dir()))) as zf:
-        names = [n for n in zf.namelist() if n != "pyproject.toml" and not n.startswith(".info/")]
-    for name in [*names, "pyproject.toml"]:
-        (dest / name).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(installed_app_dir() / name, dest / name)
-    return dest
-
-
-def change_one_line(app: Path, marker: Path) -> None:
-    """The attack: one line of client/ changed to do something at import (here, leave a marker)."""
-    path = app / "client" / "client_app.py"
-    lines = path.read_text().splitlines(keepends=True)
-    index = next(i for i, line in enumerate(lines) if line.startswith("app = site_app("))
-    lines[index] = lines[index].rstrip("\n") + f"; __import__('pathlib').Path({str(marker)!r}).write_text('ran')\n"
-    path.write_text("".join(lines))
 
 
 @pytest.fixture(scope="module")
@@ -323,69 +305,3 @@ def test_the_approved_bundle_is_what_is_imported_whatever_lies_first_on_sys_path
     assert result["client"] == str(app / "client" / "__init__.py") and result["foreign"] == []
     assert result["fedlora"] == str(app / "fedlora" / "__init__.py")
     assert result["hijack"].startswith("modules loaded from outside the approved bundle: fedlora.client")
-
-
-# --- A deployment: a changed bundle is refused everywhere, the release then runs --------
-
-
-@pytest.mark.slow
-def test_a_bundle_with_one_changed_line_is_refused_at_every_site_then_the_release_runs(tmp_path, tiny_models):
-    from fedlora.server.run_submission import resolved_config, run_config_values
-    from tests.helpers.deployment import FEDLORA, Deployment, metrics_rows
-
-    d = Deployment(tmp_path, tiny_models["bert"])
-    try:
-        names = ("site-0", "site-1")
-        for name in names:
-            d.site(name)
-        installed = app_dir_hash(installed_app_dir())
-
-        marker = tmp_path / "marker"
-        modified = copy_app(tmp_path / "modified" / "fedlora")
-        change_one_line(modified, marker)
-        shipped = app_dir_hash(modified)
-        assert shipped != installed
-
-        # Submitted with `flwr run` from the modified folder, as a coordinator would.
-        config = resolved_config(str(d.config("modified", **{"federation.rounds": 1, "federation.round_retries": 0})), {}, None)
-        run_config = tmp_path / "modified-run-config.toml"
-        run_config.write_text(tomli_w.dumps(run_config_values(config)))
-        refused = subprocess.run([flower_executable("flwr"), "run", str(modified), "fedlora", "--run-config", str(run_config),
-                                  "--stream"], cwd=modified, env=flower_env(d.state / "flwr-home"),
-                                 capture_output=True, text=True, timeout=400)
-        coordinator_view = refused.stdout + refused.stderr
-        (tmp_path / "refused-run.log").write_text(coordinator_view)  # what the coordinator saw, for a failing assert
-        run_dir = Path(config.run.output_dir)
-        rows = metrics_rows(run_dir)
-        assert rows and rows[0]["failures"] == {REFUSED_APP: 2}, coordinator_view[-3000:]
-        assert all(set(r["failures"]) <= {REFUSED_APP} and r["clients_ok"] == 0 for r in rows)
-        assert REFUSED_APP in coordinator_view and "round 0/1: clients 0 ok / 2 failed" in coordinator_view
-        # A refusal is final for the run: it ends cleanly, without retries and without a traceback.
-        assert "run ended after round 0" in coordinator_view and "Traceback" not in coordinator_view
-        assert not marker.exists()  # no line of the bundle ran, at any site
-
-        for name in names:
-            log = (tmp_path / f"site-{name}.log").read_text()
-            assert shipped in log and installed in log  # the site logs both hashes
-            assert not (tmp_path / "sites" / name / "flwr-home" / "apps").exists()  # never even extracted
-            decisions = [e for e in map(json.loads, (tmp_path / "sites" / name / "audit-log.jsonl").read_text().splitlines())
-                         if e["event"] == "app"]
-            assert decisions == [{**decisions[0], "run": str(run_dir), "app_hash": shipped, "approved": False,
-                                  "approved_hashes": [installed]}]
-
-        # The unmodified release, on the same sites: it runs to completion.
-        out = subprocess.run([*FEDLORA, "run", "--config", str(d.config("release", **{"federation.rounds": 1})),
-                              "--coordinator-dir", str(d.state)], cwd=ROOT, env=flower_env(), capture_output=True,
-                             text=True, timeout=600)
-        assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
-        assert f"app hash (sites run it only if they approved it): {installed}" in out.stdout
-        rows = metrics_rows(tmp_path / "runs" / "release")
-        assert [r["round"] for r in rows] == [0, 1] and rows[1]["clients_ok"] == 2 and rows[1]["failures"] == {}
-        assert (tmp_path / "runs" / "release" / "adapter" / "adapter_model.safetensors").is_file()
-        assert not marker.exists()
-        for name in names:
-            entries = [json.loads(line) for line in (tmp_path / "sites" / name / "audit-log.jsonl").read_text().splitlines()]
-            approved = [e for e in entries if e["event"] == "app" and e["approved"]]
-            assert [(e["run"], e["app_hash"]) for e in approved] == [(str(tmp_path / "runs" / "release"), installed)]
-    finally:
-        d.close()

@@ -2,10 +2,12 @@
 authentication and a database) and sites as real SuperNode processes, driven
 through fedlora's own commands, on a tiny test model.
 
-1. Three registered sites (one started directly with `flower-supernode`) run 2 rounds
-   and write a complete run directory, while a site with an unregistered key is
-   refused and a site holding a different base model refuses; a site killed in
-   round 2 is counted as failed and the round completes with the others.
+1. A bundle with one changed line, submitted with `flwr run`, is refused at every
+   pinning site before any of its code runs. Then the release: three registered sites
+   (one started directly with `flower-supernode`) run 2 rounds and write a complete
+   run directory, while a site with an unregistered key is refused and a site holding
+   a different base model refuses; a site killed in round 2 is counted as failed and
+   the round completes with the others.
 2. The coordinator killed after round 1 and restarted; `fedlora run --resume`
    finishes round 2 without repeating round 1.
 """
@@ -20,6 +22,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from fedlora.app_hash import app_dir_hash, installed_app_dir
+from fedlora.client.app_pinning import REFUSED_APP
+from fedlora.server.coordinator_service import list_sites
+from tests.helpers.app_bundles import change_one_line, copy_app, flwr_run_folder
 from tests.helpers.deployment import FEDLORA, Deployment, fedlora, kill, metrics_rows, start, wait_for
 
 pytestmark = pytest.mark.slow
@@ -50,11 +56,40 @@ def other_base_model(tiny_bert: Path, folder: Path) -> Path:
     return folder
 
 
-def test_three_tls_sites_with_node_auth_refusals_and_a_site_killed_mid_run(deployment, tmp_path):
+def test_a_changed_bundle_refused_then_three_tls_sites_with_node_auth_refusals_and_a_site_killed_mid_run(deployment, tmp_path):
     d = deployment
-    sites = [d.site("site-0"), d.site("site-1"), d.site("site-2", direct=True)]
-    rogue = d.site("rogue", register=False)
+    sites = [d.site("site-0"), d.site("site-1")]
     d.site("other-model", model=other_base_model(d.model, tmp_path / "other-model"))
+    home = d.state / "flwr-home"
+    wait_for(lambda: len([n for n in list_sites(home) if n["status"] == "online"]) == 3, 120, "three sites to connect")
+
+    # A bundle with one changed line, submitted as a coordinator would: every site refuses it unopened.
+    installed, marker = app_dir_hash(installed_app_dir()), tmp_path / "marker"
+    modified = copy_app(tmp_path / "modified" / "fedlora")
+    change_one_line(modified, marker)
+    shipped = app_dir_hash(modified)
+    assert shipped != installed
+    config = d.config("modified", **{"federation.rounds": 1, "federation.round_retries": 0})
+    refused_dir, coordinator_view = flwr_run_folder(modified, config, home, tmp_path / "refused-run.log")
+    rows = metrics_rows(refused_dir)
+    assert rows and rows[0]["failures"] == {REFUSED_APP: 3}, coordinator_view[-3000:]
+    assert all(set(r["failures"]) <= {REFUSED_APP} and r["clients_ok"] == 0 for r in rows)
+    assert REFUSED_APP in coordinator_view and "round 0/1: clients 0 ok / 3 failed" in coordinator_view
+    # A refusal is final for the run: it ends cleanly, without retries and without a traceback.
+    assert "run ended after round 0" in coordinator_view and "Traceback" not in coordinator_view
+    assert not marker.exists()  # no line of the bundle ran, at any site
+    for name in ("site-0", "site-1", "other-model"):
+        log = (tmp_path / f"site-{name}.log").read_text()
+        assert shipped in log and installed in log  # the site logs both hashes
+        assert not (tmp_path / "sites" / name / "flwr-home" / "apps").exists()  # never even extracted
+        decisions = [e for e in map(json.loads, (tmp_path / "sites" / name / "audit-log.jsonl").read_text().splitlines())
+                     if e["event"] == "app"]
+        assert decisions == [{**decisions[0], "run": str(refused_dir), "app_hash": shipped, "approved": False,
+                              "approved_hashes": [installed]}]
+
+    # The release, on the same sites and one started directly with flower-supernode (which pins nothing).
+    sites.append(d.site("site-2", direct=True))
+    rogue = d.site("rogue", register=False)
     run_dir = d.root / "runs" / "three"
     submit = start([*FEDLORA, "run", "--config", str(d.config("three")), "--coordinator-dir", str(d.state)], d.root / "run.log")
     d.processes.append(submit)
@@ -72,6 +107,12 @@ def test_three_tls_sites_with_node_auth_refusals_and_a_site_killed_mid_run(deplo
     assert [r["round"] for r in rows] == [0, 1, 2]
     run_log = (d.root / "run.log").read_text()  # `fedlora run` ends with the summary table, as simulate does
     assert "eval_accuracy  epsilon_max" in run_log and "[fedlora] run finished" in run_log
+    assert f"app hash (sites run it only if they approved it): {installed}" in run_log
+    assert not marker.exists()
+    for name in ("site-0", "site-1"):  # each pinning site approved the release, once, for this run
+        entries = [json.loads(line) for line in (tmp_path / "sites" / name / "audit-log.jsonl").read_text().splitlines()]
+        approved = [e for e in entries if e["event"] == "app" and e["approved"]]
+        assert [(e["run"], e["app_hash"]) for e in approved] == [(str(run_dir), installed)]
     assert rows[1]["clients_ok"] == 3 and rows[1]["failures"] == {"refused: different base model": 1}
     assert rows[2]["clients_ok"] == 2
     assert rows[2]["clients_failed"] == 2  # the killed site and the refusing one
