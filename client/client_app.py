@@ -28,6 +28,7 @@ from fedlora.client import secure_masking
 from fedlora.client.peer_keys import PeerKeyError, SigningKeys, site_signing_keys
 from fedlora.client.reply_guard import guarded_replies
 from fedlora.client.request_screening import policy_declined, screen_request, site_config
+from fedlora.client.trail_signing import signed_trail
 from fedlora.config import Config
 from fedlora.messages import QUERY_METRICS, metric_record
 
@@ -92,9 +93,10 @@ def signing_keys(config: Config, context: Context) -> SigningKeys:
 
 
 def site_app(*mods: Mod) -> ClientApp:
-    """A ClientApp with the handlers above behind the reply guard, plus `mods` inside
-    it (the simulation adds its virtual sites' data source, client/site_data.py)."""
-    composed = ClientApp(mods=[guarded_replies, *mods])
+    """A ClientApp with the handlers above behind the reply guard, the site's key lent to
+    its ledger and audit log (client/trail_signing.py), plus `mods` inside them (the
+    simulation adds its virtual sites' data source, client/site_data.py)."""
+    composed = ClientApp(mods=[guarded_replies, signed_trail, *mods])
     composed.train()(train)
     composed.evaluate()(evaluate)
     composed.query()(query)

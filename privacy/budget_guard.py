@@ -1,5 +1,7 @@
 """The site's budget guard: train only if the epsilon after this round stays within
-the site's own limit. Pure arithmetic over the ledger; the client acts on it."""
+the site's own limit, on a ledger whose hash chain holds (privacy/trail_chain.py: an
+edited, deleted or reordered entry could hide spent budget). Arithmetic over the ledger;
+the client acts on it."""
 
 from __future__ import annotations
 
@@ -22,7 +24,9 @@ class BudgetDecision:
 
 
 def check_budget(ledger: SiteLedger, planned: History, delta: float, accountant: str, limit: float) -> BudgetDecision:
-    """Would `planned` mechanisms keep the site's cumulative epsilon <= `limit`?"""
+    """Would `planned` mechanisms keep the site's cumulative epsilon <= `limit`? Raises
+    LedgerError (one line naming the file and the entry) if the ledger's chain is broken."""
+    ledger.require_intact_trail()
     after = ledger.epsilon(delta, accountant, extra=planned)
     if math.isinf(limit) or after <= limit:
         return BudgetDecision(True, after, limit)

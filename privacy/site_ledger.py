@@ -11,6 +11,13 @@ entry, so two trainings cannot both spend the last of a budget.
 
 The site's cumulative epsilon composes every mechanism of every run in its ledger
 with Opacus's accountant (privacy/accounting.py).
+
+The entries form a hash chain with a head signed by the site's node key where the
+client floor lends it (privacy/trail_chain.py): each entry's `seq` and `prev` bind it to
+the one written before it, whatever run or list it joined. A ledger written before the
+chain existed (format 1) keeps its entries as a legacy prefix, which the first chained
+entry's `prev` hashes. A broken chain is refused for every write and by the budget
+guard (`require_intact_trail`), with the entry that broke it named.
 """
 
 from __future__ import annotations
@@ -26,13 +33,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from fedlora.atomic_file import write_atomic
+from fedlora.privacy.trail_chain import TrailCheck, TrailSigner, check_heads, digest, make_heads, prefix_hash, trail_signer
 
 if TYPE_CHECKING:  # the accountant (Opacus, torch) loads when an epsilon is asked for, not to read a ledger
     from fedlora.privacy.accounting import History
 
 LEDGER_FILE = "privacy-ledger.json"
 LOCK_FILE = ".privacy-ledger.lock"
-FORMAT = 1
+FORMAT = 2  # 2: entries chained (seq, prev) under a head
 
 
 class LedgerError(RuntimeError):
@@ -62,6 +70,8 @@ class Mechanism:
     l2: float | None = None
     l1: float | None = None
     trust: str | None = None
+    seq: int | None = None  # the entry's place in the site's hash chain (None: written before it)
+    prev: str | None = None  # the hash of the entry before it (privacy/trail_chain.py)
 
     @property
     def entry(self) -> tuple:
@@ -82,6 +92,8 @@ class Declined:
     time: str = field(default_factory=utc_now)
     reason: str = "privacy budget"
     message: str = "train"  # the message type declined: query, train or evaluate
+    seq: int | None = None  # as in Mechanism
+    prev: str | None = None
 
 
 @dataclass
@@ -103,11 +115,29 @@ class RunLedger:
         return epsilon_of(self.history, self.delta, self.accountant)
 
 
+Entry = Mechanism | Declined
+LISTS = ("mechanisms", "declined")
+
+
+def _chained_record(run: RunLedger, list_name: str, entry: Entry) -> dict:
+    """What an entry's hash covers: the entry and where it stands (its run, that run's
+    accountant and delta, its list), so that moving it elsewhere changes it too."""
+    return {"run": run.run, "accountant": run.accountant, "delta": run.delta, "list": list_name, "entry": asdict(entry)}
+
+
+def _describe(run: RunLedger, list_name: str, entry: Entry) -> str:
+    what = entry.kind if isinstance(entry, Mechanism) else f"declined {entry.message}"
+    return f"run {run.run}, round {entry.round}, {what}"
+
+
 @dataclass
 class SiteLedger:
     path: Path
     runs: list[RunLedger] = field(default_factory=list)
     max_epsilon: float = math.inf  # the limit in force at the last write
+    heads: dict = field(default_factory=dict)  # "head" and "signed_head" (privacy/trail_chain.py)
+    signer: TrailSigner | None = None  # else the key the client floor lent for this state dir, if any
+    intact: bool = field(default=False, repr=False)  # the chain was verified and only appended to since
 
     @classmethod
     def load(cls, state_dir: str | Path) -> SiteLedger:
@@ -124,18 +154,21 @@ class SiteLedger:
                 for r in raw["runs"]
             ]
             limit = raw.get("max_epsilon")
+            heads = {k: raw[k] for k in ("head", "signed_head") if raw.get(k) is not None}
         except (OSError, ValueError, KeyError, TypeError) as exc:
             # Never start afresh: an unreadable ledger would silently reset the budget.
             raise LedgerError(f"privacy ledger {path}: unreadable ({exc}); fix or restore it before training") from None
-        return cls(path, runs, math.inf if limit is None else float(limit))
+        return cls(path, runs, math.inf if limit is None else float(limit), heads)
 
     def save(self) -> None:
         """Atomic replace: write a temporary file, fsync it, rename it over the ledger."""
-        data = {
-            "format": FORMAT,
-            "max_epsilon": None if math.isinf(self.max_epsilon) else self.max_epsilon,
-            "runs": [asdict(r) for r in self.runs],
-        }
+        limit = None if math.isinf(self.max_epsilon) else self.max_epsilon
+        chained = self._chained()
+        last = digest(_chained_record(*chained[-1])) if chained else prefix_hash([])
+        signer = self.signer or trail_signer(self.path.parent)
+        self.heads = make_heads(LEDGER_FILE, len(chained), last, self.heads.get("signed_head"), signer, utc_now(),
+                                max_epsilon=limit)
+        data = {"format": FORMAT, "max_epsilon": limit, "runs": [asdict(r) for r in self.runs], **self.heads}
         try:
             write_atomic(self.path, json.dumps(data, indent=1), durable=True)
         except OSError as exc:
@@ -156,6 +189,12 @@ class SiteLedger:
 
     def record(self, run: str, accountant: str, delta: float, entry: Mechanism | Declined, limit: float) -> None:
         """Append one entry to `run` and write the ledger (before anything leaves the site)."""
+        self.require_intact_trail()  # appending to a broken chain would re-sign over the break
+        located = self._located()
+        chained = self._chained(located)
+        entry.seq = chained[-1][2].seq + 1 if chained else 0
+        entry.prev = digest(_chained_record(*chained[-1])) if chained else prefix_hash(
+            [_chained_record(*x) for x in located if x[2].seq is None])
         if isinstance(entry, Declined):
             # A decline spends nothing: it joins the run's section whatever that run asked for
             # (a run declined for its delta must not turn into a ledger error).
@@ -192,6 +231,70 @@ class SiteLedger:
             return 0.0
         return EpsilonCache(self.path.parent).epsilon(section.history, section.delta, section.accountant)
 
+    def _located(self) -> list[tuple[RunLedger, str, Entry]]:
+        return [(r, name, e) for r in self.runs for name in LISTS for e in getattr(r, name)]
+
+    def _chained(self, located: list[tuple[RunLedger, str, Entry]] | None = None) -> list[tuple[RunLedger, str, Entry]]:
+        """The chained entries in chain order (the ledger keeps them per run and list)."""
+        return sorted((x for x in (located or self._located()) if x[2].seq is not None), key=lambda x: x[2].seq)
+
+    def check_trail(self) -> TrailCheck:
+        """The chain and its heads, checked: the first entry that breaks them is named."""
+        located = self._located()
+        legacy = [x for x in located if x[2].seq is None]
+        chained = [x for x in located if x[2].seq is not None]
+        by_seq = {x[2].seq: x for x in chained if isinstance(x[2].seq, int)}
+
+        def name(k: int) -> str:
+            return f"entry {k} ({_describe(*by_seq[k])})" if k in by_seq else f"entry {k}"
+
+        def broken(problem: str) -> TrailCheck:
+            return TrailCheck(self.path, len(chained), len(legacy), 0, None, f"{self.path}: {problem}")
+
+        if len(by_seq) != len(chained):
+            return broken("entries share a number or are not numbered in whole numbers")
+        # Each list in the order written: the legacy entries first, then rising numbers.
+        for run in self.runs:
+            for list_name in LISTS:
+                before = None
+                for entry in getattr(run, list_name):
+                    if entry.seq is None and before is not None:
+                        return broken(f"an entry without a chain link ({_describe(run, list_name, entry)}) follows {name(before)}")
+                    if entry.seq is not None:
+                        if before is not None and entry.seq < before:
+                            return broken(f"{name(entry.seq)} is out of order: it is listed after {name(before)}")
+                        before = entry.seq
+        # Runs in the order they began: those with legacy entries, then the others by their first entry.
+        firsts = [min(e.seq for n in LISTS for e in getattr(r, n)) for r in self.runs
+                  if r.mechanisms or r.declined if all(e.seq is not None for n in LISTS for e in getattr(r, n))]
+        for earlier, later in zip(firsts, firsts[1:]):
+            if later < earlier:
+                return broken(f"the run of {name(later)} is out of order: it is listed after the run of {name(earlier)}")
+        hashes, expected = [], prefix_hash([_chained_record(*x) for x in legacy])
+        for k in range(len(chained)):
+            if k not in by_seq:
+                after = min((s for s in by_seq if s > k), default=None)
+                return broken(f"{name(k)} is missing (deleted)" + (f": {name(after)} comes next" if after is not None else ""))
+            if by_seq[k][2].prev != expected:
+                return broken(f"{name(k - 1)} was changed: {name(k)} holds another hash for it" if k else
+                              f"the {len(legacy)} entries written before the chain began were changed: "
+                              f"{name(0)} holds another hash for them")
+            expected = digest(_chained_record(*by_seq[k]))
+            hashes.append(expected)
+        limit = None if math.isinf(self.max_epsilon) else self.max_epsilon
+        return check_heads(self.path, self.heads, hashes, len(legacy), name, {"max_epsilon": limit})
+
+    def require_intact_trail(self) -> None:
+        """Raise LedgerError, naming the entry, unless the chain holds (checked once per load:
+        this object only appends to it afterwards)."""
+        if self.intact:
+            return
+        check = self.check_trail()
+        if check.problem is not None:
+            raise LedgerError(f"privacy ledger {check.problem}; the site uses no ledger whose chain is broken "
+                              "(restore it from a backup)")
+        self.intact = True
+
     def history(self) -> History:
         """Every mechanism of every run, in order: they all touched this site's data."""
         return [h for r in self.runs for h in r.history]
@@ -211,7 +314,7 @@ class SiteLedger:
 
 
 @contextmanager
-def open_ledger(state_dir: str | Path) -> Iterator[SiteLedger]:
+def open_ledger(state_dir: str | Path, signer: TrailSigner | None = None) -> Iterator[SiteLedger]:
     """The site's ledger under an exclusive lock, held until the block ends (check,
     train, record), so concurrent processes of one site cannot overspend its budget."""
     state_dir = Path(state_dir)
@@ -222,4 +325,6 @@ def open_ledger(state_dir: str | Path) -> Iterator[SiteLedger]:
         raise LedgerError(f"state dir {state_dir}: not writable ({exc})") from None
     with lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        yield SiteLedger.load(state_dir)
+        ledger = SiteLedger.load(state_dir)
+        ledger.signer = signer
+        yield ledger

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from fedlora.config import ConfigError, load_config, parse_override
 from fedlora.cli.deployment import DEPLOYMENT_COMMANDS, add_deployment_commands
@@ -73,6 +74,11 @@ def build_parser() -> argparse.ArgumentParser:
     priv.add_argument("--recompute", action="store_true",
                       help="recompute every epsilon with the accountant (seconds), ignoring the figures the site kept "
                            "beside its ledger when it recorded each entry")
+    priv.add_argument("--verify", action="store_true",
+                      help="check the hash chains and signed heads of the ledger and the audit log instead: one line, "
+                           "exit 0 if they hold, 1 naming the file and the first entry that breaks them")
+    priv.add_argument("--public-key", type=Path, metavar="FILE",
+                      help="with --verify: the site's OpenSSH public key (its .pub); every signed head must be by it")
     report = commands.add_parser(
         "report", help="write RUN_DIR/report.html: plots of a run's rounds, privacy and participation",
         description="Write RUN_DIR/report.html, one self-contained page (inline SVG plots, no external URL) with "
@@ -198,6 +204,17 @@ def run_privacy(args: argparse.Namespace) -> int:
     from fedlora.privacy.ledger_report import ledger_summary, ledger_table
     from fedlora.privacy.site_ledger import LedgerError
 
+    if args.public_key is not None and not args.verify:
+        raise ConfigError("--public-key goes with --verify")
+    if args.verify:
+        from fedlora.privacy.trail_verify import verify_site_trail
+
+        try:
+            verdict = verify_site_trail(args.state_dir, args.public_key)
+        except LedgerError as exc:
+            raise ConfigError(str(exc)) from None
+        print(verdict.line, file=sys.stdout if verdict.intact else sys.stderr)
+        return 0 if verdict.intact else 1
     try:
         summary = ledger_summary(args.state_dir, recompute=args.recompute)
     except LedgerError as exc:
