@@ -41,14 +41,15 @@ def evaluate_round(grid: Grid, envelope: Envelope, adapters: dict[int, Adapter],
         if (reason := declined_reason(reply)) is not None:
             replies.failures[reason] += 1
             replies.status[reply.metadata.src_node_id] = reason
-            log.warning("round %d evaluate: node %d %s", server_round, reply.metadata.src_node_id, reason)
+            log.warning("round %d evaluate: %s %s", server_round, progress.site(reply.metadata.src_node_id), reason)
             continue
         try:
             evaluation = site_replies.evaluation(reply, classification)
         except MalformedReply as exc:
             replies.failures[exc.category] += 1
             replies.status[reply.metadata.src_node_id] = exc.category
-            log.warning("round %d evaluate: node %d sent a malformed reply: %s", server_round, reply.metadata.src_node_id, exc)
+            log.warning("round %d evaluate: %s sent a malformed reply: %s", server_round, progress.site(reply.metadata.src_node_id),
+                        exc)
         else:
             evaluated.append(reply)
             evaluations.append(evaluation)

@@ -76,6 +76,7 @@ def run_federation(grid: Grid, config: Config) -> tuple[RunDirectory, list[dict[
     central = CentralDP(strategy, config.privacy, central_history) if config.privacy.central else None
     epsilon_max = max([0.0] + [r.get("epsilon_max") or 0.0 for r in rows])
     progress = Progress(config.federation.rounds)
+    progress.site = site_names.SiteNamer(run_dir.path, coordinator_dir())  # the log lines name sites as the report does
     progress.note(f"run directory: {run_dir.path}" + (f" (resumed after round {last_round})" if resumed else ""))
 
     # The sites: connected, told the run and the base model's fingerprint, asked their rank.
@@ -138,12 +139,16 @@ def unevaluated(config: Config) -> dict[str, Any]:
     return {"eval_loss": None, "eval_accuracy" if config.model.task == "classification" else "eval_perplexity": None}
 
 
+def coordinator_dir() -> Path | None:
+    """Where the operator's site names are: a deployed ServerApp runs in the directory its
+    SuperLink was started in, which `fedlora coordinator` makes its state dir."""
+    return Path.cwd() if (Path.cwd() / site_names.NAMES_FILE).is_file() else None
+
+
 def site_labels(run_dir: RunDirectory, nodes: list[int]) -> dict[int, str]:
     """What console lines and the report call each site (server/site_names.py), kept in the
-    run directory. A deployed ServerApp runs in the directory its SuperLink was started in,
-    which `fedlora coordinator` makes its state dir, where the operator's names are."""
-    coordinator_dir = Path.cwd() if (Path.cwd() / site_names.NAMES_FILE).is_file() else None
-    return site_names.record_run_labels(run_dir.path, coordinator_dir, nodes)
+    run directory."""
+    return site_names.record_run_labels(run_dir.path, coordinator_dir(), nodes)
 
 
 def record_row(run_dir: RunDirectory, progress: Progress, row: dict[str, Any], labels: dict[int, str]) -> None:

@@ -85,12 +85,13 @@ def exchange(
                 out.status[node] = category
                 if category == REFUSED_APP:
                     out.refused.add(node)
-                log.warning("round %d %s: node %d failed: %s", server_round, phase, node, reason[:500])
+                log.warning("round %d %s: %s failed: %s", server_round, phase, progress.site(node), reason[:500])
             elif "refused-base-model" in metrics_or_empty(reply):
                 out.failures[REFUSED_BASE_MODEL] += 1
                 out.status[node] = REFUSED_BASE_MODEL
                 out.refused.add(node)
-                log.error("round %d %s: node %d refused: it holds a different base model than model.path", server_round, phase, node)
+                log.error("round %d %s: %s refused: it holds a different base model than model.path", server_round, phase,
+                          progress.site(node))
             else:
                 out.ok.append(reply)
                 out.status[node] = "ok"
@@ -102,7 +103,8 @@ def exchange(
         out.failures["timeout"] += len(pending)
         late = sorted(node_of[m] for m in pending)
         out.status.update(dict.fromkeys(late, "timeout"))
-        log.warning("round %d %s: node(s) %s did not reply within %.0fs", server_round, phase, ", ".join(map(str, late)), timeout)
+        log.warning("round %d %s: %s did not reply within %.0fs", server_round, phase, ", ".join(map(progress.site, late)),
+                    timeout)
     return out
 
 

@@ -1,9 +1,13 @@
-"""What the operator sees: a live line per round and a summary table at the end."""
+"""What the operator sees: a live line per round, a summary table at the end, and what
+the coordinator's log lines call each site (`Progress.site`)."""
 
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from typing import Any, TextIO
+
+from fedlora.server.site_names import SiteNamer
 
 
 def _fmt(value: Any, spec: str = ".4f") -> str:
@@ -11,8 +15,10 @@ def _fmt(value: Any, spec: str = ".4f") -> str:
 
 
 class Progress:
-    def __init__(self, total_rounds: int, stream: TextIO | None = None):
+    def __init__(self, total_rounds: int, stream: TextIO | None = None, site: Callable[[int], str] | None = None):
         self.total_rounds = total_rounds
+        # Every log line that names a site calls it this (server/site_names.py; node ids without a run).
+        self.site: Callable[[int], str] = site or SiteNamer()
         # Looked up now, not at import: sys.stderr may have been replaced (or unset) since.
         self.stream = stream or sys.stderr or sys.__stderr__
         self.live = self.stream.isatty()

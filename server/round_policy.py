@@ -99,7 +99,7 @@ def train_attempt(grid: Grid, envelope: Envelope, site_ranks: SiteRanks, strateg
             state.declined[m.metadata.src_node_id] = m
             state.failures[reason] += 1
             state.status[m.metadata.src_node_id] = reason
-            log.info("round %d: node %d %s", server_round, m.metadata.src_node_id, reason)
+            log.info("round %d: %s %s", server_round, progress.site(m.metadata.src_node_id), reason)
 
     if config.federation.secure_aggregation:
         # Only the survivors' sum is known: no per-update screening or weight capping (each
@@ -120,14 +120,14 @@ def train_attempt(grid: Grid, envelope: Envelope, site_ranks: SiteRanks, strateg
         except MalformedReply as exc:
             state.failures[exc.category] += 1
             state.status[m.metadata.src_node_id] = exc.category
-            log.warning("round %d: node %d sent a malformed reply: %s", server_round, m.metadata.src_node_id, exc)
+            log.warning("round %d: %s sent a malformed reply: %s", server_round, progress.site(m.metadata.src_node_id), exc)
     # Under central DP a site's update must not decide whether another's is kept (that would
     # break the sensitivity bound): only the per-update checks apply, not the outlier rule.
     section = replace(config.strategy, outlier_factor=0.0) if config.privacy.central else config.strategy
     updates, refused = screen_updates(received, expected, section)
     for node_id, reason in refused:
         state.status[node_id] = f"rejected: {reason_category(reason)}"
-        log.warning("round %d: update from node %d rejected: %s", server_round, node_id, reason)
+        log.warning("round %d: update from %s rejected: %s", server_round, progress.site(node_id), reason)
     state.rejected += Counter(reason_category(reason) for _, reason in refused)
     state.updates.update({u.node_id: u for u in updates})
     # Bounded weights, over the round's accepted updates from every attempt (from what each site claimed).

@@ -13,6 +13,7 @@ from fedlora.server import site_replies
 from fedlora.server.message_exchange import REFUSED_APP, REFUSED_BASE_MODEL, RoundReplies, declined_reason
 from fedlora.server.progress import Progress
 from fedlora.server.round_policy import RoundTraining
+from fedlora.server.site_names import called
 from fedlora.server.site_replies import metrics_or_empty, number
 
 
@@ -38,7 +39,7 @@ def note_site_problems(progress: Progress, row: dict[str, Any], labels: dict[int
     """One line naming every site that did not deliver this round, and why (`labels`:
     server/site_names.py run_labels)."""
     labels = labels or {}
-    problems = [f"{labels.get(s['node'], 'node ' + str(s['node']))} {phase}: {s[phase]}" for s in row["sites"]
+    problems = [f"{called(s['node'], labels)} {phase}: {s[phase]}" for s in row["sites"]
                 for phase in ("train", "evaluate") if s[phase] not in (None, "ok")]
     if problems:
         progress.note(f"round {row['round']}: " + "; ".join(problems))
@@ -83,7 +84,7 @@ def raised_noise(replies: list[Message], labels: dict[int, str]) -> list[dict[st
         noise, planned = number(metrics, "noise-multiplier"), number(metrics, "planned-noise-multiplier")
         if noise is not None and planned and noise > planned * RAISED_NOISE:
             node = m.metadata.src_node_id
-            out.append({"node": node, "site": labels.get(node, f"node {node}"), "noise_multiplier": noise,
+            out.append({"node": node, "site": called(node, labels), "noise_multiplier": noise,
                         "planned_noise_multiplier": planned, "increase": noise / planned})
     return sorted(out, key=lambda site: site["node"])
 
@@ -162,6 +163,6 @@ def note_early_end(progress: Progress, row: dict[str, Any], state: RoundTraining
                   f"({', '.join(reasons)}) and fewer than federation.min_clients = {min_clients} could train")
     if state.updates:
         labels = labels or {}
-        sites = ", ".join(labels.get(n, f"node {n}") for n in sorted(state.updates))
+        sites = ", ".join(called(n, labels) for n in sorted(state.updates))
         progress.note(f"round {server_round}: {sites} trained and spent "
                       "privacy budget, but their updates were discarded (too few sites to aggregate)")

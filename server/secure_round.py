@@ -141,12 +141,13 @@ def secure_train(grid: Grid, envelope: Envelope, sent: dict[int, Adapter], froze
         try:
             advertised.append(records.keys_from_reply(node, m.content[records.RECORD]))
         except (sa.SecureAggregationError, KeyError, TypeError) as exc:
-            _malformed(out.replies, node, server_round, exc)
+            _malformed(out.replies, node, server_round, exc, progress)
     roster, excluded = sa.collect_keys(advertised, {k.node_public for k in advertised}, context)
     for node in excluded:
         out.replies.failures[BAD_SIGNATURE] += 1
         out.replies.status[node] = BAD_SIGNATURE
-        log.warning("round %d: node %d's secure aggregation keys are not validly signed: excluded", server_round, node)
+        log.warning("round %d: the secure aggregation keys of %s are not validly signed: excluded", server_round,
+                    progress.site(node))
     threshold = max(2, config.federation.secure_aggregation_threshold, len(roster) // 2 + 1)
     if len(roster) < threshold:
         return fail([k.site for k in roster], TOO_FEW_SITES, f"{len(roster)} sites sent valid keys, fewer than {threshold}")
@@ -163,7 +164,7 @@ def secure_train(grid: Grid, envelope: Envelope, sent: dict[int, Adapter], froze
             if len(to) != len(blobs) or not set(to) <= {k.site for k in roster}:
                 raise sa.SecureAggregationError("shares addressed outside the roster")
         except (sa.SecureAggregationError, KeyError, TypeError) as exc:
-            _malformed(out.replies, sender, server_round, exc)
+            _malformed(out.replies, sender, server_round, exc, progress)
             continue
         for receiver, blob in zip(to, blobs):
             inbox[receiver][sender] = blob
@@ -194,7 +195,7 @@ def secure_train(grid: Grid, envelope: Envelope, sent: dict[int, Adapter], froze
                 raise sa.SecureAggregationError(f"a masked input of {vector.dtype} {vector.shape}, expected uint64 ({length},)")
             claimed = int(m.content["metrics"]["num-examples"])
         except (sa.SecureAggregationError, KeyError, TypeError, ValueError) as exc:
-            _malformed(out.replies, node, server_round, exc)
+            _malformed(out.replies, node, server_round, exc, progress)
             continue
         masked[node] = vector
         out.survivors[node] = max(1, min(claimed, records.MAX_WEIGHT))
@@ -214,7 +215,7 @@ def secure_train(grid: Grid, envelope: Envelope, sent: dict[int, Adapter], froze
         try:
             revealed[m.metadata.src_node_id] = records.reveal_from(m.content[records.RECORD])
         except (sa.SecureAggregationError, KeyError, TypeError, ValueError) as exc:
-            _malformed(out.replies, m.metadata.src_node_id, server_round, exc)
+            _malformed(out.replies, m.metadata.src_node_id, server_round, exc, progress)
     try:
         total = sa.unmask(roster, masked, revealed, sharers, threshold, spec.modulus_bits, context)
     except (sa.SecureAggregationError, ValueError) as exc:  # ValueError: a key a site chose badly (X25519)
@@ -258,7 +259,7 @@ def _merge(into: RoundReplies, replies: RoundReplies) -> None:
     into.bytes_down += replies.bytes_down
 
 
-def _malformed(replies: RoundReplies, node: int, server_round: int, exc: BaseException) -> None:
+def _malformed(replies: RoundReplies, node: int, server_round: int, exc: BaseException, progress: Progress) -> None:
     replies.failures[MALFORMED] += 1
     replies.status[node] = MALFORMED
-    log.warning("round %d: node %d sent a malformed secure aggregation reply: %s", server_round, node, exc)
+    log.warning("round %d: %s sent a malformed secure aggregation reply: %s", server_round, progress.site(node), exc)

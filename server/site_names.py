@@ -5,7 +5,8 @@ site's public key, which `fedlora site-key --name` sets); sites never send it.
 
 A run keeps the names of its sites in RUN_DIR/site-names.json (node id -> what reports
 and console lines call it), so that `fedlora report` names them without the coordinator's
-state dir: "north-clinic (node 13)" in a deployment, "site 2" in a simulation, whose
+state dir, and the coordinator's log lines call them the same (SiteNamer):
+"north-clinic (node 13)" in a deployment, "site 2" in a simulation, whose
 virtual sites are known by their partition (RUN_DIR/sites/2/, where the simulation notes
 each one's node id, simulations/virtual_node_ids.py)."""
 
@@ -88,8 +89,27 @@ def record_run_labels(run_dir: Path, coordinator_dir: Path | None, nodes: list[i
 
 
 def called(node_id: int, labels: dict[int, str]) -> str:
-    """The site as reports and console lines name it (its node id if it has no name)."""
+    """The site as reports, console and log lines name it (its node id if it has no name)."""
     return labels.get(node_id, f"node {node_id}")
+
+
+class SiteNamer:
+    """What the coordinator's log lines call a site during a run: `called`, with this run's
+    labels (run_labels). A node without a label yet has them read again, since a virtual
+    site notes its node id only when it first handles a message, and an operator may name
+    a site while a run is under way. Without a run directory: node ids."""
+
+    def __init__(self, run_dir: Path | None = None, coordinator_dir: Path | None = None):
+        self.run_dir, self.coordinator_dir = run_dir, coordinator_dir
+        self._labels: dict[int, str] = {}
+
+    def __call__(self, node_id: int) -> str:
+        if node_id not in self._labels and self.run_dir is not None:
+            try:
+                self._labels = run_labels(self.run_dir, self.coordinator_dir)
+            except (OSError, ValueError):  # a names file being replaced or hand-edited: a log line never fails
+                pass
+        return called(node_id, self._labels)
 
 
 def problem_lines(rows: list[dict[str, Any]], names: dict[int, str]) -> list[str]:

@@ -44,15 +44,15 @@ class SiteRanks:
                 if (reason := declined_reason(reply)) is not None:
                     failures[reason] += 1
                     status[reply.metadata.src_node_id] = reason
-                    log.warning("round %d: node %d %s", server_round, reply.metadata.src_node_id, reason)
+                    log.warning("round %d: %s %s", server_round, progress.site(reply.metadata.src_node_id), reason)
                 else:
                     try:
                         self.ranks[reply.metadata.src_node_id] = site_replies.lora_rank(reply)
                     except MalformedReply as exc:
                         failures[exc.category] += 1
                         status[reply.metadata.src_node_id] = exc.category
-                        log.warning("round %d rank query: node %d sent a malformed reply: %s", server_round,
-                                    reply.metadata.src_node_id, exc)
+                        log.warning("round %d rank query: %s sent a malformed reply: %s", server_round,
+                                    progress.site(reply.metadata.src_node_id), exc)
             declared = sorted(set(self.ranks.values()))
             if declared and declared != [self.config.lora.rank] and self.config.strategy.name != "exact":
                 raise FederationError(f"sites declare LoRA ranks {declared}; heterogeneous ranks need strategy.name = 'exact'")

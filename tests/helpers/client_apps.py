@@ -21,11 +21,14 @@ ROOT = Path(__file__).resolve().parents[2]
 Handler = Callable[[Message, Context], Message]
 
 
-def client_app_with_train(train: Handler, evaluate: Handler | None = None) -> ClientApp:
+def client_app_with_train(train: Handler, evaluate: Handler | None = None, notes_node_ids: bool = False) -> ClientApp:
+    """`notes_node_ids`: each virtual site notes its node id in the run directory, as in
+    `fedlora simulate` (the coordinator then calls it "site <partition-id>")."""
     from fedlora.client.site_data import VirtualSites
+    from fedlora.simulations.virtual_node_ids import NotesNodeId
     from fedlora.simulations.virtual_sites import partition_rows
 
-    app = ClientApp(mods=[VirtualSites(partition_rows)])
+    app = ClientApp(mods=[VirtualSites(partition_rows), *([NotesNodeId()] if notes_node_ids else [])])
     app.train()(train)
 
     @app.evaluate()
