@@ -13,7 +13,6 @@ the simulation runs and measures the protocol but protects nothing.
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,9 +20,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from fedlora.config import Config
+from fedlora.privacy.node_keys import virtual_node_key
 from fedlora.privacy.secure_aggregation import node_key_bytes
-
-P384_ORDER = int("FFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFC7634D81F4372DDF581A0DB248B0A77AECEC196ACCC52973", 16)
 
 
 class PeerKeyError(ValueError):
@@ -68,11 +66,6 @@ def load_peer_keys(path: Path) -> frozenset[bytes]:
     if not keys:
         raise PeerKeyError(f"peer keys {path}: no keys")
     return frozenset(keys)
-
-
-def virtual_node_key(seed: int, partition_id: int) -> ec.EllipticCurvePrivateKey:
-    digest = hashlib.sha512(f"fedlora virtual site node key/{seed}/{partition_id}".encode()).digest()
-    return ec.derive_private_key(int.from_bytes(digest, "big") % (P384_ORDER - 1) + 1, ec.SECP384R1())
 
 
 def site_signing_keys(config: Config, node_config: dict) -> SigningKeys | None:

@@ -24,10 +24,12 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from fedlora.app_hash import RUNNING_APP_HASH_ENV
 from fedlora.client.app_pinning import REFUSED_APP, AppDecision, decide, log_decision, site_log_handler
 
 if TYPE_CHECKING:
@@ -139,6 +141,8 @@ def run_pinned_clientapp(runtime_api_address: str, token: str, state_dir: Path, 
             install_from_fab(fab.content, skip_prompt=True)
             app_path = get_project_dir(run.fab_id, run.fab_version, fab.hash_str)
             client_app, packages = load_approved_clientapp(app_path, decision.app_hash)
+            # The hash checked above, for the site's signed privacy statement (this process runs one task).
+            os.environ[RUNNING_APP_HASH_ENV] = decision.app_hash
             reply = client_app(message=message, context=context)
             if foreign := foreign_modules(packages, app_path):  # imported while handling the message
                 raise ForeignCodeError(f"modules loaded from outside the approved bundle: {', '.join(foreign)}")

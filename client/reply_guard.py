@@ -7,7 +7,9 @@
 - A reply's content is checked against the whitelist: at most the ArrayRecord
   "arrays" of adapter tensors (or, never beside it, a train reply's "masked" input
   under secure aggregation), the MetricRecord "metrics" with whitelisted keys of the message type,
-  and for the secure-aggregation steps the ConfigRecord "secagg" with that step's keys.
+  and for the secure-aggregation steps the ConfigRecord "secagg" with that step's keys;
+  a train or evaluate reply may add the ConfigRecord "statement", the site's signed
+  privacy statement, with exactly its fixed fields (privacy/privacy_statement.py).
   Anything else is an internal error, and nothing is sent.
 """
 
@@ -21,7 +23,7 @@ from flwr.clientapp.typing import ClientAppCallable
 from fedlora.client.peer_keys import PeerKeyError
 from fedlora.client.site_policy import PolicyError
 from fedlora.flower_internals import ErrorCode
-from fedlora.privacy import secure_aggregation_records as secagg
+from fedlora.privacy import privacy_statement, secure_aggregation_records as secagg
 from fedlora.privacy.secure_aggregation import SecureAggregationError
 from fedlora.model_folder import ModelError
 from fedlora.config import ConfigError
@@ -65,6 +67,8 @@ def check_outgoing(reply: Message, message_type: str) -> None:
     category, _, action = message_type.partition(".")
     arrays = {"arrays", secagg.MASKED} if category == MessageType.TRAIN else {"arrays"}
     configs = {secagg.RECORD} if action in secagg.REPLY_KEYS else set()
+    if not action and category in (MessageType.TRAIN, MessageType.EVALUATE):
+        configs.add(privacy_statement.RECORD)
     extra_records = set(content) - arrays - configs - {"metrics"}
     if extra_records or set(content.config_records) - configs or set(content.array_records) - arrays \
             or set(content.metric_records) - {"metrics"}:
@@ -76,6 +80,11 @@ def check_outgoing(reply: Message, message_type: str) -> None:
         extra = set(content[secagg.RECORD]) - set(secagg.REPLY_KEYS[action])
         if extra:
             raise OutgoingContentError(f"secure aggregation reply keys outside the whitelist: {sorted(extra)}")
+    if privacy_statement.RECORD in content.config_records:
+        try:
+            privacy_statement.check_statement(dict(content[privacy_statement.RECORD]))
+        except privacy_statement.StatementError as exc:
+            raise OutgoingContentError(str(exc)) from None
     if "metrics" in content.metric_records:
         extra = set(content["metrics"]) - ALLOWED_METRICS.get(message_type.split(".")[0], set())
         if extra:

@@ -23,11 +23,12 @@ from fedlora.client.local_evaluation import evaluate_locally
 from fedlora.client.local_training import distributed_gradient_sum, frozen, train_locally
 from fedlora.client.model_cache import CachedModel, cached_model
 from fedlora.client.site_data import SiteData, load_site_data
+from fedlora.client.site_statement import signed_statement
 from fedlora.client.site_privacy import (calibrated_plan, distributed_plan, eval_mechanism, noise_increase,
                                          plan_within_limit, planned_evaluations, remaining_plan, too_noisy)
 from fedlora.config import Config
 from fedlora.messages import DECLINED_METRICS, EVALUATE_METRICS, TRAIN_METRICS, metric_record
-from fedlora.privacy import secure_aggregation_records as records
+from fedlora.privacy import privacy_statement, secure_aggregation_records as records
 from fedlora.privacy.budget_guard import BudgetDecision, check_budget
 from fedlora.privacy.distributed_dp import noisy_input
 from fedlora.privacy.finite import check_finite_tensors, check_finite_values
@@ -114,6 +115,7 @@ def train(msg: Message, context: Context) -> Message:
         log.info("round %d: %s, %d examples, loss %.4f (no DP)", server_round, site.source, len(site.train), result.loss)
         values = {"num-examples": len(site.train), "train-loss": result.loss, "epsilon": 0.0, "noise-multiplier": 0.0,
                   "steps": result.steps, "seconds": time.perf_counter() - start}
+        spent = None  # nothing accounted: the statement reads what earlier entries spent
     else:
         # Privacy: noise calibrated from this site's data; its own ledger and limit decide.
         run, delta, accountant, limit = config.run.output_dir, config.privacy.delta, config.privacy.accountant, policy.max_epsilon
@@ -134,6 +136,7 @@ def train(msg: Message, context: Context) -> Message:
             ledger.record(run, accountant, delta, Mechanism(server_round, *mechanism, unit=plan.unit), limit)
             epsilon = decision.epsilon_after  # the ledger now holds exactly what the guard counted
             run_epsilon = ledger.run_epsilon(run)
+            spent = (run_epsilon, epsilon, ledger.guard_delta(delta))
             later_rounds, evaluations = remaining_plan(config, plan, server_round, state_dir)
             planned = ledger.epsilon(delta, accountant, extra=later_rounds + evaluations)
         with frozen(cached.model, frozen_factors):
@@ -162,7 +165,16 @@ def train(msg: Message, context: Context) -> Message:
         content["metrics"] = metrics
     else:
         content = RecordDict({"arrays": to_record(trained), "metrics": metrics})
+    with_statement(content, context, config, server_round, "train", state_dir, spent, masking is not None)
     return Message(content=content, reply_to=msg)
+
+
+def with_statement(content: RecordDict, context: Context, config: Config, server_round: int, message: str,
+                   state_dir: Path, spent: tuple[float, float, float] | None, secure_aggregation: bool = False) -> None:
+    """Add the site's signed privacy statement (client/site_statement.py), if it has a node key."""
+    statement = signed_statement(context, config, server_round, message, state_dir, spent, secure_aggregation)
+    if statement is not None:
+        content[privacy_statement.RECORD] = statement
 
 
 def train_distributed(msg: Message, context: Context, config: Config, server_round: int, policy, state_dir: Path,
@@ -196,6 +208,7 @@ def train_distributed(msg: Message, context: Context, config: Config, server_rou
         later = [plan.mechanism] * max(0, config.federation.rounds - server_round)
         evaluations = [eval_mechanism(config, state_dir)] * planned_evaluations(config, server_round)
         planned = ledger.epsilon(delta, accountant, extra=later + evaluations)
+        spent = (ledger.run_epsilon(run), decision.epsilon_after, ledger.guard_delta(delta))
     with frozen(cached.model, frozen_factors):
         sums, batch = distributed_gradient_sum(cached.model, site.train, config, plan.sample_rate, records.LEVELS,
                                                cached.tokenizer.pad_token_id)
@@ -210,6 +223,7 @@ def train_distributed(msg: Message, context: Context, config: Config, server_rou
     content["metrics"] = metric_record({"num-examples": size_bucket(len(site.train)), "epsilon": decision.epsilon_after,
                                         "planned-epsilon": planned, "noise-multiplier": plan.noise_multiplier, "steps": 1},
                                        TRAIN_METRICS)
+    with_statement(content, context, config, server_round, "train", state_dir, spent, secure_aggregation=True)
     return Message(content=content, reply_to=msg)
 
 
@@ -225,6 +239,7 @@ def evaluate(msg: Message, context: Context) -> Message:
         read_for_evaluation(state_dir, run, server_round)
         sums = evaluate_locally(cached.model, site_data(context, config, cached).validation, config, pad_id)
         values = {"num-examples": sums.units, "eval-correct": sums.correct, "eval-loss-sum": sums.loss, "epsilon": 0.0}
+        spent = None
     else:
         # Gaussian noise on each released sum. The evaluation is charged before any data is
         # read: its noise does not depend on the data, and every outcome after reading does.
@@ -235,6 +250,7 @@ def evaluate(msg: Message, context: Context) -> Message:
             if not decision.allowed:
                 return budget_declined(msg, config, server_round, decision, ledger, state_dir)
             ledger.record(run, accountant, delta, Mechanism(server_round, *mechanism, unit=config.privacy.unit, kind="evaluation"), limit)
+            spent = (ledger.run_epsilon(run), decision.epsilon_after, ledger.guard_delta(delta))
         read_for_evaluation(state_dir, run, server_round)
         sums = evaluate_locally(cached.model, site_data(context, config, cached).validation, config, pad_id, loss_clip=clip)
         sigma = mechanism[0]
@@ -249,7 +265,9 @@ def evaluate(msg: Message, context: Context) -> Message:
                  server_round, int(sums.units), sigma, decision.epsilon_after)
     append_audit(state_dir, "evaluated", run, round=server_round)
     check_finite_values(values)  # the last line (privacy/finite.py): after the ledger entry
-    return Message(content=RecordDict({"metrics": metric_record(values, EVALUATE_METRICS)}), reply_to=msg)
+    content = RecordDict({"metrics": metric_record(values, EVALUATE_METRICS)})
+    with_statement(content, context, config, server_round, "evaluate", state_dir, spent)
+    return Message(content=content, reply_to=msg)
 
 
 def read_for_evaluation(state_dir: Path, run: str, server_round: int) -> None:

@@ -35,6 +35,9 @@ from pathlib import Path
 HASH_FORMAT = "fedlora-app-code/1"
 HASH_PREFIX = "sha256:"
 FAB_CONFIG_FILE = "pyproject.toml"
+# Set by a pinning site's task process (client/pinned_clientapp.py) to the approved hash of
+# the bundle it checked and runs, for that one task: what the site's privacy statement names.
+RUNNING_APP_HASH_ENV = "FEDLORA_RUNNING_APP_HASH"
 
 
 class AppHashError(ValueError):
@@ -52,6 +55,12 @@ def installed_app_dir() -> Path:
         raise AppHashError(f"{root}: the fedlora Flower App (pyproject.toml with [tool.flwr.app]) is not here; "
                            "install fedlora from its source folder (pip install -e .)")
     return root
+
+
+def running_app_hash() -> str:
+    """The app hash this process checked before running the app's code; "" where nothing
+    was checked (a simulation, `flwr run`, a ClientApp run directly)."""
+    return os.environ.get(RUNNING_APP_HASH_ENV, "")
 
 
 def _checked_path(path: str) -> str:

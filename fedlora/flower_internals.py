@@ -57,3 +57,24 @@ def __getattr__(name: str) -> Any:
     value = getattr(importlib.import_module(module), attribute)
     globals()[name] = value  # the next lookup is a plain one
     return value
+
+
+# The coordinator's registered site keys (server/registered_keys.py): Flower's SuperLink keeps
+# each registered node's public key (PEM) in its database's `node` table, node ids as signed
+# 64-bit integers; an unregistered node keeps its row with status "unregistered". Read here,
+# read-only, as Flower's own node authentication reads it (SqlLinkState.get_node_id_by_public_key).
+SUPERLINK_NODE_KEYS_SQL = "SELECT node_id, public_key FROM node WHERE status != 'unregistered' AND public_key IS NOT NULL"
+
+
+def registered_node_keys(database: Any) -> dict[int, bytes]:
+    """node id -> the PEM public key a SuperLink's database registers for it (nodes not
+    unregistered). `database`: the path of the SuperLink's `--database` file."""
+    import sqlite3
+    from pathlib import Path
+
+    connection = sqlite3.connect(f"{Path(database).resolve().as_uri()}?mode=ro", uri=True, timeout=10)
+    try:
+        rows = connection.execute(SUPERLINK_NODE_KEYS_SQL).fetchall()
+    finally:
+        connection.close()
+    return {int(node) & 0xFFFF_FFFF_FFFF_FFFF: bytes(key) for node, key in rows}

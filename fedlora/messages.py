@@ -5,7 +5,9 @@ resolved run config as dotted keys, plus the round number).
 Up: ArrayRecord "arrays" (adapter tensors only) + MetricRecord "metrics" holding
 only the whitelisted scalars below. Under secure aggregation a train reply carries
 the ArrayRecord "masked" instead of "arrays", and the `query.secagg_*` steps a
-ConfigRecord "secagg" with the keys of privacy/secure_aggregation_records.py.
+ConfigRecord "secagg" with the keys of privacy/secure_aggregation_records.py. A train
+or evaluate reply of a site with a node key also carries the ConfigRecord "statement":
+its signed privacy statement, fixed fields only (privacy/privacy_statement.py).
 Nothing else leaves a site.
 """
 

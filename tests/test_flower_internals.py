@@ -96,3 +96,21 @@ def test_importing_the_table_loads_no_part_of_flower():
     probe = "import sys, fedlora.flower_internals; print(sorted(m for m in sys.modules if m.split('.')[0] == 'flwr'))"
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True, cwd=ROOT)
     assert out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+def test_registered_node_keys_reads_the_keys_flowers_superlink_registered(tmp_path):
+    """server/registered_keys.py reads the coordinator's registered site keys from its
+    SuperLink's database: a node Flower's own LinkState registers is found with its key
+    (a uint64 node id, stored signed), and an unregistered one is not."""
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from flwr.server.superlink.linkstate import LinkStateFactory
+    from flwr.superlink.federation.noop_federation_manager import NoOpFederationManager
+    from flwr.supercore.object_store import ObjectStoreFactory
+    from flwr.supercore.primitives.asymmetric import public_key_to_bytes
+
+    database = tmp_path / "superlink.db"
+    state = LinkStateFactory(str(database), NoOpFederationManager(), ObjectStoreFactory()).state()
+    keys = [public_key_to_bytes(ec.generate_private_key(ec.SECP384R1()).public_key()) for _ in range(3)]
+    nodes = [state.create_node("owner", "operator", key, 30.0) for key in keys]
+    state.delete_node("owner", nodes[2])  # `fedlora unregister-site`
+    assert flower_internals.registered_node_keys(database) == {nodes[0]: keys[0], nodes[1]: keys[1]}
