@@ -1,7 +1,9 @@
 """A request's first steps at a site, before any of its data is read: the run config
 with the site's own choices (its model copy, its LoRA rank), the audit entry, the
 check against the site's policy and the base model's fingerprint, and the decline
-that names the policy key. Every handler (client/client_app.py,
+that names the policy key. The one step that reads data, the site's minimum cohort
+(`min-records`, client/site_cohort.py), counts the site's own units under its own
+policy, so its answer is the same whatever the request. Every handler (client/client_app.py,
 client/training_handlers.py) starts here."""
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from pathlib import Path
 from flwr.app import Context, Message, MessageType, RecordDict
 
 from fedlora.base_fingerprint import model_fingerprint
+from fedlora.client.site_cohort import below_min_records
 from fedlora.client.site_policy import SitePolicy, round_outside_plan, site_policy, site_state_dir, violation
 from fedlora.config import Config
 from fedlora.messages import DECLINED_METRICS, POLICY_METRIC_PREFIX, REFUSED_METRICS, metric_record, read_config_record, sent_fingerprint
@@ -72,6 +75,8 @@ def screen_request(msg: Message, context: Context, config: Config, server_round:
         # Every evaluation that read data counts, completed or not (privacy/site_audit.py).
         done = sum(1 for e in read_audit(state_dir) if e["event"] == EVALUATION_READ and e["run"] == run)
         key = "max-evaluations" if done >= policy.max_evaluations else None
+    if key is None and below_min_records(config, context.node_config, policy):
+        key = "min-records"  # the key, never the count
     if key is not None:
         return policy_declined(msg, config, server_round, key, policy, state_dir), policy, state_dir
     expected = sent_fingerprint(msg.content["config"])

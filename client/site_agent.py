@@ -76,6 +76,7 @@ class SiteSettings:
     allow_distributed_dp: bool = False  # take part in privacy.mode = "distributed"
     min_distributed_tolerance: int = 1  # ... only if the run tolerates at least this many dropped or colluding sites
     min_sites: int = 3  # secure aggregation: the smallest roster, sharer set and survivor set this site joins
+    min_records: int = 0  # decline every run while the data holds fewer privacy units; 0 = no minimum
     labels: list[str] | None = None  # classification: the labels of the site's data, in class-id order
     give_up_after: float | None = None  # seconds without reaching the coordinator before the site stops; None: never
 
@@ -100,8 +101,10 @@ class SiteSettings:
         items.update(self.policy())
         if self.lora_rank is not None:
             items["lora-rank"] = int(self.lora_rank)
+        if self.key is not None:  # signs the site's trail heads, and secure aggregation's keys with peer-keys
+            items["node-key"] = str(self.key)
         if self.peer_keys is not None and self.key is not None:
-            items.update({"peer-keys": str(self.peer_keys), "node-key": str(self.key)})
+            items["peer-keys"] = str(self.peer_keys)
         return " ".join(f"{k}={_toml_value(v)}" for k, v in items.items())
 
     @property
@@ -202,7 +205,8 @@ def _check_state_dir(state_dir: Path) -> None:
     except OSError as exc:
         raise SiteError(f"--state-dir {state_dir}: not writable ({exc.strerror})") from None
     try:
-        SiteLedger.load(state_dir)  # an existing ledger must be readable before the site joins
+        # An existing ledger must be readable, and its chain intact, before the site joins.
+        SiteLedger.load(state_dir).require_intact_trail()
     except LedgerError as exc:
         raise SiteError(f"--state-dir: {exc}") from None
 
@@ -292,6 +296,8 @@ def _check_policy(site: SiteSettings) -> None:
         raise SiteError(f"--max-evaluations must be >= 0 (0 = no cap), got {site.max_evaluations}")
     if not (site.max_noise_increase == 0 or 1 <= site.max_noise_increase < math.inf):
         raise SiteError(f"--max-noise-increase must be >= 1 (0 = no cap), got {site.max_noise_increase}")
+    if site.min_records < 0:
+        raise SiteError(f"--min-records must be >= 0 (0 = no minimum), got {site.min_records}")
     if site.min_sites < 2:
         raise SiteError(f"--min-sites must be >= 2 (secure aggregation's smallest sum), got {site.min_sites}")
     for flag, name in (("--user-column", site.user_column), ("--text-column", site.text_column),

@@ -53,6 +53,9 @@ class SitePolicy:
     # The smallest aggregation this site joins under secure aggregation: roster, sharers and
     # survivors (docs/privacy.md, "How many may collude"). The coordinator picks the threshold.
     min_sites: int = 3
+    # The smallest cohort this site releases anything about: with fewer privacy units in its
+    # data it declines every run (client/site_cohort.py; docs/privacy.md, "A minimum cohort").
+    min_records: int = 0
     # The classification labels of this site's data, in class-id order (node config `labels`,
     # comma-separated; `fedlora client` checks its data against them at start). A run whose
     # data.labels differs is declined before any data is read, so whether the site holds a
@@ -122,6 +125,8 @@ def _from_node_config(node_config: dict, base: SitePolicy) -> SitePolicy:
         raise PolicyError(f"node config 'max-noise-increase' must be >= 1 (0 = no cap), got {node_config.get('max-noise-increase')!r}")
     if policy.min_sites < 2:
         raise PolicyError(f"node config 'min-sites' must be >= 2 (secure aggregation's smallest sum), got {policy.min_sites!r}")
+    if policy.min_records < 0:
+        raise PolicyError(f"node config 'min-records' must be >= 0 (0 = no minimum), got {policy.min_records!r}")
     if policy.min_distributed_tolerance < 0:
         raise PolicyError(f"node config 'min-distributed-tolerance' must be >= 0, got {policy.min_distributed_tolerance!r}")
     return policy

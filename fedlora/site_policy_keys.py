@@ -65,6 +65,9 @@ SITE_POLICY: tuple[PolicyKey, ...] = (
     PolicyKey("min-sites", "int", 3, "under secure aggregation, refuse an aggregation whose roster, sharers or survivors "
               "are fewer than N sites (at least 2; with 2, one colluding site and the coordinator learn this one's "
               "update)", "N"),
+    PolicyKey("min-records", "int", 0, "decline every run while the site's data holds fewer than N privacy units "
+              "(rows, or users under --privacy-unit user), counted before any split; the decline names the key, "
+              "not the count (0 = no minimum)", "N"),
     PolicyKey("labels", "labels", (), "classification: the site's label names in class-id order, comma-separated; a run "
               "with other data.labels is declined before data is read, and every row's label must be one of them at "
               "start (not declared: the site declines classification runs)", "A,B,..."),

@@ -179,6 +179,7 @@ def test_every_policy_key_survives_flowers_node_config_parser(site):
         "response-column": "réponse", "max-evaluations": 3, "calibrate-to-limit": False, "lora-rank": 4,
         "require-secure-aggregation": True, "peer-keys": str(public), "node-key": str(site.key),
         "allow-distributed-dp": True, "min-distributed-tolerance": 2, "min-sites": 4, "max-noise-increase": 4.0,
+        "min-records": 0,
     }
     parsed = parse_config_args([site.node_config()])
     assert parsed == expected
@@ -192,7 +193,8 @@ def test_every_policy_key_survives_flowers_node_config_parser(site):
         "max-delta": 1e-5, "privacy-unit": "example", "user-column": "user_id", "allow-no-dp": False,
         "text-column": "text", "label-column": "label", "prompt-column": "prompt", "response-column": "response",
         "max-evaluations": 0, "calibrate-to-limit": True, "require-secure-aggregation": False,
-        "allow-distributed-dp": False, "min-distributed-tolerance": 1, "min-sites": 3, "max-noise-increase": 4.0}
+        "allow-distributed-dp": False, "min-distributed-tolerance": 1, "min-sites": 3, "max-noise-increase": 4.0,
+        "min-records": 0}
 
 
 @pytest.mark.parametrize("change, message", [
