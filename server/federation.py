@@ -29,8 +29,11 @@ from fedlora.server.round_policy import RoundTraining, sample_sites, train_round
 from fedlora.server import site_names
 from fedlora.server.round_rows import (initial_row, note_early_end, note_raised_noise, note_site_problems, raised_noise,
                                        site_epsilons, training_row)
+from fedlora.server.dossier import write_dossier
 from fedlora.server.run_directory import RunDirectory
 from fedlora.server.site_ranks import SiteRanks
+from fedlora.server.registered_keys import KeyRegistry
+from fedlora.server.statement_book import StatementBook
 from fedlora.strategies import Strategy, get_strategy
 from fedlora.strategies.central_dp import CentralDP
 from fedlora.strategies.lora_rank import lora_rank, to_rank
@@ -84,11 +87,13 @@ def run_federation(grid: Grid, config: Config) -> tuple[RunDirectory, list[dict[
     nodes = wait_for_nodes(grid, config.federation.min_clients, config.federation.round_timeout)
     progress.note(f"{len(nodes)} sites connected")
     site_ranks = SiteRanks(envelope)
+    statements = StatementBook(run_dir.path, KeyRegistry(config, run_dir.path))  # RUN_DIR/statements.jsonl
 
     if not rows:  # round 0: the initial adapter, evaluated before any training
         start = time.monotonic()
         nodes, query_failures, query_status = site_ranks.learn(grid, sample_sites(nodes, config, 0), 0, progress)
         eval_row, eval_replies = evaluate_round(grid, envelope, site_ranks.adapters(global_adapter, nodes), 0, progress)
+        statements.take(eval_replies.ok, 0, "evaluate")
         rows = [initial_row(eval_row, eval_replies, query_failures, query_status, time.monotonic() - start)]
         epsilon_max = rows[0]["epsilon_max"]
         record_row(run_dir, progress, rows[0], site_labels(run_dir, nodes))
@@ -96,6 +101,7 @@ def run_federation(grid: Grid, config: Config) -> tuple[RunDirectory, list[dict[
     for server_round in range(last_round + 1, config.federation.rounds + 1):
         start = time.monotonic()
         state, ended_early = train_round(grid, envelope, site_ranks, strategy, global_adapter, server_round, progress)
+        statements.take(state.replies, server_round, "train")  # also when the round ended early: they spent
         if ended_early:  # too few sites could train: nothing to aggregate or evaluate
             eval_row, eval_replies = unevaluated(config), RoundReplies()
         else:
@@ -105,6 +111,7 @@ def run_federation(grid: Grid, config: Config) -> tuple[RunDirectory, list[dict[
                 eval_row, eval_replies = evaluate_round(grid, envelope, evaluated, server_round, progress)
             else:  # federation.evaluate_every
                 eval_row, eval_replies = unevaluated(config), RoundReplies()
+        statements.take(eval_replies.ok, server_round, "evaluate")
         epsilon_max = max([epsilon_max] + site_epsilons(state.replies) + site_epsilons(eval_replies.ok))
         labels = site_labels(run_dir, [*nodes, *state.status])
         extra = {**(central.round_metrics() if central else {}), **strategy.round_metrics(),
@@ -123,6 +130,7 @@ def run_federation(grid: Grid, config: Config) -> tuple[RunDirectory, list[dict[
             "strategy": strategy.name, "metrics": row, "central_history": central.history if central else []})
 
     write_final_adapter(config, global_adapter, run_dir, rows, progress)
+    progress.note(f"dossier: {write_dossier(run_dir.path)}")
     return run_dir, rows
 
 

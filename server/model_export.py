@@ -12,6 +12,8 @@ A mean-pooling classifier (`model.pooling`, fedlora/mean_pooling.py) has no stan
 class: --merge saves its backbone as a plain `AutoModel` folder, the head as
 `classifier.safetensors` and `pooling.json`; `fedlora.mean_pooling.load_exported(DIR)`
 rebuilds it (docs/deployment.md shows the few lines it takes).
+Either way the export ends with the run's dossier (server/dossier.py) beside the model:
+dossier.json and dossier.html, naming the exported files by their SHA-256.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from pathlib import Path
 from fedlora.base_model import load_base_model, load_tokenizer, resolve_model_dir, resolved_pooling
 from fedlora.config import ConfigError, load_config
 from fedlora.portable_adapter import BASE_FILE, verified_base
+from fedlora.server.dossier import write_dossier
 
 
 def export_run(run_dir: Path, out: Path, merge: bool, model_path: str | None = None) -> Path:
@@ -67,4 +70,5 @@ def export_run(run_dir: Path, out: Path, merge: bool, model_path: str | None = N
     tokenizer.save_pretrained(str(out))
     if labels:
         (out / "labels.json").write_text(json.dumps(labels, indent=2) + "\n")
+    write_dossier(run_dir, out, model_dir=out)  # last: it names every file written above
     return out

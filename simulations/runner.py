@@ -93,6 +93,9 @@ def simulate(config: Config, announce: Callable[[], None] | None = None) -> tupl
 
         test = held_out_accuracy(result["run_dir"].path, config)
         print(f"held-out test: accuracy {test['accuracy']:.4f} on {test['notes']} fresh notes (no site holds them)")
+        from fedlora.server.dossier import write_dossier
+
+        write_dossier(result["run_dir"].path)  # again, now with the held-out figures (test.json)
     from fedlora.server.run_report import write_report
 
     print(f"report: {write_report(result['run_dir'].path)}")

@@ -150,11 +150,26 @@ def add_deployment_commands(commands: argparse._SubParsersAction) -> None:
                     "and labels.json. With --merge: a plain transformers model with the adapter merged in "
                     "(AutoModelForSequenceClassification / AutoModelForCausalLM.from_pretrained(DIR)); a mean-pooling classifier "
                     "(model.pooling) as an AutoModel folder plus classifier.safetensors, loaded by "
-                    "fedlora.mean_pooling.load_exported(DIR) (docs/deployment.md).")
+                    "fedlora.mean_pooling.load_exported(DIR) (docs/deployment.md). Either way DIR also gets dossier.json "
+                    "and dossier.html: the base model, the app hash, the config, every site's signed privacy statement "
+                    "and the largest epsilon; check it with `fedlora verify-dossier DIR`.")
     e.add_argument("run_dir", type=Path, metavar="RUN_DIR")
     e.add_argument("--out", type=Path, required=True, metavar="DIR", help="where to write (must not exist or be empty)")
     e.add_argument("--merge", action="store_true", help="merge the adapter into the base model")
     e.add_argument("--model-path", metavar="DIR", help="the base model on this machine, if not the run's model.path")
+
+    vd = commands.add_parser(
+        "verify-dossier", help="re-check an export dossier: every signature and the consistency of its numbers",
+        description="Check DIR/dossier.json (written by `fedlora export` and at the end of every run) from the file "
+                    "alone: every site's privacy statement is well formed, signed by its signer, and the signer is a "
+                    "registered site key (and, with --trusted-keys, one the reader got from the sites); every figure "
+                    "derived from the statements (largest epsilon, sites, app hashes) is what the statements give; "
+                    "every model file beside it has the recorded SHA-256. Prints one line. Exit 0 valid, 1 invalid, "
+                    "2 bad input.")
+    vd.add_argument("dir", type=Path, metavar="DIR", help="the folder holding dossier.json (an export, or a run directory)")
+    vd.add_argument("--trusted-keys", type=Path, action="append", default=[], metavar="FILE",
+                    help="OpenSSH public keys (one per line, as the sites' KEY.pub files) the reader trusts as the "
+                         "sites': every statement must be signed by one of them (repeatable)")
 
 
 def _home(args: argparse.Namespace) -> Path:
@@ -303,11 +318,29 @@ def run_sample_data_cmd(args: argparse.Namespace) -> int:
 
 
 def run_export_cmd(args: argparse.Namespace) -> int:
+    from fedlora.server.dossier_check import verify_dossier
     from fedlora.server.model_export import export_run
 
     out = export_run(args.run_dir, args.out.expanduser().resolve(), args.merge, args.model_path)
     print(f"{'merged model' if args.merge else 'adapter'} written to {out}")
+    print(f"dossier: {out / 'dossier.html'} ({verify_dossier(out).line})")
     return 0
+
+
+def run_verify_dossier_cmd(args: argparse.Namespace) -> int:
+    """Exit 0 valid, 1 invalid, 2 bad input (a DossierInputError, one line)."""
+    from fedlora.server.dossier_check import DossierInputError, read_trusted_keys, verify_dossier
+
+    try:
+        trusted = set().union(*(read_trusted_keys(p) for p in args.trusted_keys)) if args.trusted_keys else None
+        result = verify_dossier(args.dir, trusted)
+    except DossierInputError as exc:
+        print(f"fedlora: error: {exc}", file=sys.stderr)
+        return 2
+    print(result.line)
+    for problem in result.problems[1:]:
+        print(f"  also: {problem}", file=sys.stderr)
+    return 0 if result.valid else 1
 
 
 DEPLOYMENT_COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
@@ -315,4 +348,5 @@ DEPLOYMENT_COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "certs": run_certs_cmd,
     "site-key": run_site_key_cmd, "register-site": run_register_cmd, "unregister-site": run_unregister_cmd,
     "sites": run_sites_cmd, "sample-data": run_sample_data_cmd, "export": run_export_cmd,
+    "verify-dossier": run_verify_dossier_cmd,
 }

@@ -1,0 +1,65 @@
+"""What an export dossier (server/dossier.py) derives from its signed statements, as pure
+functions of them, so that `fedlora verify-dossier` (server/dossier_check.py) recomputes each
+figure instead of believing it; and the file names and hashes both sides share."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any
+
+from fedlora.privacy.node_keys import key_fingerprint
+
+FORMAT = "fedlora-dossier/1"
+JSON_FILE = "dossier.json"
+HTML_FILE = "dossier.html"
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return "sha256:" + digest.hexdigest()
+
+
+def model_file_hashes(folder: Path, relative_to: Path) -> dict[str, str]:
+    """Relative path -> SHA-256 of every file under `folder`, but the dossier's own."""
+    return {p.relative_to(relative_to).as_posix(): file_sha256(p) for p in sorted(folder.rglob("*"))
+            if p.is_file() and p.name not in (JSON_FILE, HTML_FILE)}
+
+
+def _largest(statements: list[dict[str, Any]], epsilon: str, delta: str) -> dict[str, Any] | None:
+    best = max(statements, key=lambda s: s["fields"][epsilon], default=None)
+    if best is None:
+        return None
+    f = best["fields"]
+    return {"epsilon": f[epsilon], "delta": f[delta], "unit": f["unit"], "site": best["site"],
+            "signer": key_fingerprint(f["signer"]), "round": f["round"], "message": f["message"]}
+
+
+def summarize(statements: list[dict[str, Any]]) -> dict[str, Any]:
+    """What follows from the statements alone (verify-dossier recomputes it): per signer its
+    statements and largest epsilons, the app hashes stated, the largest epsilon of this run
+    (at its delta and unit) and over every run, and the sites that trained without DP."""
+    formed = [s for s in statements if s.get("fields")]
+    sites: dict[str, dict[str, Any]] = {}
+    for s in formed:
+        f = s["fields"]
+        site = sites.setdefault(key_fingerprint(f["signer"]), {
+            "site": s["site"], "signer": key_fingerprint(f["signer"]), "statements": 0, "trained_rounds": [],
+            "run_epsilon": 0.0, "total_epsilon": 0.0})
+        site["statements"] += 1
+        if f["message"] == "train" and f["round"] not in site["trained_rounds"]:
+            site["trained_rounds"].append(f["round"])
+        site["run_epsilon"] = max(site["run_epsilon"], f["run-epsilon"])
+        site["total_epsilon"] = max(site["total_epsilon"], f["total-epsilon"])
+    for site in sites.values():
+        site["trained_rounds"].sort()
+    return {
+        "sites": sorted(sites.values(), key=lambda s: (str(s["site"]), s["signer"])),
+        "app_hashes": sorted({s["fields"]["app-hash"] or "unpinned" for s in formed}),
+        "largest_epsilon": {"run": _largest(formed, "run-epsilon", "run-delta"),
+                            "total": _largest(formed, "total-epsilon", "total-delta")},
+        "no_dp_sites": sorted({str(s["site"]) for s in formed if s["fields"]["dp-mode"] == "off"}),
+    }

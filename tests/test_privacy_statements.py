@@ -1,0 +1,246 @@
+"""Signed privacy statements and the export dossier (issue 27, items 1 and 3): every site
+signs what each reply spent, the coordinator keeps the statements, and `fedlora
+verify-dossier` re-checks every signature and every number from the dossier alone.
+
+One real federation in process (the real site ClientApp behind its reply guard, the real
+coordinator, three virtual sites of equal size) serves the tests that read its run."""
+
+from __future__ import annotations
+
+import base64
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
+
+from fedlora.cli import main
+from fedlora.privacy.node_keys import public_key_line, virtual_node_key
+from fedlora.privacy.privacy_statement import RECORD, sign_statement
+from tests.helpers.client_apps import run_in_process
+from tests.helpers.site_messages import send, site  # noqa: F401 - the fixture
+
+SITES = 3
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> tuple[Path, list[dict]]:
+    """RUN_DIR and metrics rows of one round at three IID sites of equal size."""
+    from fedlora.simulations.virtual_sites import simulated_site_app
+
+    run_dir = tmp_path_factory.mktemp("statements") / "run"
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        rows = run_in_process(simulated_site_app(), run_dir, monkeypatch, SITES,
+                              {"federation.rounds": 1, "simulation.partition": "iid"})
+    return run_dir, rows
+
+
+def statements(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "statements.jsonl").read_text().splitlines()]
+
+
+def copy_dossier(run_dir: Path, to: Path) -> Path:
+    """The dossier and the model files it names, as a reader would receive them."""
+    to.mkdir()
+    shutil.copy2(run_dir / "dossier.json", to / "dossier.json")
+    shutil.copytree(run_dir / "adapter", to / "adapter")
+    return to
+
+
+def rewrite(folder: Path, change) -> None:
+    """Apply `change` to the dossier, then recompute every derived figure from its statements,
+    as a forger would, so that only what `change` broke can fail."""
+    from fedlora.server.dossier_figures import summarize
+
+    path = folder / "dossier.json"
+    dossier = json.loads(path.read_text())
+    change(dossier)
+    dossier.update(summarize(dossier["statements"]))
+    path.write_text(json.dumps(dossier))
+
+
+def verify(folder: Path, capsys, *extra: str) -> tuple[int, str]:
+    code = main(["verify-dossier", str(folder), *extra])
+    return code, capsys.readouterr().out.strip()
+
+
+def test_each_site_signs_what_each_reply_spent_and_the_run_s_dossier_verifies(run, capsys, tmp_path):
+    run_dir, rows = run
+    entries = statements(run_dir)
+    # Round 0's evaluation, round 1's training and evaluation, at each site: 9 statements, each verified on arrival.
+    assert sorted((e["round"], e["message"]) for e in entries) == sorted([(0, "evaluate"), (1, "train"), (1, "evaluate")] * SITES)
+    assert all(e["verified"] and e["problem"] is None for e in entries)
+    # Each states the epsilons the reply's metrics carried: the coordinator's figures are the signed ones.
+    reported = {s["node"]: s for s in rows[1]["site_privacy"]}
+    for e in (e for e in entries if e["message"] == "train"):
+        assert e["fields"]["total-epsilon"] == pytest.approx(reported[e["node"]]["epsilon"], rel=1e-12)
+        assert e["fields"]["run-epsilon"] == pytest.approx(reported[e["node"]]["run_epsilon"], rel=1e-12)
+    dossier = json.loads((run_dir / "dossier.json").read_text())
+    assert dossier["largest_epsilon"]["total"]["epsilon"] == pytest.approx(rows[-1]["epsilon_max"], rel=1e-12)
+    assert dossier["largest_epsilon"]["run"]["unit"] == "example" and dossier["unstated"] == []
+    assert "epsilon" in (run_dir / "dossier.html").read_text()
+
+    code, line = verify(run_dir, capsys)
+    assert code == 0 and line.startswith("valid: 9 signed statements from 3 site(s)"), line
+    # A reader's own list of the sites' keys: the statements verify against it, and not against others'.
+    keys = tmp_path / "sites.pub"
+    keys.write_text("".join(public_key_line(virtual_node_key(0, p).public_key()) + f" site-{p}\n" for p in range(SITES)))
+    assert verify(run_dir, capsys, "--trusted-keys", str(keys))[0] == 0
+    keys.write_text(public_key_line(virtual_node_key(0, 7).public_key()) + "\n")
+    code, line = verify(run_dir, capsys, "--trusted-keys", str(keys))
+    assert code == 1 and "not among --trusted-keys" in line
+
+
+def test_a_statement_with_a_changed_epsilon_fails_verification(run, capsys, tmp_path):
+    run_dir, _ = run
+
+    def lower_the_largest(dossier: dict) -> None:
+        top = max(dossier["statements"], key=lambda s: s["fields"]["run-epsilon"])
+        top["fields"]["run-epsilon"] -= 1.0
+
+    folder = copy_dossier(run_dir, tmp_path / "edited")
+    rewrite(folder, lower_the_largest)
+    code, line = verify(folder, capsys)
+    assert code == 1 and "the signature is not the signer's over these fields" in line, line
+
+    # The derived figure alone changed (the statements intact): the numbers do not add up.
+    folder = copy_dossier(run_dir, tmp_path / "summary")
+    dossier = json.loads((folder / "dossier.json").read_text())
+    dossier["largest_epsilon"]["run"]["epsilon"] = 0.5
+    (folder / "dossier.json").write_text(json.dumps(dossier))
+    code, line = verify(folder, capsys)
+    assert code == 1 and line.startswith("invalid: largest_epsilon: the dossier says"), line
+
+
+def test_a_statement_signed_by_an_unregistered_key_fails_verification(run, capsys, tmp_path):
+    run_dir, _ = run
+    outsider = virtual_node_key(12345, 0)
+
+    def add_outsider(dossier: dict) -> None:
+        first = dossier["statements"][0]
+        fields = {k: v for k, v in first["fields"].items() if k not in ("signer", "format")}
+        signed = sign_statement({**fields, "run-epsilon": 0.01}, outsider)
+        dossier["statements"].append({**first, "fields": {k: v for k, v in signed.items() if k != "signature"},
+                                      "signature": base64.b64encode(signed["signature"]).decode(), "site": "outsider"})
+
+    folder = copy_dossier(run_dir, tmp_path / "outsider")
+    rewrite(folder, add_outsider)
+    code, line = verify(folder, capsys)
+    assert code == 1 and "signed by a key that is not registered" in line, line
+
+    # A registered key's statement presented as another node's.
+    def move_to_another_node(dossier: dict) -> None:
+        dossier["statements"][0]["node"] = 999
+
+    folder = copy_dossier(run_dir, tmp_path / "moved")
+    rewrite(folder, move_to_another_node)
+    code, line = verify(folder, capsys)
+    assert code == 1 and "sent by node 999" in line, line
+
+
+def test_nothing_in_a_statement_comes_from_a_site_s_data(run):
+    """The three sites hold different notes of the same size: their statements of one reply
+    agree in every field but the signer. Each field is the run's config, the base model's
+    fingerprint, a fixed choice, or an epsilon the reply's metrics already carry."""
+    run_dir, rows = run
+    config = json.loads(json.dumps(__import__("tomllib").loads((run_dir / "config.toml").read_text())))
+    base = json.loads((run_dir / "adapter" / "base-model.json").read_text())["fingerprint"]
+    by_reply: dict[tuple, list[dict]] = {}
+    for e in statements(run_dir):
+        by_reply.setdefault((e["round"], e["message"]), []).append(e["fields"])
+    for (server_round, message), fields in by_reply.items():
+        without_signer = [{k: v for k, v in f.items() if k != "signer"} for f in fields]
+        assert len(fields) == SITES and all(f == without_signer[0] for f in without_signer), (server_round, message)
+        assert len({f["signer"] for f in fields}) == SITES
+        f = fields[0]
+        assert (f["run"], f["round"], f["message"], f["base-model"], f["app-hash"]) == (
+            config["run"]["output_dir"], server_round, message, base, "")
+        assert (f["unit"], f["accountant"], f["run-delta"], f["dp-mode"], f["mechanism"], f["secure-aggregation"]) == (
+            config["privacy"]["unit"], config["privacy"]["accountant"], config["privacy"]["delta"], "local", "gaussian", False)
+
+
+def test_the_reply_guard_lets_out_only_the_fixed_statement(monkeypatch):
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from fedlora.client.reply_guard import OutgoingContentError, check_outgoing
+
+    for attr, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):
+        monkeypatch.setattr(TaskIdentity, attr, value)
+
+    fields = {"run": "/runs/a", "round": 1, "message": "train", "base-model": "sha256:" + "0" * 64, "app-hash": "",
+              "run-epsilon": 1.0, "run-delta": 1e-5, "total-epsilon": 1.0, "total-delta": 1e-5, "unit": "example",
+              "mechanism": "gaussian", "accountant": "prv", "secure-aggregation": False, "dp-mode": "local"}
+    signed = sign_statement(fields, virtual_node_key(0, 0))
+    request = Message(RecordDict(), dst_node_id=1, message_type="train")
+
+    def reply(statement: dict) -> Message:
+        return Message(RecordDict({"metrics": MetricRecord({"num-examples": 64}), RECORD: ConfigRecord(statement)}),
+                       reply_to=request)
+
+    check_outgoing(reply(signed), "train")
+    check_outgoing(reply(signed), "evaluate")
+    with pytest.raises(OutgoingContentError, match="extra train-loss"):
+        check_outgoing(reply({**signed, "train-loss": 0.25}), "train")  # a data-dependent value riding along
+    with pytest.raises(OutgoingContentError, match="'unit' is not one of"):
+        check_outgoing(reply({**signed, "unit": "Jane Doe"}), "train")  # a free string
+    with pytest.raises(OutgoingContentError, match="outside the whitelist"):
+        check_outgoing(reply(signed), "query")  # a rank query spends nothing and states nothing
+
+
+def test_a_deployed_site_signs_with_its_node_key_and_without_one_sends_no_statement(site, tmp_path):
+    from fedlora.client.peer_keys import load_node_key
+    from fedlora.client.site_keys import create_site_key
+    from fedlora.privacy.privacy_statement import check_statement, signature_valid
+
+    config, node = site
+    without = send(config, node)
+    assert not without.has_error() and "arrays" in without.content and RECORD not in without.content
+    private, _ = create_site_key(tmp_path / "keys", "north")
+    signed = send(config, {**node, "node-key": str(private)}, server_round=2)
+    raw = dict(signed.content[RECORD])
+    fields = check_statement(raw)
+    assert fields["signer"] == public_key_line(load_node_key(private).public_key()) and signature_valid(fields, raw["signature"])
+    assert (fields["round"], fields["message"], fields["total-epsilon"]) == (2, "train", signed.content["metrics"]["epsilon"])
+
+
+def test_the_dossier_lists_replies_without_a_statement(run, tmp_path, capsys):
+    from fedlora.server.dossier import write_dossier
+
+    run_dir, _ = run
+    unsigned = tmp_path / "unsigned"
+    shutil.copytree(run_dir, unsigned)
+    (unsigned / "statements.jsonl").unlink()
+    write_dossier(unsigned)
+    dossier = json.loads((unsigned / "dossier.json").read_text())
+    assert len(dossier["unstated"]) == 3 * SITES and dossier["largest_epsilon"] == {"run": None, "total": None}
+    code, line = verify(unsigned, capsys)
+    assert code == 1 and "no signed privacy statement" in line
+
+
+def test_export_writes_a_dossier_beside_the_model_naming_its_files(run, tmp_path, capsys):
+    run_dir, _ = run
+    out = tmp_path / "export"
+    assert main(["export", str(run_dir), "--out", str(out)]) == 0
+    capsys.readouterr()
+    dossier = json.loads((out / "dossier.json").read_text())
+    assert {"adapter_model.safetensors", "adapter_config.json", "base-model.json"} <= set(dossier["model_files"])
+    assert verify(out, capsys)[0] == 0
+    weights = out / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-1] + bytes([weights.read_bytes()[-1] ^ 1]))
+    code, line = verify(out, capsys)
+    assert code == 1 and "model file adapter_model.safetensors: its SHA-256" in line, line
+
+
+def test_verify_dossier_says_bad_input_in_one_line(tmp_path, capsys):
+    assert main(["verify-dossier", str(tmp_path)]) == 2
+    assert "dossier.json: not found" in capsys.readouterr().err
+    (tmp_path / "dossier.json").write_text("{not json")
+    assert main(["verify-dossier", str(tmp_path)]) == 2
+    assert "not readable JSON" in capsys.readouterr().err
+    (tmp_path / "dossier.json").write_text(json.dumps({"format": "something else"}))
+    assert main(["verify-dossier", str(tmp_path)]) == 2
+    keys = tmp_path / "keys.pub"
+    keys.write_text("ssh-ed25519 AAAA\n")
+    assert main(["verify-dossier", str(tmp_path), "--trusted-keys", str(keys)]) == 2
+    assert "--trusted-keys" in capsys.readouterr().err
