@@ -157,6 +157,7 @@ CANARY = "zebracanary"
 
 def test_every_message_a_client_sends_holds_only_adapter_tensors_and_whitelisted_scalars(tmp_path, monkeypatch):
     from fedlora.messages import DECLINED_METRICS, EVALUATE_METRICS, QUERY_METRICS, TRAIN_METRICS
+    from fedlora.privacy.privacy_statement import check_statement
 
     labels = ["ward-north", "ward-south", "ward-east"]
     data = tmp_path / "notes.jsonl"
@@ -182,7 +183,17 @@ def test_every_message_a_client_sends_holds_only_adapter_tensors_and_whitelisted
     assert sum(r["type"] == "train" for r in replies) == 6  # 3 sites x 2 rounds, every one captured
     secrets = [CANARY, "mrn-0", "chest pain", *labels]
     for reply in replies:
-        assert not reply["error"] and reply["config_records"] == {}
+        assert not reply["error"]
+        if reply["type"] in ("train", "evaluate"):
+            # The site's signed privacy statement: exactly its fixed, typed fields, each the run's
+            # config or an epsilon the reply's metrics carry (privacy/privacy_statement.py).
+            assert set(reply["config_records"]) == {"statement"}
+            fields = check_statement(reply["config_records"]["statement"])
+            assert (fields["run"], fields["message"], fields["unit"], fields["dp-mode"]) == (
+                config.run.output_dir, reply["type"], "user", "local")
+            assert fields["total-epsilon"] == reply["metric_records"]["metrics"]["epsilon"]
+        else:
+            assert reply["config_records"] == {}
         assert set(reply["metric_records"]) <= {"metrics"}
         for key, value in reply["metric_records"].get("metrics", {}).items():
             assert key in whitelist[reply["type"]]
@@ -196,7 +207,7 @@ def test_every_message_a_client_sends_holds_only_adapter_tensors_and_whitelisted
                     assert secret.encode() not in raw
         else:
             assert reply["array_records"] == {}
-        assert not any(s in json.dumps(reply["metric_records"]) for s in secrets)
+        assert not any(s in json.dumps([reply["metric_records"], reply["config_records"]], default=repr) for s in secrets)
 
 
 NAMES = ["Jane Doe", "John Roe", "Ada Lovelace"]
