@@ -228,7 +228,7 @@ def _check_key(key: Path) -> None:
 def _check_root_cert(cert: Path, superlink: str) -> None:
     """A readable CA certificate, valid today; and, when the coordinator is reachable
     now, the certificate it presents is signed by this CA for the address dialled (what
-    the SuperNode would otherwise find out later, in a multi-line gRPC error)."""
+    the SuperNode would otherwise find out later, in a multi-line error)."""
     import datetime
 
     from cryptography import x509
@@ -262,7 +262,7 @@ def _check_coordinator_tls(cert: Path, superlink: str) -> None:
     host, _, port = superlink.rpartition(":")
     host = host.strip("[]")
     context = ssl.create_default_context(cafile=str(cert))
-    context.set_alpn_protocols(["h2"])  # gRPC's
+    context.set_alpn_protocols(["http/1.1"])  # the SuperNode's (Flower 1.42 speaks HTTP/1.1 to the SuperLink)
     try:
         raw = socket.create_connection((host, int(port)), timeout=5)
     except (OSError, ValueError):

@@ -108,8 +108,8 @@ def stop_descendants(procs: Sequence[subprocess.Popen], grace: float = GRACE_SEC
 
 # Starts a command with SIGTERM ignored (an ignored disposition survives exec) until the
 # program installs its own handler. A wrapper that execs, not a preexec_fn: Python code
-# between fork and exec breaks in a process where gRPC already runs (the site's
-# coordinator watch), and the child died before its exec.
+# between fork and exec is unsafe in a process with other threads (the site's coordinator
+# watch and output relays); while the watch used gRPC, the child died before its exec.
 _IGNORING_SIGTERM = ("import os, signal, sys; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
                      "os.execvp(sys.argv[1], sys.argv[1:])")
 
