@@ -20,7 +20,7 @@ import pytest
 
 from fedlora.client.coordinator_watch import (
     EXIT_UNREACHABLE, PROBE_SECONDS, PROBE_SECONDS_ENV, SAY_EVERY_SECONDS, CoordinatorUnreachable, CoordinatorWatch,
-    coordinator_answers, parse_duration,
+    parse_duration,
 )
 from fedlora.flower_env import flower_env
 from tests.helpers.site_data import write_site_data
@@ -128,25 +128,6 @@ def coordinator(tmp_path: Path, name: str, *tls: str):
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
             proc.wait(timeout=60)
-
-
-@pytest.mark.slow
-def test_the_probe_reaches_a_real_coordinator_as_its_sites_connect(tmp_path):
-    def certs(folder: Path) -> Path:
-        subprocess.run([sys.executable, "-m", "fedlora.cli", "certs", "--out", str(folder)], check=True, cwd=ROOT,
-                       capture_output=True, env=flower_env())
-        return folder
-
-    ours, another = certs(tmp_path / "certs"), certs(tmp_path / "another-ca")
-    with (coordinator(tmp_path, "plain") as (plain, _, _),
-          coordinator(tmp_path, "tls", "--certs", str(ours)) as (tls, _, _)):
-        assert coordinator_answers(plain, None)  # --insecure: plain HTTP
-        assert coordinator_answers(tls, ours / "ca.pem")
-        assert coordinator_answers(tls.replace("127.0.0.1", "localhost"), ours / "ca.pem")  # both names in its certificate
-        assert not coordinator_answers(tls, another / "ca.pem")  # a CA that did not sign its certificate
-        assert not coordinator_answers(tls, None)  # plain HTTP to a TLS coordinator
-        assert not coordinator_answers(plain, ours / "ca.pem")  # TLS to a plain one
-    assert not coordinator_answers(plain, None)  # stopped
 
 
 @pytest.mark.slow

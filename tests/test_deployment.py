@@ -25,6 +25,7 @@ import torch
 
 from fedlora.app_hash import app_dir_hash, installed_app_dir
 from fedlora.client.app_pinning import REFUSED_APP
+from fedlora.client.coordinator_watch import coordinator_answers
 from fedlora.server.coordinator_service import list_sites
 from tests.helpers.app_bundles import change_one_line, copy_app, flwr_run_folder
 from tests.helpers.deployment import FEDLORA, Deployment, fedlora, kill, metrics_rows, start, wait_for
@@ -63,6 +64,12 @@ def test_a_changed_bundle_refused_then_three_tls_sites_with_node_auth_refusals_a
     d.site("other-model", model=other_base_model(d.model, tmp_path / "other-model"))
     home = d.state / "flwr-home"
     wait_for(lambda: len([n for n in list_sites(home) if n["status"] == "online"]) == 3, 120, "three sites to connect")
+    # The sites' coordinator watch asks what they connect to: HTTPS checked against the CA, both names in
+    # its certificate; another CA, or plain HTTP to a TLS coordinator, does not answer.
+    ca, address = d.root / "certs" / "ca.pem", f"127.0.0.1:{d.port}"
+    assert coordinator_answers(address, ca) and coordinator_answers(f"localhost:{d.port}", ca)
+    assert fedlora("certs", "--out", str(tmp_path / "another-ca")).returncode == 0
+    assert not coordinator_answers(address, tmp_path / "another-ca" / "ca.pem") and not coordinator_answers(address, None)
 
     # A bundle with one changed line, submitted as a coordinator would: every site refuses it unopened.
     installed, marker = app_dir_hash(installed_app_dir()), tmp_path / "marker"
@@ -128,6 +135,7 @@ def test_a_changed_bundle_refused_then_three_tls_sites_with_node_auth_refusals_a
     assert "other-model (node" in run_log and "train: refused: different base model" in run_log
     # Each site's own log states, per round, its noise multiplier, sampling rate and epsilon (docs/privacy.md).
     site_log = (d.root / "site-site-0.log").read_text()
+    assert "cannot reach the coordinator" not in site_log  # connected all along: the watch said nothing
     for r in (1, 2):
         assert re.search(rf"round {r}: .* noise multiplier [0-9.]+ \(q [0-9.]+ per example, \d+ steps\), "
                          rf"epsilon [0-9.]+, expected [0-9.]+ after round 2, limit 10.000", site_log), site_log[-3000:]
