@@ -28,6 +28,7 @@ from fedlora.client.app_pinning import REFUSED_APP
 from fedlora.client.coordinator_watch import coordinator_answers
 from fedlora.server.coordinator_service import list_sites
 from tests.helpers.app_bundles import change_one_line, copy_app, flwr_run_folder
+from tests.helpers.dossier_checks import check_deployment_dossier
 from tests.helpers.deployment import FEDLORA, Deployment, fedlora, kill, metrics_rows, start, wait_for
 
 pytestmark = pytest.mark.slow
@@ -154,6 +155,10 @@ def test_a_changed_bundle_refused_then_three_tls_sites_with_node_auth_refusals_a
         assert trained_rounds(d.root / "sites" / name) == rounds
     assert not (d.root / "sites" / "other-model" / "privacy-ledger.json").exists()
     assert "is not the coordinator's" in (d.root / "site-other-model.log").read_text()
+
+    # The dossier verifies against the sites' own public keys: every site that trained signed what it spent.
+    dossier = check_deployment_dossier(run_dir, d.root / "keys", ["site-0", "site-1", "site-2"])
+    assert dossier["app_hashes"] == sorted([installed, "unpinned"])  # flower-supernode started directly pins nothing
 
     # Export: the merged model loads with plain transformers and computes what base + adapter do.
     out = fedlora("export", str(run_dir), "--out", str(tmp_path / "merged"), "--merge")

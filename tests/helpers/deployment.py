@@ -98,7 +98,7 @@ class Deployment:
         state, model = self.root / "sites" / name, model or self.model
         if direct:
             state.mkdir(parents=True)
-            node_config = f'data-path="{data}" model-path="{model}" state-dir="{state}" labels="a,b,c"'
+            node_config = f'data-path="{data}" model-path="{model}" state-dir="{state}" labels="a,b,c" node-key="{key}"'
             command = [flower_executable("flower-supernode"), "--superlink", f"127.0.0.1:{self.port}", "--root-certificates",
                        str(self.root / "certs" / "ca.pem"), "--auth-supernode-private-key", str(key),
                        "--node-config", node_config, "--port", str(free_port())]
