@@ -33,11 +33,15 @@ def trusted_key(path: Path) -> str:
 
 
 def _pinned(check: TrailCheck, key: str | None) -> str | None:
-    """With a trusted key: a chained trail must carry a head signed by exactly that key."""
-    if key is None or not check.entries:
+    """With a trusted key: a trail with any entry must carry a head signed by exactly that key.
+    Legacy entries too: stripping every entry's link and both heads turns a chained file into
+    a "legacy" one whose entries anyone could delete, and only the missing signature tells."""
+    if key is None or not (check.entries or check.legacy):
         return None
     if check.signer is None:
-        return f"{check.file}: no head signed by the given key (no signed head at all)"
+        unsigned = (f"its {check.legacy} legacy entries (written before the chain, or stripped of it) are signed by "
+                    "no one" if not check.entries else "no signed head at all")
+        return f"{check.file}: no head signed by the given key ({unsigned})"
     if " ".join(check.signer.split()[:2]) != key:
         return f"{check.file}: its signed head is by key {fingerprint(check.signer)}, not the given key {fingerprint(key)}"
     return None

@@ -1,0 +1,105 @@
+"""A governance reader who pins the site's public key (`fedlora privacy STATE_DIR --verify
+--public-key FILE`) learns whether the trail is the site's: a file stripped of its chain
+(every entry turned "legacy", the heads dropped) or cut at its end with its signed head
+dropped no longer reads as intact. The hashes alone anyone can recompute; only the
+signature binds a trail to the site."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from fedlora.cli import main
+from fedlora.client.peer_keys import load_node_key
+from fedlora.client.site_keys import create_site_key
+from fedlora.privacy.site_audit import AUDIT_FILE, HEAD_FILE, append_audit
+from fedlora.privacy.site_ledger import LEDGER_FILE, Mechanism, open_ledger
+from fedlora.privacy.trail_chain import TrailSigner, digest, signing_trail
+
+
+@pytest.fixture
+def node_key(tmp_path):
+    private, public = create_site_key(tmp_path / "keys", "site-a")
+    return TrailSigner(load_node_key(private)), public
+
+
+def verify(state_dir: Path, capsys, *extra: str) -> tuple[int, str]:
+    code = main(["privacy", str(state_dir), "--verify", *extra])
+    out = capsys.readouterr()
+    return code, (out.out + out.err).strip()
+
+
+def signed_trail(state_dir: Path, signer: TrailSigner) -> None:
+    """Four ledger entries and four audit entries, every head signed by the site's key."""
+    with open_ledger(state_dir, signer) as ledger:
+        for r in range(1, 5):
+            ledger.record("run-1", "rdp", 1e-5, Mechanism(r, 1.1, 0.05, 4), 20.0)
+    with signing_trail(state_dir, signer):
+        for r in range(1, 5):
+            append_audit(state_dir, "request", "run-1", message="train", round=r)
+
+
+def test_a_ledger_stripped_to_legacy_fails_against_the_sites_public_key(tmp_path, capsys, node_key):
+    """Dropping seq, prev and both heads makes every entry look written before the chain:
+    then any entry could be deleted unseen. A pinned check must not call it intact."""
+    signer, public = node_key
+    signed_trail(tmp_path, signer)
+    assert verify(tmp_path, capsys, "--public-key", str(public))[0] == 0
+    raw = json.loads((tmp_path / LEDGER_FILE).read_text())
+    for mechanism in raw["runs"][0]["mechanisms"]:
+        mechanism.pop("seq"), mechanism.pop("prev")
+    raw["runs"][0]["mechanisms"].pop()  # the last round's spend, gone
+    raw.pop("head"), raw.pop("signed_head")
+    raw["format"] = 1
+    (tmp_path / LEDGER_FILE).write_text(json.dumps(raw))
+    code, line = verify(tmp_path, capsys, "--public-key", str(public))
+    assert code == 1, line
+    assert f"{tmp_path / LEDGER_FILE}: no head signed by the given key" in line, line
+
+
+def test_an_audit_log_stripped_to_legacy_fails_against_the_sites_public_key(tmp_path, capsys, node_key):
+    signer, public = node_key
+    signed_trail(tmp_path, signer)
+    path = tmp_path / AUDIT_FILE
+    lines = [json.loads(line) for line in path.read_text().splitlines()][:-1]  # the last cut
+    path.write_text("".join(json.dumps({k: v for k, v in e.items() if k not in ("seq", "prev")}) + "\n" for e in lines))
+    (tmp_path / HEAD_FILE).unlink()
+    code, line = verify(tmp_path, capsys, "--public-key", str(public))
+    assert code == 1, line
+    assert f"{path}: no head signed by the given key" in line, line
+
+
+def test_a_ledger_cut_at_its_end_with_its_signed_head_dropped_fails_against_the_sites_public_key(
+        tmp_path, capsys, node_key):
+    """The classic gap of a hash chain: cut the tail, recompute the (unsigned) head, drop the
+    signed one."""
+    signer, public = node_key
+    signed_trail(tmp_path, signer)
+    raw = json.loads((tmp_path / LEDGER_FILE).read_text())
+    run = raw["runs"][0]
+    run["mechanisms"].pop()
+    last = run["mechanisms"][-1]
+    raw["head"]["entries"] = last["seq"] + 1
+    raw["head"]["last"] = digest({"run": run["run"], "accountant": run["accountant"], "delta": run["delta"],
+                                  "list": "mechanisms", "entry": last})
+    raw.pop("signed_head")
+    (tmp_path / LEDGER_FILE).write_text(json.dumps(raw))
+    assert verify(tmp_path, capsys)[0] == 0  # consistent in itself: the hashes prove nothing on their own
+    code, line = verify(tmp_path, capsys, "--public-key", str(public))
+    assert code == 1 and "no head signed by the given key" in line, line
+
+
+def test_a_never_rewritten_legacy_ledger_says_under_a_pinned_check_that_nothing_signs_it(tmp_path, capsys, node_key):
+    """A ledger from before the chain that no signed write has touched since is not the site's
+    word either: the pinned check says so, and the unpinned one still reads it as legacy."""
+    _, public = node_key
+    legacy = {"format": 1, "max_epsilon": 20.0, "runs": [{"run": "old", "accountant": "rdp", "delta": 1e-5, "mechanisms": [
+        {"round": 1, "noise_multiplier": 1.1, "sample_rate": 0.05, "steps": 4, "unit": "example",
+         "time": "2025-01-01T00:00:00+00:00", "kind": "train", "l2": None, "l1": None, "trust": None}], "declined": []}]}
+    (tmp_path / LEDGER_FILE).write_text(json.dumps(legacy))
+    code, line = verify(tmp_path, capsys)
+    assert code == 0 and "0 entries chained after 1 legacy entries" in line, line
+    code, line = verify(tmp_path, capsys, "--public-key", str(public))
+    assert code == 1 and "no head signed by the given key" in line and "1 legacy entries" in line, line
