@@ -69,6 +69,14 @@ def unstated_replies(run_dir: Path, statements: list[dict[str, Any]]) -> list[di
     return out
 
 
+def called_as_registered(statements: list[dict[str, Any]], registered: dict[str, Any]) -> list[dict[str, Any]]:
+    """Each statement labelled as its signer is registered at the end of the run: a site named
+    while the run was under way had its earlier statements recorded under its node id, and
+    `verify-dossier` holds each label to its signer's."""
+    labels = {k["public_key"]: k["label"] for k in registered.get("keys", [])}
+    return [{**s, "site": labels.get((s.get("fields") or {}).get("signer"), s.get("site"))} for s in statements]
+
+
 def final_metrics(run_dir: Path) -> dict[str, Any] | None:
     """The last evaluated round's federated figures (noisy under DP), from metrics.jsonl."""
     metrics = run_dir / "metrics.jsonl"
@@ -91,7 +99,8 @@ def build_dossier(run_dir: Path, out_dir: Path, model_dir: Path) -> dict[str, An
     config = tomllib.loads((run_dir / "config.toml").read_text())
     base_file = run_dir / "adapter" / BASE_FILE
     base = json.loads(base_file.read_text()) if base_file.is_file() else {"base_model": config["model"]["path"], "fingerprint": None}
-    statements = read_statements(run_dir)
+    registered = read_site_keys(run_dir)
+    statements = called_as_registered(read_statements(run_dir), registered)
     test = run_dir / TEST_FILE
     return {
         "format": FORMAT,
@@ -101,7 +110,7 @@ def build_dossier(run_dir: Path, out_dir: Path, model_dir: Path) -> dict[str, An
         "strategy": config["strategy"]["name"],
         "config": config,
         "model_files": model_file_hashes(model_dir, out_dir),
-        "registered_keys": read_site_keys(run_dir),
+        "registered_keys": registered,
         "statements": statements,
         "unstated": unstated_replies(run_dir, statements),
         **summarize(statements),

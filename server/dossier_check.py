@@ -5,7 +5,8 @@ alone, trusting none of the coordinator's own checks.
   the signer among the dossier's registered keys and registered to the node the statement
   came from, and with `--trusted-keys FILE` also among keys the reader got from the sites
   themselves (OpenSSH public-key lines, as `fedlora site-key` writes them); its run and base
-  model the dossier's.
+  model the dossier's (where the dossier names no fingerprint, every statement's the same);
+  its site label the one its signer is registered under.
 - Every figure that follows from the statements (sites, app hashes, largest epsilons, sites
   without DP) equals what the statements give.
 - Every model file the dossier names is beside it with the recorded SHA-256.
@@ -107,6 +108,10 @@ def statement_problems(index: int, entry: dict[str, Any], dossier: dict[str, Any
     problems = []
     if (problem := statement_problem(fields, raw, registered, node)) is not None:
         problems.append(f"{where}: {problem}")
+    elif entry.get("site") != (label := registered[fields["signer"]].label):
+        # The coordinator writes the label, the signer says whose statement it is: a label
+        # moved to another site's statements would move 'trained without DP' with it.
+        problems.append(f"{where}: its signer is registered as {label!r}, not {entry.get('site')!r:.80}")
     if trusted is not None and canonical_key_line(fields["signer"]) not in trusted:
         problems.append(f"{where}: signed by {key_fingerprint(fields['signer'])}, which is not among --trusted-keys")
     if (fields["round"], fields["message"]) != (entry.get("round"), entry.get("message")):
@@ -114,9 +119,20 @@ def statement_problems(index: int, entry: dict[str, Any], dossier: dict[str, Any
     if fields["run"] != dossier["run"]:
         problems.append(f"{where}: states run {fields['run']!r:.100}, not the dossier's")
     fingerprint = dossier["base_model"].get("fingerprint")
-    if fingerprint and fields["base-model"] != fingerprint:
-        problems.append(f"{where}: states base model {fields['base-model']}, not the dossier's {fingerprint}")
+    expected, whose = (fingerprint, "the dossier's") if fingerprint else (first_base_model(dossier), "the first statement's")
+    if expected and fields["base-model"] != expected:
+        problems.append(f"{where}: states base model {fields['base-model']}, not {whose} {expected}")
     return problems
+
+
+def first_base_model(dossier: dict[str, Any]) -> str | None:
+    """Where the dossier names no fingerprint, the base model its first well-formed statement
+    states: every statement must state the same one (one run trains one base model)."""
+    for entry in dossier["statements"]:
+        fields = entry.get("fields") if isinstance(entry, dict) else None
+        if isinstance(fields, dict) and isinstance(fields.get("base-model"), str):
+            return fields["base-model"]
+    return None
 
 
 def model_file_problems(folder: Path, files: dict[str, str]) -> list[str]:

@@ -244,3 +244,59 @@ def test_verify_dossier_says_bad_input_in_one_line(tmp_path, capsys):
     keys.write_text("ssh-ed25519 AAAA\n")
     assert main(["verify-dossier", str(tmp_path), "--trusted-keys", str(keys)]) == 2
     assert "--trusted-keys" in capsys.readouterr().err
+
+
+def test_a_statement_presented_under_another_site_s_name_fails_verification(run, capsys, tmp_path):
+    """The coordinator writes each statement's site label; the signer fixes whose it is. Two
+    sites' labels swapped (say, to move 'trained without DP' onto another site) must fail,
+    though every signature and every derived figure still holds."""
+    run_dir, _ = run
+
+    def swap_labels(dossier: dict) -> None:
+        for s in dossier["statements"]:
+            s["site"] = {"site 0": "site 1", "site 1": "site 0"}.get(s["site"], s["site"])
+
+    folder = copy_dossier(run_dir, tmp_path / "relabelled")
+    rewrite(folder, swap_labels)
+    code, line = verify(folder, capsys)
+    assert code == 1 and "is registered as 'site 0', not 'site 1'" in line, line
+
+
+def test_statements_about_another_base_model_fail_verification_even_when_the_dossier_names_none(run, capsys, tmp_path):
+    """A registered site's genuine statement from a run on another base model (same run name),
+    mixed in under a dossier whose own fingerprint was blanked: the base models disagree."""
+    run_dir, _ = run
+    keys = {public_key_line(virtual_node_key(0, p).public_key()): virtual_node_key(0, p) for p in range(SITES)}
+
+    def mix_in_another_base_model(dossier: dict) -> None:
+        dossier["base_model"]["fingerprint"] = None
+        first = dossier["statements"][0]
+        fields = {k: v for k, v in first["fields"].items() if k not in ("signer", "format")}
+        signed = sign_statement({**fields, "base-model": "sha256:" + "1" * 64}, keys[first["fields"]["signer"]])
+        dossier["statements"].append({**first, "fields": {k: v for k, v in signed.items() if k != "signature"},
+                                      "signature": base64.b64encode(signed["signature"]).decode()})
+
+    folder = copy_dossier(run_dir, tmp_path / "mixed")
+    rewrite(folder, mix_in_another_base_model)
+    code, line = verify(folder, capsys)
+    assert code == 1 and "base model" in line, line
+
+
+def test_a_site_named_during_the_run_is_called_by_its_final_name_throughout_the_dossier(run, capsys, tmp_path):
+    """An operator may name a site while a run is under way: its earlier statements were
+    recorded under its node id. The dossier calls every statement by the name its signer is
+    registered under at the end, and verifies."""
+    from fedlora.server.dossier import write_dossier
+
+    run_dir, _ = run
+    renamed = tmp_path / "renamed"
+    shutil.copytree(run_dir, renamed)
+    keys = json.loads((renamed / "site-keys.json").read_text())
+    keys["keys"][0]["label"] = "north-clinic (node 1)"
+    (renamed / "site-keys.json").write_text(json.dumps(keys))
+    write_dossier(renamed)
+    code, line = verify(renamed, capsys)
+    assert code == 0, line
+    dossier = json.loads((renamed / "dossier.json").read_text())
+    signer = keys["keys"][0]["public_key"]
+    assert {s["site"] for s in dossier["statements"] if s["fields"]["signer"] == signer} == {"north-clinic (node 1)"}
