@@ -121,7 +121,9 @@ class Deployment:
     def config(self, name: str, **overrides) -> Path:
         config = load_config(None, {
             "model.path": str(self.model), "data.labels": ["a", "b", "c"], "run.output_dir": str(self.root / "runs" / name),
-            "federation.rounds": 2, "federation.min_clients": 2, "federation.round_timeout": 60.0,
+            # A killed site is noticed by its missed heartbeats (about a minute), not by this timeout: it is
+            # long enough that a busy machine (two deployments and a simulation at once) does not time sites out.
+            "federation.rounds": 2, "federation.min_clients": 2, "federation.round_timeout": 180.0,
             "train.local_steps": 2, "train.batch_size": 16, "privacy.target_epsilon": 4.0, **overrides,
         })
         path = self.root / f"{name}.toml"
