@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from torch.nn.utils.rnn import pad_sequence
 
 from fedlora.mean_pooling import MeanPoolingClassifier, masked_mean
 from fedlora.text_data import Example, collate
@@ -72,7 +73,7 @@ class FrozenPrefix:
         keys = [(self.first, tuple(ids)) for ids in input_ids]
         missing = [i for i, key in enumerate(keys) if key not in self.store.states]
         fresh = dict(zip(missing, self._compute([input_ids[i] for i in missing], device))) if missing else {}
-        out = None
+        states = []
         for i, key in enumerate(keys):
             state = fresh.get(i)
             if state is None:
@@ -80,9 +81,11 @@ class FrozenPrefix:
             elif self.store.nbytes + state.numel() * state.element_size() <= MAX_CACHE_BYTES:
                 self.store.states[key] = state
                 self.store.nbytes += state.numel() * state.element_size()
-            if out is None:
-                out = state.new_zeros((len(keys), width, state.shape[-1]))
-            out[i, : state.shape[0]] = state
+            states.append(state)
+        # One padded copy (zeros after each example's tokens), not a copy per example.
+        out = pad_sequence(states, batch_first=True)
+        if out.shape[1] < width:
+            out = torch.nn.functional.pad(out, (0, 0, 0, width - out.shape[1]))
         return out
 
     @torch.no_grad()

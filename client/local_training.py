@@ -20,11 +20,13 @@ import torch.nn.functional as F
 
 from fedlora.adapter_state import adapter_keys
 from fedlora.client.frozen_prefix import FrozenPrefix, frozen_prefix
+from fedlora.client.length_buckets import length_sorted_parts
 from fedlora.base_model import ModelError
 from fedlora.config import Config
 from fedlora.text_data import IGNORE_INDEX, Example, collate
 from fedlora.privacy.distributed_dp import rounded_clipped_sum
 from fedlora.privacy.dp_sgd import check_per_example, mark_empty_batch, private_optimizer
+from fedlora.privacy.per_example_parts import PerExampleParts
 from fedlora.privacy.user_level import merge_rows_by_unit, unit_weights
 
 
@@ -202,18 +204,32 @@ def train_locally(
             if not rows:
                 mark_empty_batch(dp_optimizer)  # still a noised, accounted step
             else:
-                chosen = [examples[i] for i in rows]
-                batch = on_device(collate(chosen, pad_id), model)
-                per_example = sequence_losses(batch_logits(dp_model, prefix, chosen, batch), batch["labels"], task)
-                unit_index = torch.tensor(unit_of_row, device=per_example.device)
                 num_units = unit_of_row[-1] + 1
-                # Each unit's rows weigh 1/n_u, so its per-row gradients sum to its mean gradient.
-                (per_example * unit_weights(unit_index, num_units)).mean().backward()
+                # The sampled rows, sorted by length into micro-batches (client/length_buckets.py):
+                # the same rows and per-row gradients, less padding.
+                parts = length_sorted_parts([len(examples[i].input_ids) for i in rows], config.train.length_buckets)
+                order = [j for part in parts for j in part]
+                unit_index = torch.tensor([unit_of_row[j] for j in order])
+                # Each unit's rows weigh 1/n_u (over the whole batch), so its per-row gradients
+                # sum to its mean gradient.
+                weights = unit_weights(unit_index, num_units)
+                gathered = PerExampleParts(dp_optimizer.params)
+                loss_sum, done = 0.0, 0
+                for part in parts:
+                    chosen = [examples[rows[j]] for j in part]
+                    batch = on_device(collate(chosen, pad_id), model)
+                    per_example = sequence_losses(batch_logits(dp_model, prefix, chosen, batch), batch["labels"], task)
+                    part_weights = weights[done: done + len(part)].to(per_example.device)
+                    (per_example * part_weights).mean().backward()
+                    gathered.take()
+                    loss_sum += per_example.detach().sum().item()
+                    done += len(part)
+                gathered.put_back()  # one batch of per-row gradients, in `order`
                 if num_units < len(rows):
                     merge_rows_by_unit(dp_optimizer.params, unit_index, num_units)
                 # step() refuses to clip unless every grad_sample has one row per unit (PerExampleError).
                 dp_optimizer.expect_units(num_units)
-                losses.append(per_example.mean().item())
+                losses.append(loss_sum / len(rows))
             dp_optimizer.step()
             dp_optimizer.zero_grad(set_to_none=True)
     check_trained(params, anchor, plan.steps, config.train.lr)

@@ -98,6 +98,10 @@ class TrainSection:
     # Keep each example's hidden states below the first LoRA layer (frozen, so the same in
     # every round) and run only the layers above it (client/frozen_prefix.py); same logits.
     cache_frozen_layers: bool = True
+    # A DP-SGD batch runs as this many micro-batches of its rows sorted by length, each
+    # padded to its own longest row (client/length_buckets.py): the same rows and per-row
+    # gradients, less padding. 1 = one batch padded to its longest row.
+    length_buckets: int = 4
 
 
 @dataclass
@@ -283,7 +287,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
 }
 
 POSITIVE: tuple[str, ...] = (
-    "model.max_length", "lora.rank", "lora.alpha", "train.local_steps", "train.batch_size",
+    "model.max_length", "lora.rank", "lora.alpha", "train.local_steps", "train.batch_size", "train.length_buckets",
     "train.lr", "privacy.target_epsilon", "privacy.delta", "privacy.max_grad_norm",
     "privacy.user_max_records", "privacy.central_noise_multiplier", "privacy.central_clip_norm",
     "federation.rounds", "federation.min_clients", "federation.round_timeout", "federation.secure_aggregation_clip",
