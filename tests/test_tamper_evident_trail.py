@@ -220,3 +220,26 @@ def test_an_intact_ledger_written_across_process_restarts_verifies_signed_by_the
     ledger = SiteLedger.load(node["state-dir"])
     assert [(m.round, m.kind, m.seq) for m in ledger.runs[0].mechanisms] == [(1, "train", 0), (1, "evaluation", 1),
                                                                              (2, "train", 2)]
+
+
+def test_virtual_sites_of_a_simulation_sign_their_trails_with_their_derived_keys(tmp_path, monkeypatch, capsys):
+    """The real coordinator and the simulation's ClientApp in process: every virtual site's
+    ledger and audit log verify, signed by the key derived from the run seed and its partition."""
+    from fedlora.client.peer_keys import virtual_node_key
+    from fedlora.privacy.trail_chain import public_key_line
+    from fedlora.simulations.virtual_sites import simulated_site_app
+    from tests.helpers.client_apps import run_in_process
+
+    run_in_process(simulated_site_app(), tmp_path / "run", monkeypatch, 2,
+                   {"federation.rounds": 1, "federation.min_clients": 2, "privacy.accountant": "rdp"})
+    capsys.readouterr()  # the run's own progress lines
+    from fedlora.config import load_config
+
+    seed = load_config(tmp_path / "run" / "config.toml").run.seed
+    for partition in (0, 1):
+        public = tmp_path / f"site-{partition}.pub"
+        public.write_text(public_key_line(virtual_node_key(seed, partition).public_key()) + "\n")
+        state_dir = tmp_path / "run" / "sites" / str(partition)
+        code, line = verify(state_dir, capsys, "--public-key", str(public))
+        assert code == 0, line
+        assert line.count("signed head covers all") == 2, line  # the ledger and the audit log
