@@ -62,9 +62,11 @@ def unaccounted_epsilons(config: Config, state_dir: Path) -> tuple[float, float,
 
 
 def signed_statement(context: Context, config: Config, server_round: int, message: str, state_dir: Path,
-                     epsilons: tuple[float, float, float] | None, secure_aggregation: bool = False) -> ConfigRecord | None:
+                     epsilons: tuple[float, float, float] | None, adapter: str,
+                     secure_aggregation: bool = False) -> ConfigRecord | None:
     """The statement for a `message` reply ("train" or "evaluate") of `server_round`, or None
-    for a site without a node key. `epsilons`: (this run's, the site's total, the total's delta)
+    for a site without a node key. `adapter`: the digest of the global adapter the request
+    carried, as loaded. `epsilons`: (this run's, the site's total, the total's delta)
     as the ledger has them after the reply's entry; None when the reply was not accounted
     (no DP), to read them from the ledger."""
     key = statement_key(config, context.node_config)
@@ -76,7 +78,7 @@ def signed_statement(context: Context, config: Config, server_round: int, messag
         "run": config.run.output_dir, "round": int(server_round), "message": message,
         # The site's own copy, which matched the coordinator's fingerprint before anything ran.
         "base-model": model_fingerprint(resolve_model_dir(config.model.path), state_dir),
-        "app-hash": running_app_hash(),
+        "app-hash": running_app_hash(), "adapter": adapter,
         "run-epsilon": float(run_epsilon), "run-delta": float(config.privacy.delta),
         "total-epsilon": float(total_epsilon), "total-delta": float(total_delta),
         "unit": config.privacy.unit, "mechanism": mechanism, "accountant": config.privacy.accountant,

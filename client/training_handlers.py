@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from flwr.app import Context, Message, RecordDict
 
-from fedlora.adapter_state import Adapter, adapter_of, from_record, put_adapter, to_record
+from fedlora.adapter_state import Adapter, adapter_digest, adapter_of, from_record, put_adapter, to_record
 from fedlora.client import secure_masking
 from fedlora.client.request_screening import policy_declined, screen_request, site_config
 from fedlora.client.local_evaluation import evaluate_locally
@@ -66,13 +66,14 @@ def budget_declined(msg: Message, config: Config, server_round: int, decision: B
     return Message(content=RecordDict({"metrics": metrics}), reply_to=msg)
 
 
-def model_with_adapter(msg: Message, config: Config) -> tuple[CachedModel, Adapter]:
+def model_with_adapter(msg: Message, config: Config) -> tuple[CachedModel, Adapter, str]:
     """The cached base model with the sent global adapter put in (its keys, shapes and
-    finiteness checked), and the adapter as sent. Reads no data: a refusal here is free."""
+    finiteness checked), the adapter as sent, and the digest of the adapter as loaded (what
+    the reply's statement names). Reads no data: a refusal here is free."""
     cached = cached_model(config, config.data.labels)
     sent = from_record(msg.content["arrays"])
     put_adapter(cached.model, sent)
-    return cached, sent
+    return cached, sent, adapter_digest(adapter_of(cached.model))
 
 
 def site_data(context: Context, config: Config, cached: CachedModel) -> SiteData:
@@ -98,7 +99,7 @@ def train(msg: Message, context: Context) -> Message:
     if config.privacy.mode == "distributed":
         return train_distributed(msg, context, config, server_round, policy, state_dir, masking)
 
-    cached, sent = model_with_adapter(msg, config)
+    cached, sent, received = model_with_adapter(msg, config)
     site = site_data(context, config, cached)
 
     # Train (with the factors the strategy keeps frozen, e.g. LoRA A under ffa), at this
@@ -165,14 +166,15 @@ def train(msg: Message, context: Context) -> Message:
         content["metrics"] = metrics
     else:
         content = RecordDict({"arrays": to_record(trained), "metrics": metrics})
-    with_statement(content, context, config, server_round, "train", state_dir, spent, masking is not None)
+    with_statement(content, context, config, server_round, "train", state_dir, spent, received, masking is not None)
     return Message(content=content, reply_to=msg)
 
 
 def with_statement(content: RecordDict, context: Context, config: Config, server_round: int, message: str,
-                   state_dir: Path, spent: tuple[float, float, float] | None, secure_aggregation: bool = False) -> None:
+                   state_dir: Path, spent: tuple[float, float, float] | None, adapter: str,
+                   secure_aggregation: bool = False) -> None:
     """Add the site's signed privacy statement (client/site_statement.py), if it has a node key."""
-    statement = signed_statement(context, config, server_round, message, state_dir, spent, secure_aggregation)
+    statement = signed_statement(context, config, server_round, message, state_dir, spent, adapter, secure_aggregation)
     if statement is not None:
         content[privacy_statement.RECORD] = statement
 
@@ -182,7 +184,7 @@ def train_distributed(msg: Message, context: Context, config: Config, server_rou
     """Distributed DP (privacy/distributed_dp.py): this site's noisy share of one DP-SGD step
     over the union of the sites' records, masked; the coordinator takes the step."""
     start = time.perf_counter()
-    cached, sent = model_with_adapter(msg, config)
+    cached, sent, received = model_with_adapter(msg, config)
     site = site_data(context, config, cached)
     frozen_factors = get_strategy(config.strategy).frozen_factors
     sharers = len(masking.sharers)
@@ -223,7 +225,7 @@ def train_distributed(msg: Message, context: Context, config: Config, server_rou
     content["metrics"] = metric_record({"num-examples": size_bucket(len(site.train)), "epsilon": decision.epsilon_after,
                                         "planned-epsilon": planned, "noise-multiplier": plan.noise_multiplier, "steps": 1},
                                        TRAIN_METRICS)
-    with_statement(content, context, config, server_round, "train", state_dir, spent, secure_aggregation=True)
+    with_statement(content, context, config, server_round, "train", state_dir, spent, received, secure_aggregation=True)
     return Message(content=content, reply_to=msg)
 
 
@@ -232,7 +234,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     refusal, policy, state_dir = screen_request(msg, context, config, server_round)
     if refusal is not None:
         return refusal
-    cached, _ = model_with_adapter(msg, config)  # no data yet: a refused adapter is free
+    cached, _, received = model_with_adapter(msg, config)  # no data yet: a refused adapter is free
     pad_id, run, classification = cached.tokenizer.pad_token_id, config.run.output_dir, config.model.task == "classification"
 
     if not config.privacy.enabled:  # the policy allowed it: exact sums
@@ -266,7 +268,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     append_audit(state_dir, "evaluated", run, round=server_round)
     check_finite_values(values)  # the last line (privacy/finite.py): after the ledger entry
     content = RecordDict({"metrics": metric_record(values, EVALUATE_METRICS)})
-    with_statement(content, context, config, server_round, "evaluate", state_dir, spent)
+    with_statement(content, context, config, server_round, "evaluate", state_dir, spent, received)
     return Message(content=content, reply_to=msg)
 
 

@@ -7,6 +7,8 @@ such as a classifier head. It always travels as fp32 (ArrayRecord refuses bf16).
 
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
 
 import torch
@@ -73,6 +75,18 @@ def save_adapter_file(adapter: Adapter, path: Path) -> None:
 
 def load_adapter_file(path: Path) -> Adapter:
     return load_file(str(path))
+
+
+def adapter_digest(adapter: Adapter) -> str:
+    """"sha256:..." of an adapter's values, whatever file or message holds them: each tensor
+    by its key (sorted), shape and fp32 little-endian bytes. A site's privacy statement names
+    the global adapter it received by it, and the dossier the model file's (server/dossier.py)."""
+    digest = hashlib.sha256(b"fedlora adapter/1\n")
+    for key in sorted(adapter):
+        value = adapter[key].detach().to("cpu", torch.float32).contiguous()
+        digest.update(json.dumps([key, list(value.shape)]).encode() + b"\n")
+        digest.update(value.numpy().astype("<f4", copy=False).tobytes())
+    return "sha256:" + digest.hexdigest()
 
 
 def write_peft_dir(model: PeftModel, adapter: Adapter, folder: Path, model_path: str | Path) -> None:

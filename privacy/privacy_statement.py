@@ -6,13 +6,17 @@ ConfigRecord "statement" (client/site_statement.py). Every field is the run's
 configuration, the site's code or model identity, or an epsilon figure the reply's
 metrics already carry (public to the accounting); none is a value of the site's data:
 
-  format              "fedlora-privacy-statement/1"
+  format              "fedlora-privacy-statement/2"
   run                 the run (the coordinator's run directory, as the site's ledger names it)
   round               the round the reply answers (0: the initial evaluation)
   message             "train" or "evaluate"
   base-model          the fingerprint of the base model the site used (fedlora/base_fingerprint.py)
   app-hash            the app hash the site checked before running (fedlora/app_hash.py); "" if
                       it ran unpinned code (a simulation, `flwr run`, a bare ClientApp)
+  adapter             the digest of the global adapter the request carried, as the site loaded it
+                      (fedlora/adapter_state.py: adapter_digest): the coordinator's own tensors. The
+                      last round's evaluation names the final model, which binds the model files
+                      of a dossier to the sites' statements
   run-epsilon         what this run has spent at the site so far, at run-delta
   run-delta           the run's delta
   total-epsilon       what the site has spent over every run in its ledger, at total-delta
@@ -48,7 +52,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from fedlora.privacy.node_keys import KEY_TYPE, load_public_key_line, public_key_line
 
 RECORD = "statement"  # the ConfigRecord of a train or evaluate reply
-FORMAT = "fedlora-privacy-statement/1"
+FORMAT = "fedlora-privacy-statement/2"
 SIGNATURE = "signature"
 MESSAGES = ("train", "evaluate")
 UNITS = ("example", "user")
@@ -62,7 +66,7 @@ _KEY_LINE = re.compile(KEY_TYPE + r" [A-Za-z0-9+/]+={0,2}")
 
 # field -> its type; the record holds exactly these and the signature.
 FIELDS: dict[str, type] = {
-    "format": str, "run": str, "round": int, "message": str, "base-model": str, "app-hash": str,
+    "format": str, "run": str, "round": int, "message": str, "base-model": str, "app-hash": str, "adapter": str,
     "run-epsilon": float, "run-delta": float, "total-epsilon": float, "total-delta": float,
     "unit": str, "mechanism": str, "accountant": str, "secure-aggregation": bool, "dp-mode": str, "signer": str,
 }
@@ -100,6 +104,8 @@ def check_statement(values: Mapping[str, Any]) -> dict[str, Any]:
             raise StatementError(f"statement field {key!r} is not one of {', '.join(allowed)}")
     if not _HASH.fullmatch(fields["base-model"]):
         raise StatementError("statement field 'base-model' is not a sha256: fingerprint")
+    if not _HASH.fullmatch(fields["adapter"]):
+        raise StatementError("statement field 'adapter' is not a sha256: adapter digest")
     if fields["app-hash"] and not _HASH.fullmatch(fields["app-hash"]):
         raise StatementError("statement field 'app-hash' is neither empty nor a sha256: app hash")
     if not _KEY_LINE.fullmatch(fields["signer"]):
@@ -121,7 +127,7 @@ def statement_bytes(fields: Mapping[str, Any]) -> bytes:
     """What the signature covers: a fixed prefix and the fields as canonical JSON (sorted keys,
     no spaces; floats as Python writes them, which read back to the same float)."""
     body = json.dumps({k: fields[k] for k in FIELDS}, sort_keys=True, separators=(",", ":"), allow_nan=False)
-    return b"fedlora privacy statement/1\n" + body.encode()
+    return b"fedlora privacy statement/2\n" + body.encode()
 
 
 def sign_statement(fields: Mapping[str, Any], node_key: ec.EllipticCurvePrivateKey) -> dict[str, Any]:

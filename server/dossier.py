@@ -9,11 +9,15 @@ RUN_DIR/dossier.html; `fedlora export` writes them beside the exported model. Th
   and `config` (config.toml as the run resolved it);
 - `model_files`: the SHA-256 of each file of the model beside the dossier (adapter/ in a
   run directory, the exported files in an export), so the dossier names the model it is about;
+- `final_adapter`: the adapter digest of those weights (fedlora/adapter_state.py; null for a
+  merged export): every site that evaluated the last round signed a statement naming it, so
+  the model files are bound to the sites' own statements, not only to the coordinator's hashes;
 - `registered_keys` (RUN_DIR/site-keys.json: the coordinator's registered site keys, or a
   simulation's derived ones) and `statements`: every signed privacy statement the
   coordinator received (RUN_DIR/statements.jsonl), each with its signature;
 - `unstated`: the replies that sites answered without a statement (sites without a node key);
-- what follows from the statements alone (`summarize`): `sites` (per signer), `app_hashes`,
+- what follows from the statements and the final adapter alone (`summarize`): `sites` (per
+  signer, with whether it evaluated the final adapter), `app_hashes`,
   `largest_epsilon` (this run's, at its delta and unit, and the largest total over runs),
   `no_dp_sites`;
 - `threat_model` (one paragraph; docs/privacy.md has the whole table) and `held_out`
@@ -36,7 +40,8 @@ from typing import Any
 from fedlora.atomic_file import write_atomic
 from fedlora.portable_adapter import BASE_FILE
 from fedlora.server.dossier_check import verify_dossier
-from fedlora.server.dossier_figures import FORMAT, HTML_FILE, JSON_FILE, model_file_hashes, summarize
+from fedlora.server.dossier_figures import (FORMAT, HTML_FILE, JSON_FILE, model_adapter_digest, model_file_hashes,
+                                            summarize)
 from fedlora.server.registered_keys import read_site_keys
 from fedlora.server.statement_book import read_statements
 
@@ -102,6 +107,7 @@ def build_dossier(run_dir: Path, out_dir: Path, model_dir: Path) -> dict[str, An
     registered = read_site_keys(run_dir)
     statements = called_as_registered(read_statements(run_dir), registered)
     test = run_dir / TEST_FILE
+    files = model_file_hashes(model_dir, out_dir)
     return {
         "format": FORMAT,
         "written": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -109,11 +115,11 @@ def build_dossier(run_dir: Path, out_dir: Path, model_dir: Path) -> dict[str, An
         "base_model": {"name": base["base_model"], "fingerprint": base["fingerprint"]},
         "strategy": config["strategy"]["name"],
         "config": config,
-        "model_files": model_file_hashes(model_dir, out_dir),
+        "model_files": files,
         "registered_keys": registered,
         "statements": statements,
         "unstated": unstated_replies(run_dir, statements),
-        **summarize(statements),
+        **summarize(statements, model_adapter_digest(out_dir, files)),
         "threat_model": THREAT_MODEL,
         "held_out": json.loads(test.read_text()) if test.is_file() else None,
         "final_metrics": final_metrics(run_dir),
@@ -167,9 +173,11 @@ def dossier_html(d: dict[str, Any], verification: str) -> str:
         if held else "<p>No held-out test (test.json) in this run.</p>"
     final = d["final_metrics"]
     final_html = _table(list(final), [list(final.values())]) if final else "<p>No evaluated round.</p>"
-    sites = _table(["site", "signer", "statements", "trained rounds", "largest run epsilon", "largest total epsilon"],
+    sites = _table(["site", "signer", "statements", "trained rounds", "largest run epsilon", "largest total epsilon",
+                    "evaluated the final adapter"],
                    [[s["site"], s["signer"], s["statements"], ", ".join(map(str, s["trained_rounds"])),
-                     f"{s['run_epsilon']:.4g}", f"{s['total_epsilon']:.4g}"] for s in d["sites"]])
+                     f"{s['run_epsilon']:.4g}", f"{s['total_epsilon']:.4g}",
+                     "yes" if s["evaluated_final_adapter"] else "no: its epsilons are lower bounds"] for s in d["sites"]])
     statements = _table(
         ["round", "message", "site", "node", "run epsilon", "run delta", "total epsilon", "total delta", "unit",
          "mechanism", "secure aggregation", "DP mode", "coordinator's check"],
@@ -190,6 +198,7 @@ def dossier_html(d: dict[str, Any], verification: str) -> str:
 <tr><th>run</th><td><code>{_e(d['run'])}</code></td></tr>
 <tr><th>base model</th><td>{_e(d['base_model']['name'])}<br><code>{_e(d['base_model']['fingerprint'])}</code></td></tr>
 <tr><th>app hash (as the sites stated it)</th><td><code>{_e(', '.join(d['app_hashes']) or 'no statements')}</code></td></tr>
+<tr><th>final adapter (as the sites stated it)</th><td><code>{_e(d['final_adapter'] or 'no adapter weights beside the dossier')}</code></td></tr>
 <tr><th>strategy</th><td>{_e(d['strategy'])}</td></tr>
 <tr><th>largest epsilon, this run</th><td>{_e(_epsilon_line(largest['run']))}</td></tr>
 <tr><th>largest epsilon, over every run at a site</th><td>{_e(_epsilon_line(largest['total']))}</td></tr>

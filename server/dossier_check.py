@@ -9,7 +9,10 @@ alone, trusting none of the coordinator's own checks.
   its site label the one its signer is registered under.
 - Every figure that follows from the statements (sites, app hashes, largest epsilons, sites
   without DP) equals what the statements give.
-- Every model file the dossier names is beside it with the recorded SHA-256.
+- Every model file the dossier names is beside it with the recorded SHA-256, and the adapter
+  weights among them are the adapter the sites' statements of the last evaluation name: a
+  model no site evaluated is not the run's. A site without such a statement (it left, or the
+  coordinator left its last statements out) is named: its epsilons are lower bounds.
 
 Valid: exit 0. Invalid (a check failed, or no signed statement at all): exit 1. Bad input
 (no dossier.json, not JSON, not a dossier, an unreadable --trusted-keys file): exit 2.
@@ -26,13 +29,13 @@ from typing import Any
 
 from fedlora.privacy.node_keys import canonical_key_line, key_fingerprint
 from fedlora.privacy.privacy_statement import SIGNATURE, StatementError, check_statement
-from fedlora.server.dossier_figures import FORMAT, JSON_FILE, file_sha256, summarize
+from fedlora.server.dossier_figures import ADAPTER_FILE, FORMAT, JSON_FILE, file_sha256, model_adapter_digest, summarize
 from fedlora.server.registered_keys import RegisteredKey
 from fedlora.server.statement_book import statement_problem
 
-REQUIRED = ("format", "run", "base_model", "model_files", "registered_keys", "statements", "sites", "app_hashes",
-            "largest_epsilon", "no_dp_sites")
-DERIVED = ("sites", "app_hashes", "largest_epsilon", "no_dp_sites")
+REQUIRED = ("format", "run", "base_model", "model_files", "final_adapter", "registered_keys", "statements", "sites",
+            "app_hashes", "largest_epsilon", "no_dp_sites")
+DERIVED = ("final_adapter", "sites", "app_hashes", "largest_epsilon", "no_dp_sites")
 
 
 class DossierInputError(ValueError):
@@ -165,8 +168,15 @@ def verify_dossier(folder: Path, trusted: set[str] | None = None) -> DossierResu
         raise DossierInputError(f"{folder / JSON_FILE}: 'statements' is not a list of objects")
     for index, entry in enumerate(statements):
         problems += statement_problems(index, entry, dossier, registered, trusted)
+    files = dossier["model_files"] if isinstance(dossier["model_files"], dict) else {}
+    problems += model_file_problems(folder, files)
     try:
-        derived = summarize(statements)
+        final_adapter = model_adapter_digest(folder, files)
+    except (OSError, ValueError, RuntimeError) as exc:  # weights safetensors cannot read
+        final_adapter = None
+        problems.append(f"model file {ADAPTER_FILE}: not readable adapter weights ({str(exc)[:80]})")
+    try:
+        derived = summarize(statements, final_adapter)
     except (KeyError, TypeError, ValueError):
         derived = None
         problems.append("the statements' figures cannot be summarized (malformed statements)")
@@ -175,18 +185,24 @@ def verify_dossier(folder: Path, trusted: set[str] | None = None) -> DossierResu
             if dossier[key] != derived[key]:
                 problems.append(f"{key}: the dossier says {json.dumps(dossier[key])[:160]}, its statements give "
                                 f"{json.dumps(derived[key])[:160]}")
-    problems += model_file_problems(folder, dossier["model_files"] if isinstance(dossier["model_files"], dict) else {})
     if not statements:
         problems.append("the dossier holds no signed privacy statement")
+    elif derived is not None and final_adapter is not None and not any(s["evaluated_final_adapter"] for s in derived["sites"]):
+        problems.append(f"no statement names the model's adapter ({final_adapter[:19]}...): no site evaluated this model")
     if problems:
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
         return DossierResult(False, f"invalid: {problems[0]}{more}", problems)
     sites = len({s["fields"]["signer"] for s in statements})
     unstated = len(dossier.get("unstated") or [])
     largest = derived["largest_epsilon"] if derived else {}
+    partial = [str(s["site"]) for s in derived["sites"] if not s["evaluated_final_adapter"]] if derived else []
     line = (f"valid: {len(statements)} signed statements from {sites} site(s) verify"
             f"{' against --trusted-keys' if trusted is not None else ' against the registered keys'}; "
             f"largest epsilon this run {_summary(largest.get('run'))}, over every run {_summary(largest.get('total'))}"
+            + ("; no adapter weights beside the dossier: the model files are bound by the coordinator's hashes alone"
+               if final_adapter is None else
+               f"; the model is the adapter {len(derived['sites']) - len(partial)} site(s) evaluated last"
+               + (f" (no statement on it from {', '.join(partial)}: their epsilons are lower bounds)" if partial else ""))
             + (f"; trained without DP: {', '.join(derived['no_dp_sites'])}" if derived and derived["no_dp_sites"] else "")
             + (f"; {unstated} usable replies came without a statement" if unstated else ""))
     return DossierResult(True, line)

@@ -5,14 +5,15 @@ figure instead of believing it; and the file names and hashes both sides share."
 from __future__ import annotations
 
 import hashlib
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from fedlora.privacy.node_keys import key_fingerprint
 
-FORMAT = "fedlora-dossier/1"
+FORMAT = "fedlora-dossier/2"
 JSON_FILE = "dossier.json"
 HTML_FILE = "dossier.html"
+ADAPTER_FILE = "adapter_model.safetensors"  # PEFT's weights file: the model a dossier is about
 
 
 def file_sha256(path: Path) -> str:
@@ -29,6 +30,18 @@ def model_file_hashes(folder: Path, relative_to: Path) -> dict[str, str]:
             if p.is_file() and p.name not in (JSON_FILE, HTML_FILE)}
 
 
+def model_adapter_digest(folder: Path, files: dict[str, str]) -> str | None:
+    """The adapter digest (fedlora/adapter_state.py) of the adapter weights among `files` (names
+    relative to `folder`), or None where the model beside the dossier holds none (a merged export)."""
+    names = [name for name in files if PurePosixPath(name).name == ADAPTER_FILE
+             and not PurePosixPath(name).is_absolute() and ".." not in PurePosixPath(name).parts]
+    if len(names) != 1 or not folder.joinpath(*PurePosixPath(names[0]).parts).is_file():
+        return None
+    from fedlora.adapter_state import adapter_digest, load_adapter_file  # torch: only where there are weights to read
+
+    return adapter_digest(load_adapter_file(folder.joinpath(*PurePosixPath(names[0]).parts)))
+
+
 def _largest(statements: list[dict[str, Any]], epsilon: str, delta: str) -> dict[str, Any] | None:
     best = max(statements, key=lambda s: s["fields"][epsilon], default=None)
     if best is None:
@@ -38,18 +51,22 @@ def _largest(statements: list[dict[str, Any]], epsilon: str, delta: str) -> dict
             "signer": key_fingerprint(f["signer"]), "round": f["round"], "message": f["message"]}
 
 
-def summarize(statements: list[dict[str, Any]]) -> dict[str, Any]:
-    """What follows from the statements alone (verify-dossier recomputes it): per signer its
-    statements and largest epsilons, the app hashes stated, the largest epsilon of this run
-    (at its delta and unit) and over every run, and the sites that trained without DP."""
+def summarize(statements: list[dict[str, Any]], final_adapter: str | None) -> dict[str, Any]:
+    """What follows from the statements and the model's adapter digest alone (verify-dossier
+    recomputes it): per signer its statements, largest epsilons and whether it evaluated the
+    final adapter (its last spend of the run: without that statement its epsilons are lower
+    bounds), the app hashes stated, the largest epsilon of this run (at its delta and unit)
+    and over every run, and the sites that trained without DP."""
     formed = [s for s in statements if s.get("fields")]
     sites: dict[str, dict[str, Any]] = {}
     for s in formed:
         f = s["fields"]
         site = sites.setdefault(key_fingerprint(f["signer"]), {
             "site": s["site"], "signer": key_fingerprint(f["signer"]), "statements": 0, "trained_rounds": [],
-            "run_epsilon": 0.0, "total_epsilon": 0.0})
+            "run_epsilon": 0.0, "total_epsilon": 0.0, "evaluated_final_adapter": False})
         site["statements"] += 1
+        if f["message"] == "evaluate" and final_adapter is not None and f.get("adapter") == final_adapter:
+            site["evaluated_final_adapter"] = True
         if f["message"] == "train" and f["round"] not in site["trained_rounds"]:
             site["trained_rounds"].append(f["round"])
         site["run_epsilon"] = max(site["run_epsilon"], f["run-epsilon"])
@@ -57,6 +74,7 @@ def summarize(statements: list[dict[str, Any]]) -> dict[str, Any]:
     for site in sites.values():
         site["trained_rounds"].sort()
     return {
+        "final_adapter": final_adapter,
         "sites": sorted(sites.values(), key=lambda s: (str(s["site"]), s["signer"])),
         "app_hashes": sorted({s["fields"]["app-hash"] or "unpinned" for s in formed}),
         "largest_epsilon": {"run": _largest(formed, "run-epsilon", "run-delta"),

@@ -159,6 +159,9 @@ def test_a_changed_bundle_refused_then_three_tls_sites_with_node_auth_refusals_a
     # The dossier verifies against the sites' own public keys: every site that trained signed what it spent.
     dossier = check_deployment_dossier(run_dir, d.root / "keys", ["site-0", "site-1", "site-2"])
     assert dossier["app_hashes"] == sorted([installed, "unpinned"])  # flower-supernode started directly pins nothing
+    # The sites that stayed evaluated the final adapter: the model files are bound to their statements.
+    evaluated_last = " ".join(str(s["site"]) for s in dossier["sites"] if s["evaluated_final_adapter"])
+    assert "site-0" in evaluated_last and "site-2" in evaluated_last, dossier["sites"]
 
     # Export: the merged model loads with plain transformers and computes what base + adapter do.
     out = fedlora("export", str(run_dir), "--out", str(tmp_path / "merged"), "--merge")

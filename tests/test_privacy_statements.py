@@ -8,6 +8,7 @@ coordinator, three virtual sites of equal size) serves the tests that read its r
 from __future__ import annotations
 
 import base64
+import re
 import json
 import shutil
 from pathlib import Path
@@ -56,7 +57,7 @@ def rewrite(folder: Path, change) -> None:
     path = folder / "dossier.json"
     dossier = json.loads(path.read_text())
     change(dossier)
-    dossier.update(summarize(dossier["statements"]))
+    dossier.update(summarize(dossier["statements"], dossier["final_adapter"]))
     path.write_text(json.dumps(dossier))
 
 
@@ -169,6 +170,7 @@ def test_the_reply_guard_lets_out_only_the_fixed_statement(monkeypatch):
         monkeypatch.setattr(TaskIdentity, attr, value)
 
     fields = {"run": "/runs/a", "round": 1, "message": "train", "base-model": "sha256:" + "0" * 64, "app-hash": "",
+              "adapter": "sha256:" + "1" * 64,
               "run-epsilon": 1.0, "run-delta": 1e-5, "total-epsilon": 1.0, "total-delta": 1e-5, "unit": "example",
               "mechanism": "gaussian", "accountant": "prv", "secure-aggregation": False, "dp-mode": "local"}
     signed = sign_statement(fields, virtual_node_key(0, 0))
@@ -259,7 +261,8 @@ def test_a_statement_presented_under_another_site_s_name_fails_verification(run,
     folder = copy_dossier(run_dir, tmp_path / "relabelled")
     rewrite(folder, swap_labels)
     code, line = verify(folder, capsys)
-    assert code == 1 and "is registered as 'site 0', not 'site 1'" in line, line
+    # Whichever of the two sites' statements arrived first is named.
+    assert code == 1 and re.search(r"is registered as 'site ([01])', not 'site (?!\1)[01]'", line), line
 
 
 def test_statements_about_another_base_model_fail_verification_even_when_the_dossier_names_none(run, capsys, tmp_path):
@@ -300,3 +303,52 @@ def test_a_site_named_during_the_run_is_called_by_its_final_name_throughout_the_
     dossier = json.loads((renamed / "dossier.json").read_text())
     signer = keys["keys"][0]["public_key"]
     assert {s["site"] for s in dossier["statements"] if s["fields"]["signer"] == signer} == {"north-clinic (node 1)"}
+
+
+def test_the_model_files_are_bound_to_the_adapter_the_sites_evaluated_last(run, capsys, tmp_path):
+    """Every site's last-round evaluation names the global adapter it loaded; the dossier's
+    adapter weights must be that adapter. A coordinator that swaps in other weights (and
+    rehashes every file) fails; one that leaves a site's last statements out has that site
+    named, its epsilons lower bounds."""
+    from safetensors.torch import load_file, save_file
+
+    from fedlora.adapter_state import adapter_digest
+    from fedlora.server.dossier_figures import file_sha256
+
+    run_dir, _ = run
+    dossier = json.loads((run_dir / "dossier.json").read_text())
+    weights = load_file(str(run_dir / "adapter" / "adapter_model.safetensors"))
+    final = adapter_digest(weights)
+    assert dossier["final_adapter"] == final
+    last = [s for s in statements(run_dir) if (s["round"], s["message"]) == (1, "evaluate")]
+    assert len(last) == SITES and {s["fields"]["adapter"] for s in last} == {final}
+    # Training in round 1 started from round 0's adapter, another one.
+    assert {s["fields"]["adapter"] for s in statements(run_dir) if s["message"] == "train"} != {final}
+
+    # Other weights, every hash recomputed as a forger would: no site evaluated them.
+    folder = copy_dossier(run_dir, tmp_path / "swapped")
+    swapped = folder / "adapter" / "adapter_model.safetensors"
+    save_file({k: v + 0.01 if k.endswith("lora_B.weight") else v for k, v in weights.items()}, str(swapped))
+
+    def rehash(d: dict) -> None:
+        d["model_files"]["adapter/adapter_model.safetensors"] = file_sha256(swapped)
+        d["final_adapter"] = adapter_digest(load_file(str(swapped)))
+
+    rewrite(folder, rehash)
+    code, line = verify(folder, capsys)
+    assert code == 1 and "no statement names the model's adapter" in line, line
+
+    # One site's final evaluation left out: the dossier still verifies, and says whose figures are lower bounds.
+    folder = copy_dossier(run_dir, tmp_path / "dropped")
+    target = last[0]["fields"]["signer"]
+
+    def drop_last(d: dict) -> None:
+        d["statements"] = [s for s in d["statements"]
+                           if not (s["fields"]["signer"] == target and s["round"] == 1 and s["message"] == "evaluate")]
+
+    rewrite(folder, drop_last)
+    site = next(s["site"] for s in dossier["statements"] if s["fields"]["signer"] == target)
+    code, line = verify(folder, capsys)
+    assert code == 0 and f"the model is the adapter {SITES - 1} site(s) evaluated last (no statement on it from {site}" in line, line
+    code, line = verify(run_dir, capsys)
+    assert code == 0 and f"the model is the adapter {SITES} site(s) evaluated last;" not in line and "lower bounds" not in line, line
