@@ -55,20 +55,16 @@ def study_sites(config: Config, labels: list[str], tokenizer) -> list[Site]:
     return sites
 
 
-def run_cell(config: Config, progress=print) -> dict:
-    """One cell: the federation's rounds in this process; the held-out accuracy at the end."""
+def federate(config: Config, model, sites: list[Site], plans: list, pad: int, progress=print,
+             tail_from: int | None = None) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """The federation's rounds in this process: every site trains from the global adapter with
+    its own plan (None: no DP), the project's strategy aggregates. Returns the final global
+    adapter and the mean of the global adapters from round `tail_from` on (default: the last half)."""
     start = time.perf_counter()
-    labels = sorted(DEPARTMENTS)
-    config = replace(config, data=replace(config.data, labels=labels))
-    tokenizer = load_tokenizer(resolve_model_dir(config.model.path))
-    sites = study_sites(config, labels, tokenizer)
-    model = build_peft_model(config.model, config.lora, len(labels), seed=config.run.seed)
     strategy = get_strategy(config.strategy)
     global_adapter = adapter_of(model)
-    tail_sum: dict[str, torch.Tensor] = {}  # the global adapters of the last half of the rounds, summed
-    tail_from = config.federation.rounds // 2 + 1
-    plans = [calibrated_plan(config, site.train) if config.privacy.enabled else None for site in sites]
-    pad = tokenizer.pad_token_id
+    tail_sum: dict[str, torch.Tensor] = {}  # the global adapters of the last rounds, summed
+    tail_from = config.federation.rounds // 2 + 1 if tail_from is None else tail_from
     for server_round in range(1, config.federation.rounds + 1):
         updates = []
         for number, (site, plan) in enumerate(zip(sites, plans)):
@@ -83,11 +79,26 @@ def run_cell(config: Config, progress=print) -> dict:
                 tail_sum[key] = tail_sum.get(key, 0) + value
         if server_round % max(1, config.federation.rounds // 4) == 0:
             progress(f"  round {server_round}/{config.federation.rounds}: {time.perf_counter() - start:.0f} s")
+    tail = {key: value / (config.federation.rounds - tail_from + 1) for key, value in tail_sum.items()}
+    return global_adapter, tail
+
+
+def run_cell(config: Config, progress=print) -> dict:
+    """One cell: the federation's rounds in this process; the held-out accuracy at the end."""
+    start = time.perf_counter()
+    labels = sorted(DEPARTMENTS)
+    config = replace(config, data=replace(config.data, labels=labels))
+    tokenizer = load_tokenizer(resolve_model_dir(config.model.path))
+    sites = study_sites(config, labels, tokenizer)
+    model = build_peft_model(config.model, config.lora, len(labels), seed=config.run.seed)
+    plans = [calibrated_plan(config, site.train) if config.privacy.enabled else None for site in sites]
+    pad = tokenizer.pad_token_id
+    global_adapter, tail_average = federate(config, model, sites, plans, pad, progress)
     test = encode(generate_notes(config.simulation.test_notes or 1000, config.run.seed + TEST_SEED_OFFSET),
                   tokenizer, replace(config, privacy=replace(config.privacy, enabled=False)), labels, "test notes")
     put_adapter(model, global_adapter)
     sums = evaluate_locally(model, test, config, pad)
-    put_adapter(model, {key: value / (config.federation.rounds - tail_from + 1) for key, value in tail_sum.items()})
+    put_adapter(model, tail_average)
     tail = evaluate_locally(model, test, config, pad)
     return {
         "seed": config.run.seed, "accuracy": sums.correct / sums.units, "loss": sums.loss / sums.units,

@@ -256,7 +256,9 @@ def test_a_distributed_simulation_evaluating_every_second_round_spends_exactly_i
                  "privacy.mode": "distributed", "privacy.distributed_sample_rate": 0.2, "privacy.target_epsilon": 6.0}
     rows = run_small_simulation(simulated_site_app(), tmp_path / "run", monkeypatch, 3, overrides)
     assert [r["round"] for r in rows] == [0, 1, 2, 3]
-    assert [r["eval_accuracy"] is not None for r in rows] == [True, False, True, True]
+    # Which rounds were evaluated, and by all three sites (the accuracy itself is a ratio of noisy
+    # sums over a few validation notes: its noisy count can fall to <= 0, and then it is None).
+    assert [r.get("eval_sites", 0) for r in rows] == [3, 0, 3, 3], rows
     assert all(r["clients_ok"] == 3 for r in rows[1:])
     for site in range(3):
         ledger = SiteLedger.load(tmp_path / "run" / "sites" / str(site))
