@@ -30,6 +30,7 @@ def run_quietly(*args: str, cwd) -> dict:
 QUICK = [
     (["--help"], 0),
     (["privacy", "--help"], 0),
+    (["audit", "--help"], 0),
     (["privacy", "no-such-state-dir"], 2),
     (["certs", "--out", "certs"], 0),
     (["site-key", "--out", "keys", "--name", "site-a"], 0),
