@@ -207,17 +207,23 @@ def run_audit(config: Config, output: Path, canary_count: int, progress: Callabl
         "score": "the rise of the log-probability of the canary's random label from the initial adapter to the final "
                  "one, relative to its other labels, less that label's mean rise over all canaries",
         "arms": arms,
+        # The audit has power only if, without noise, the members stand out.
+        "audit_sees": arms[0]["interval"][0] > 0.5,
     }
     (output / JSON_FILE).write_text(json.dumps(result, indent=1) + "\n")
     (output / HTML_FILE).write_text(audit_html(result))
     return result
 
 
+BLIND = ("without noise the canaries do not stand out either: at this scale the audit cannot see, and its DP "
+         "figure shows nothing (fewer records per site, or more rounds, give it power)")
+
+
 def summary_line(result: dict[str, Any]) -> str:
     no_noise, dp = result["arms"]
     return (f"audit: no noise AUC {no_noise['auc']:.3f} [{no_noise['interval'][0]:.3f}, {no_noise['interval'][1]:.3f}], "
             f"DP at epsilon {result['epsilon']:g} AUC {dp['auc']:.3f} [{dp['interval'][0]:.3f}, {dp['interval'][1]:.3f}] "
-            f"({dp['verdict']})")
+            f"({dp['verdict'] if result['audit_sees'] else BLIND})")
 
 
 def _histograms(result: dict[str, Any]) -> str:
@@ -267,6 +273,7 @@ each {result['canary_words']} random words with a random label; {result['sites']
 {result['local_steps']} steps of batch {result['batch_size']}; epsilon {result['epsilon']:g} at delta {result['delta']:g}
 per {e(result['unit'])}. Score: {e(result['score'])}.</p>
 <table><tr><th>training</th><th>AUC</th><th>95% interval (bootstrap)</th><th>reading</th><th>noise multiplier per site</th><th>seconds</th></tr>{rows}</table>
+{"" if result["audit_sees"] else f"<p><b>{e(BLIND[0].upper() + BLIND[1:])}.</b></p>"}
 <p>An AUC of 0.5 means the scores cannot tell the canaries a site trained on from those it never saw. The audit is a
 lower bound on leakage (one attack, one training); the accounted epsilon is the upper bound on every attack.</p>
 {figure_html("scores", "Membership scores of members and non-members", _histograms(result))}

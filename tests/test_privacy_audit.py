@@ -89,7 +89,7 @@ def test_the_audit_sees_memorization_without_noise_and_chance_under_dp(tmp_path,
     result = json.loads((out / "audit.json").read_text())
     no_noise, dp = result["arms"]
     assert no_noise["noise_multiplier"] == [0.0, 0.0] and all(s > 1.0 for s in dp["noise_multiplier"])
-    assert no_noise["interval"][0] > 0.5, no_noise  # the audit can see
+    assert no_noise["interval"][0] > 0.5 and result["audit_sees"], no_noise  # the audit can see
     assert dp["interval"][0] <= 0.5 <= dp["interval"][1], dp
     assert len(no_noise["member_scores"]) == 40 and len(dp["non_member_scores"]) == 40
     assert f"AUC {dp['auc']:.3f}" in printed and "consistent with chance" in printed
@@ -97,3 +97,20 @@ def test_the_audit_sees_memorization_without_noise_and_chance_under_dp(tmp_path,
     assert page.count("<svg") == 2 and "http" not in page.replace("http://www.w3.org", "")
     # An audit is never overwritten.
     assert main(argv) == 2 and "holds an audit already" in capsys.readouterr().err
+
+
+def test_an_audit_that_cannot_see_without_noise_says_its_dp_figure_shows_nothing():
+    from fedlora.simulations.privacy_audit import audit_html, summary_line
+
+    def arm(name: str, value: float, low: float, high: float) -> dict:
+        return {"name": name, "auc": value, "interval": [low, high], "verdict": "consistent with chance: 0.5 is inside the interval",
+                "noise_multiplier": [0.0], "seconds": 1.0, "member_scores": [0.1, 0.2], "non_member_scores": [0.0, 0.3],
+                "roc": [(0.0, 0.0), (0.5, 0.5), (1.0, 1.0)]}
+
+    result = {"arms": [arm("no noise", 0.51, 0.43, 0.59), arm("DP", 0.50, 0.42, 0.58)], "audit_sees": False, "epsilon": 8.0,
+              "canaries": 4, "members": 2, "canary_words": 16, "sites": 5, "rounds": 32, "local_steps": 3, "batch_size": 64,
+              "delta": 1e-5, "unit": "example", "score": "s", "written": "now"}
+    assert "the audit cannot see" in summary_line(result) and "consistent with chance" not in summary_line(result)
+    assert "the audit cannot see" in audit_html(result)
+    result["audit_sees"] = True
+    assert summary_line(result).endswith("(consistent with chance: 0.5 is inside the interval)")
