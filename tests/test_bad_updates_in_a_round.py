@@ -33,6 +33,7 @@ def train(msg: Message, context: Context) -> Message:
 attacked = client_app_with_train(train)
 
 
+@pytest.mark.slow
 def test_nan_and_huge_norm_updates_are_rejected_and_the_round_completes(tmp_path, monkeypatch):
     rows = run_in_process(attacked, tmp_path / "run", monkeypatch, 5, {"federation.rounds": 1, "federation.min_clients": 3})
     assert rows[1]["clients_ok"] == 3 and rows[1]["updates_rejected"] == 2 and rows[1]["clients_failed"] == 2

@@ -243,18 +243,18 @@ def test_configs_distributed_dp_cannot_serve_are_refused(overrides, key):
 
 
 @pytest.mark.slow
-@pytest.mark.ray
-def test_a_distributed_simulation_evaluating_every_second_round_spends_exactly_its_budget(tmp_path, monkeypatch):
-    """The Flower simulation engine with distributed DP and federation.evaluate_every = 2:
+def test_a_distributed_federation_evaluating_every_second_round_spends_exactly_its_budget(tmp_path, monkeypatch):
+    """The real coordinator and site ClientApp in process (distributed DP over real processes:
+    tests/test_deployment.py) with distributed DP and federation.evaluate_every = 2:
     rounds 1-3 are one distributed step each, the adapter is evaluated after rounds 0, 2
     and 3 only, and every site ends at the target epsilon (the plan counted exactly the
     evaluations that happened)."""
     from fedlora.simulations.virtual_sites import simulated_site_app
-    from tests.helpers.client_apps import run_small_simulation
+    from tests.helpers.client_apps import run_in_process
 
     overrides = {"federation.rounds": 3, "federation.evaluate_every": 2, "federation.secure_aggregation": True,
                  "privacy.mode": "distributed", "privacy.distributed_sample_rate": 0.2, "privacy.target_epsilon": 6.0}
-    rows = run_small_simulation(simulated_site_app(), tmp_path / "run", monkeypatch, 3, overrides)
+    rows = run_in_process(simulated_site_app(), tmp_path / "run", monkeypatch, 3, overrides)
     assert [r["round"] for r in rows] == [0, 1, 2, 3]
     # Which rounds were evaluated, and by all three sites (the accuracy itself is a ratio of noisy
     # sums over a few validation notes: its noisy count can fall to <= 0, and then it is None).

@@ -126,6 +126,7 @@ def test_rank_above_the_input_features_is_refused():
         orthonormal_factors(torch.randn(10, 5), torch.randn(5, 4))
 
 
+@pytest.mark.slow
 def test_a_federation_sends_b_only_and_reorients_a(tmp_path, monkeypatch):
     """The real coordinator and the simulation's site ClientApp at three virtual sites, in process."""
     from fedlora.simulations.virtual_sites import simulated_site_app

@@ -40,6 +40,7 @@ def site(tmp_path, tiny_models):
     return config, path, node
 
 
+@pytest.mark.slow
 def test_ledger_written_across_process_restarts_matches_one_uninterrupted_run(site, tmp_path):
     config, path, node = site
     for server_round in (1, 2, 3):  # a fresh Python process per message, like a SuperNode

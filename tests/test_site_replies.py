@@ -361,6 +361,7 @@ def misbehaving_evaluate(msg: Message, context: Context) -> Message:
 misbehaving = client_app_with_train(misbehaving_train, evaluate=misbehaving_evaluate)
 
 
+@pytest.mark.slow
 def test_malformed_replies_the_round_completes_with_the_others(tmp_path, monkeypatch):
     # IID, 1,000 notes: each site holds 40 validation notes, so that the two sites' noisy
     # evaluation counts sum to a positive number (with 300 Dirichlet notes a tiny site's

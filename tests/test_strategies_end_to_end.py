@@ -5,6 +5,7 @@ tests/test_simulation.py runs the engine)."""
 
 from __future__ import annotations
 
+import pytest
 from safetensors.torch import load_file
 
 from fedlora.simulations.virtual_sites import simulated_site_app
@@ -19,6 +20,7 @@ def simulate(tmp_path, monkeypatch, name: str) -> tuple:
     return out, rows
 
 
+@pytest.mark.slow
 def test_ffa_keeps_a_fixed_and_halves_bytes_up(tmp_path, monkeypatch):
     out, rows = simulate(tmp_path, monkeypatch, "ffa")
     first = load_file(str(out / "checkpoints" / "round-0001" / "adapter.safetensors"))

@@ -196,6 +196,7 @@ def test_a_ledger_and_audit_log_from_before_the_chain_stay_usable_as_a_legacy_pr
     assert code == 1 and "the 1 entries written before the chain began were changed: entry 0" in line, line
 
 
+@pytest.mark.slow
 def test_an_intact_ledger_written_across_process_restarts_verifies_signed_by_the_node_key(site, tmp_path, capsys):  # noqa: F811
     """A fresh process per message, through the whole ClientApp (its mods lend the node key)."""
     config, node = site
