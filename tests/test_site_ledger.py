@@ -113,6 +113,7 @@ def test_ledger_composes_runs(site, tmp_path):
     assert reply.content["metrics"]["epsilon"] == pytest.approx(both, rel=1e-9)
 
 
+@pytest.mark.slow
 def test_client_killed_mid_round_keeps_its_entry_and_the_retry_is_charged_again(site, tmp_path):
     """The entry is written before training (issue 25: whatever follows reading the data
     depends on it, an error included), so a site killed while training has been charged,

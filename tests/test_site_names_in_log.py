@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 
+import pytest
 import torch
 from flwr.app import Context, Message, RecordDict
 
@@ -40,6 +41,7 @@ def run(app, tmp_path, monkeypatch, caplog) -> tuple[list[str], list[dict]]:
     return [r.getMessage() for r in caplog.records if r.name == "fedlora.server"], rows
 
 
+@pytest.mark.slow
 def test_a_deployments_log_lines_name_the_operators_sites(tmp_path, monkeypatch, caplog, capsys):
     coordinator = tmp_path / "coordinator"  # a deployed ServerApp runs in the coordinator's state dir
     coordinator.mkdir()

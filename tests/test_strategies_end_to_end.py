@@ -33,6 +33,7 @@ def test_ffa_keeps_a_fixed_and_halves_bytes_up(tmp_path, monkeypatch):
     assert rows[1]["bytes_up"] < 3 * (full - lora_a) * 1.02 and lora_a > 0.4 * full
 
 
+@pytest.mark.slow
 def test_exact_reports_the_energy_rank_r_keeps(tmp_path, monkeypatch):
     _, rows = simulate(tmp_path, monkeypatch, "exact")
     assert all(0 < r["exact_energy_kept"] <= 1 + 1e-9 for r in rows[1:])

@@ -223,6 +223,7 @@ def test_an_intact_ledger_written_across_process_restarts_verifies_signed_by_the
                                                                              (2, "train", 2)]
 
 
+@pytest.mark.slow
 def test_virtual_sites_of_a_simulation_sign_their_trails_with_their_derived_keys(tmp_path, monkeypatch, capsys):
     """The real coordinator and the simulation's ClientApp in process: every virtual site's
     ledger and audit log verify, signed by the key derived from the run seed and its partition."""
