@@ -11,6 +11,7 @@ under DP each sum has a known sensitivity and is released with Gaussian noise
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -28,21 +29,32 @@ class EvalSums:
     loss: float  # sum of per-unit mean loss: cross-entropy, or a sequence's mean next-token loss
 
 
+EVAL_BATCH = 128
+
+
+@torch.no_grad()
+def batched_logits(model: torch.nn.Module, examples: list[Example], config: Config,
+                   pad_id: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(logits, labels) of `examples` in evaluation batches, in order, through the kept
+    frozen layers where the model has them (model in eval mode)."""
+    model.eval()
+    prefix = kept_prefix(model, config)
+    for start in range(0, len(examples), EVAL_BATCH):
+        chosen = examples[start : start + EVAL_BATCH]
+        batch = on_device(collate(chosen, pad_id), model)
+        yield batch_logits(model, prefix, chosen, batch), batch["labels"]
+
+
 @torch.no_grad()
 def evaluate_locally(model: torch.nn.Module, examples: list[Example], config: Config, pad_id: int,
                      loss_clip: float | None = None) -> EvalSums:
     """Per-unit means summed over units; each example's loss clipped to `loss_clip` if given."""
-    model.eval()
     classification = config.model.task == "classification"
     losses, hits = [], []
-    prefix = kept_prefix(model, config)
-    for start in range(0, len(examples), 128):
-        chosen = examples[start : start + 128]
-        batch = on_device(collate(chosen, pad_id), model)
-        logits = batch_logits(model, prefix, chosen, batch)
-        losses.append(sequence_losses(logits, batch["labels"], config.model.task).float().cpu())
+    for logits, labels in batched_logits(model, examples, config, pad_id):
+        losses.append(sequence_losses(logits, labels, config.model.task).float().cpu())
         if classification:
-            hits.append((logits.argmax(dim=-1) == batch["labels"]).float().cpu())
+            hits.append((logits.argmax(dim=-1) == labels).float().cpu())
     if not examples:  # a site too small for a validation split releases zeros
         return EvalSums(0.0, 0.0 if classification else None, 0.0)
     # A non-finite loss (a head that overflows near one record) counts as the clip and as

@@ -24,12 +24,13 @@ import base64
 import binascii
 import json
 from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
 
 from fedlora.privacy.node_keys import canonical_key_line, key_fingerprint
 from fedlora.privacy.privacy_statement import SIGNATURE, StatementError, check_statement
-from fedlora.server.dossier_figures import ADAPTER_FILE, FORMAT, JSON_FILE, file_sha256, model_adapter_digest, summarize
+from fedlora.server.dossier_figures import (ADAPTER_FILE, FORMAT, JSON_FILE, file_beside, file_sha256, model_adapter_digest,
+                                            summarize)
 from fedlora.server.registered_keys import RegisteredKey
 from fedlora.server.statement_book import statement_problem
 
@@ -141,11 +142,10 @@ def first_base_model(dossier: dict[str, Any]) -> str | None:
 def model_file_problems(folder: Path, files: dict[str, str]) -> list[str]:
     problems = []
     for name, digest in files.items():
-        parts = PurePosixPath(name).parts
-        if PurePosixPath(name).is_absolute() or ".." in parts:
+        path = file_beside(folder, name)
+        if path is None:
             problems.append(f"model file {name!r}: outside the dossier's folder")
             continue
-        path = folder.joinpath(*parts)
         if not path.is_file():
             problems.append(f"model file {name}: missing beside the dossier")
         elif file_sha256(path) != digest:

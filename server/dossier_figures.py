@@ -30,16 +30,22 @@ def model_file_hashes(folder: Path, relative_to: Path) -> dict[str, str]:
             if p.is_file() and p.name not in (JSON_FILE, HTML_FILE)}
 
 
+def file_beside(folder: Path, name: str) -> Path | None:
+    """The file a dossier names `name` (a POSIX path relative to its folder), or None for a
+    name that points outside the folder."""
+    path = PurePosixPath(name)
+    return None if path.is_absolute() or ".." in path.parts else folder.joinpath(*path.parts)
+
+
 def model_adapter_digest(folder: Path, files: dict[str, str]) -> str | None:
     """The adapter digest (fedlora/adapter_state.py) of the adapter weights among `files` (names
     relative to `folder`), or None where the model beside the dossier holds none (a merged export)."""
-    names = [name for name in files if PurePosixPath(name).name == ADAPTER_FILE
-             and not PurePosixPath(name).is_absolute() and ".." not in PurePosixPath(name).parts]
-    if len(names) != 1 or not folder.joinpath(*PurePosixPath(names[0]).parts).is_file():
+    paths = [file_beside(folder, name) for name in files if PurePosixPath(name).name == ADAPTER_FILE]
+    if len(paths) != 1 or paths[0] is None or not paths[0].is_file():
         return None
     from fedlora.adapter_state import adapter_digest, load_adapter_file  # torch: only where there are weights to read
 
-    return adapter_digest(load_adapter_file(folder.joinpath(*PurePosixPath(names[0]).parts)))
+    return adapter_digest(load_adapter_file(paths[0]))
 
 
 def _largest(statements: list[dict[str, Any]], epsilon: str, delta: str) -> dict[str, Any] | None:

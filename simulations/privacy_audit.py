@@ -42,15 +42,15 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from fedlora.adapter_state import adapter_of, put_adapter
+from fedlora.adapter_state import put_adapter
 from fedlora.base_model import build_peft_model, load_tokenizer, resolve_model_dir
-from fedlora.client.local_training import batch_logits, kept_prefix, on_device
+from fedlora.client.local_evaluation import batched_logits
 from fedlora.client.site_privacy import calibrated_plan
 from fedlora.config import Config
 from fedlora.server.run_report import COLORS, figure_html, svg_figure
 from fedlora.simulations.recipe_study import Site, federate, study_sites
 from fedlora.simulations.virtual_sites import dataset_labels
-from fedlora.text_data import Example, collate, encode
+from fedlora.text_data import Example, encode
 
 CANARY_SEED_OFFSET = 424_242  # canaries are drawn from their own stream, apart from the data's
 CANARY_WORDS = 16
@@ -91,12 +91,7 @@ def canary_examples(canaries: list[Canary], config: Config, labels: list[str], t
 @torch.no_grad()
 def log_probabilities(model: torch.nn.Module, examples: list[Example], config: Config, pad_id: int) -> np.ndarray:
     """[example, label] log-probabilities under the model's current adapter."""
-    model.eval()
-    prefix, out = kept_prefix(model, config), []
-    for start in range(0, len(examples), 128):
-        chosen = examples[start:start + 128]
-        batch = on_device(collate(chosen, pad_id), model)
-        out.append(torch.log_softmax(batch_logits(model, prefix, chosen, batch).float(), dim=-1).cpu())
+    out = [torch.log_softmax(logits.float(), dim=-1).cpu() for logits, _ in batched_logits(model, examples, config, pad_id)]
     return torch.cat(out).numpy().astype(np.float64)
 
 
@@ -149,7 +144,6 @@ def audit_arm(config: Config, sites: list[Site], canaries: list[Example], member
     """One training of the federation (noise as the DP plan has it, or none) and the canaries' scores."""
     start = time.perf_counter()
     model = build_peft_model(config.model, config.lora, len(labels), seed=config.run.seed)
-    initial = adapter_of(model)
     plans = [calibrated_plan(config, site.train) for site in sites]
     if not noise:
         plans = [replace(plan, noise_multiplier=0.0) for plan in plans]
@@ -157,7 +151,6 @@ def audit_arm(config: Config, sites: list[Site], canaries: list[Example], member
     final, _ = federate(config, model, sites, plans, pad, progress)
     put_adapter(model, final)
     after = log_probabilities(model, canaries, config, pad)
-    put_adapter(model, initial)
     scores = membership_scores(before, after, np.array([c.labels for c in canaries]))
     members, others = scores[membership], scores[~membership]
     value = auc(members, others)
