@@ -22,6 +22,8 @@ from fedlora.model_folder import ModelError, default_model_dir, resolve_model_di
 # lora.target_modules presets per architecture. "auto": the attention and MLP linear
 # layers. "qv": only the query and value projections (the LoRA paper's choice): fewer
 # trainable parameters, and DP-SGD's noise norm grows with their square root.
+# "mlp_out": only the feed-forward output projection: with the top layer alone, a site
+# keeps everything before it (client/frozen_prefix.py), so a DP-SGD step is nearly free.
 QV_TARGETS: dict[str, list[str] | str] = {
     "bert": ["query", "value"],
     "llama": ["q_proj", "v_proj"],
@@ -37,6 +39,14 @@ AUTO_TARGETS: dict[str, list[str] | str] = {
     "qwen2": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
     "gpt2": ["c_attn", "c_proj", "c_fc"],
 }
+MLP_OUT_TARGETS: dict[str, list[str] | str] = {
+    "bert": r".*encoder\.layer\.\d+\.output\.dense$",  # not attention.output.dense
+    "llama": ["down_proj"],
+    "mistral": ["down_proj"],
+    "qwen2": ["down_proj"],
+    "gpt2": r".*\.h\.\d+\.mlp\.c_proj$",  # not attn.c_proj
+}
+TARGET_PRESETS = {"auto": AUTO_TARGETS, "qv": QV_TARGETS, "mlp_out": MLP_OUT_TARGETS}
 
 
 # PEFT still calls transformers' old name; harmless, and it would repeat in every worker.
@@ -136,11 +146,10 @@ def load_base_model(model: ModelSection, num_labels: int, seed: int) -> torch.nn
 def lora_config(lora: LoraSection, task: str, base: torch.nn.Module, pooling: str = "model") -> LoraConfig:
     model_type = base.config.model_type
     targets = lora.target_modules
-    presets = {"auto": AUTO_TARGETS, "qv": QV_TARGETS}
-    if isinstance(targets, str) and targets in presets:
-        if model_type not in presets[targets]:
+    if isinstance(targets, str) and targets in TARGET_PRESETS:
+        if model_type not in TARGET_PRESETS[targets]:
             raise ModelError(f"lora.target_modules = {targets!r} does not know model type {model_type!r}; list the module names")
-        targets = presets[targets][model_type]
+        targets = TARGET_PRESETS[targets][model_type]
     if lora.top_layers:
         targets = top_layer_targets(base, targets, lora.top_layers)
     # PEFT's SEQ_CLS task trains and saves the architecture's own head; a mean-pooling

@@ -64,9 +64,10 @@ class LoraSection:
     rank: int = 8
     alpha: float = 16.0  # LoRA scale is alpha / rank; a site with its own rank k uses alpha * k / rank
     dropout: float = 0.0
-    # "qv" (query/value projections) or "auto" (attention + MLP linear layers), per
-    # architecture, or a list of module names. Under DP fewer parameters learn faster:
-    # the noise norm grows with the square root of the trainable parameter count.
+    # "qv" (query/value projections), "auto" (attention + MLP linear layers) or "mlp_out"
+    # (the feed-forward output projection), per architecture, or a list of module names.
+    # Under DP fewer parameters learn faster: the noise norm grows with the square root
+    # of the trainable parameter count.
     target_modules: str | list[str] = "qv"
     # LoRA only in the top k transformer layers (0 = every layer). The layers below stay
     # frozen: a site computes their outputs once per example and backpropagates through

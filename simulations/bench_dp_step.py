@@ -1,13 +1,14 @@
-"""The cost of one DP-SGD step of the default recipe, by how its batch is grouped.
+"""The cost of one DP-SGD step of the default recipe, by where LoRA sits and how its
+batch is grouped.
 
-    python -m fedlora.simulations.bench_dp_step --buckets 1,2,4,8
+    python -m fedlora.simulations.bench_dp_step --targets qv,mlp_out --buckets 1,4
 
 One default site (the embedded MiniLM, LoRA on the top layer with the frozen layers
 kept, the site's share of the triage notes, batch 64, the fast per-example path) trains
-`--rounds` times `--steps` DP-SGD steps with each `train.length_buckets` value,
-interleaved round by round in one process so that load from other work hits all alike
-(the kept states are filled first). Prints the median seconds per step of each and the
-padding a batch padded as one would compute on.
+`--rounds` times `--steps` DP-SGD steps with each `lora.target_modules` and
+`train.length_buckets` value, interleaved round by round in one process so that load
+from other work hits all alike (the kept states are filled first). Prints the median
+seconds per step of each and the padding a batch padded as one would compute on.
 """
 
 from __future__ import annotations
@@ -41,31 +42,37 @@ def padding_share(lengths: list[int], batch: int, buckets: int, draws: int = 200
     return 1 - real / padded
 
 
-def bench_dp_step(buckets: list[int], notes: int, rounds: int, steps: int, progress=print) -> list[dict]:
+def bench_dp_step(buckets: list[int], notes: int, rounds: int, steps: int, targets: list[str] | None = None,
+                  progress=print) -> list[dict]:
     labels = sorted(DEPARTMENTS)
     config = load_config(None, {})
+    targets = targets or [config.lora.target_modules]
     tokenizer = load_tokenizer(resolve_model_dir("default"))
     train = encode(generate_notes(notes, 0), tokenizer, config, labels, "default")
-    model = build_peft_model(config.model, config.lora, len(labels), seed=0)
     plan = DPPlan(noise_multiplier=1.0, sample_rate=config.train.batch_size / len(train), steps=steps, units=len(train))
-    # Fill the kept lower layers of (nearly) every note first: later steps only read them.
-    train_locally(model, train, config, replace(plan, steps=4 * len(train) // config.train.batch_size),
-                  tokenizer.pad_token_id, seed=0)
-    times: dict[int, list[float]] = {b: [] for b in buckets}
+    models = {}
+    for target in targets:
+        models[target] = build_peft_model(config.model, replace(config.lora, target_modules=target), len(labels), seed=0)
+        # Fill the kept states of (nearly) every note first: later steps only read them.
+        train_locally(models[target], train, config, replace(plan, steps=4 * len(train) // config.train.batch_size),
+                      tokenizer.pad_token_id, seed=0)
+    cells = [(t, b) for t in targets for b in buckets]
+    times: dict[tuple[str, int], list[float]] = {c: [] for c in cells}
     for r in range(rounds):
-        for b in buckets[r % len(buckets):] + buckets[: r % len(buckets)]:  # the order rotates each round
+        for target, b in cells[r % len(cells):] + cells[: r % len(cells)]:  # the order rotates each round
             bucketed = replace(config, train=replace(config.train, length_buckets=b))
             start = time.perf_counter()
-            train_locally(model, train, bucketed, plan, tokenizer.pad_token_id, seed=r)
-            times[b].append((time.perf_counter() - start) / steps)
-        progress(f"round {r + 1}/{rounds}: " + ", ".join(f"{b} buckets {times[b][-1]:.3f} s/step" for b in buckets))
+            train_locally(models[target], train, bucketed, plan, tokenizer.pad_token_id, seed=r)
+            times[target, b].append((time.perf_counter() - start) / steps)
+        progress(f"round {r + 1}/{rounds}: " + ", ".join(f"{t} {b} buckets {times[t, b][-1]:.3f} s/step" for t, b in cells))
     lengths = [len(e.input_ids) for e in train]
-    return [{"length_buckets": b, "step_s": statistics.median(times[b]),
-             "padding_share": padding_share(lengths, config.train.batch_size, b)} for b in buckets]
+    return [{"target_modules": t, "length_buckets": b, "step_s": statistics.median(times[t, b]),
+             "padding_share": padding_share(lengths, config.train.batch_size, b)} for t, b in cells]
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fedlora.simulations.bench_dp_step", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--targets", default="", help="lora.target_modules presets, comma-separated (default: the config's default)")
     parser.add_argument("--buckets", default="1,2,4,8", help="train.length_buckets values, comma-separated (default: 1,2,4,8)")
     parser.add_argument("--notes", type=int, default=1000, help="the site's training notes (default: 1000, a default site's)")
     parser.add_argument("--rounds", type=int, default=6, help="rounds per value (default: 6)")
@@ -77,13 +84,15 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--buckets: comma-separated integers, got {args.buckets!r}")
     if min(buckets) < 1 or args.notes < 64 or args.rounds < 1 or args.steps < 1:
         parser.error("--buckets values and --rounds, --steps must be >= 1, --notes >= 64")
-    results = bench_dp_step(buckets, args.notes, args.rounds, args.steps, progress=lambda s: print(s, file=sys.stderr, flush=True))
+    targets = [t for t in args.targets.split(",") if t]
+    results = bench_dp_step(buckets, args.notes, args.rounds, args.steps, targets,
+                            progress=lambda s: print(s, file=sys.stderr, flush=True))
     base = results[0]["step_s"]
     print(f"torch threads {torch.get_num_threads()}; batch 64, top layer, kept prefix, fast per-example path")
-    print("| length buckets | padding share | s per step | vs first |")
-    print("| --- | --- | --- | --- |")
+    print("| LoRA targets | length buckets | padding share | s per step | vs first |")
+    print("| --- | --- | --- | --- | --- |")
     for r in results:
-        print(f"| {r['length_buckets']} | {r['padding_share']:.3f} | {r['step_s']:.3f} | {base / r['step_s']:.2f}x |")
+        print(f"| {r['target_modules']} | {r['length_buckets']} | {r['padding_share']:.3f} | {r['step_s']:.3f} | {base / r['step_s']:.2f}x |")
     print(json.dumps(results))
     return 0
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from fedlora.base_model import load_base_model, lora_config, resolve_model_dir, trainable_in_fp32
+from fedlora.base_model import TARGET_PRESETS, load_base_model, lora_config, resolve_model_dir, trainable_in_fp32
 from fedlora.config import ConfigError, LoraSection, ModelSection
 
 PRESETS: dict[str, dict] = {
@@ -58,7 +58,7 @@ def _triage_batch(batch: int, seq: int, device: torch.device, seed: int) -> dict
 
 def build_bench_model(name: str, *, batch: int, seq: int, rank: int, targets: str = "qv", dtype: str = "fp32",
                       device: str = "cpu", task: str = "auto", seed: int = 0) -> BenchModel:
-    """A PEFT model with LoRA of rank `rank` on `targets` ("qv", "auto" or comma names)
+    """A PEFT model with LoRA of rank `rank` on `targets` ("qv", "auto", "mlp_out" or comma names)
     and one batch of `batch` sequences of at most `seq` tokens."""
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM, LlamaConfig
@@ -82,7 +82,7 @@ def build_bench_model(name: str, *, batch: int, seq: int, rank: int, targets: st
         base = load_base_model(ModelSection(path=name, task=task, max_length=seq), num_labels, seed).to(torch_dtype)
         model_type, vocab = base.config.model_type, base.config.vocab_size
     base.to(dev)  # on its device before LoRA goes on (docs/architecture.md: Opacus #820)
-    target_list: str | list[str] = targets if targets in ("qv", "auto") else [t.strip() for t in targets.split(",")]
+    target_list: str | list[str] = targets if targets in TARGET_PRESETS else [t.strip() for t in targets.split(",")]
     model = get_peft_model(base, lora_config(LoraSection(rank=rank, alpha=2.0 * rank, target_modules=target_list, top_layers=0),
                                              task, base))
     trainable_in_fp32(model)

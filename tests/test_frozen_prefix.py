@@ -165,3 +165,64 @@ def test_bench_local_training_reports_every_variant(capsys):
     assert all(r["train_s"] > 0 and r["eval_s"] > 0 for r in results)
     assert main(["bench", "local-training", "--rounds", "0"]) == 2
     assert len(capsys.readouterr().err.strip().splitlines()) == 1
+
+
+MLP_OUT = r".*encoder\.layer\.1\.output\.dense$"
+
+
+def test_kept_inside_the_layer_when_lora_sits_on_its_output_projection(tiny_models):
+    """LoRA on the top layer's feed-forward output projection only: the kept point moves
+    into that layer, and logits and per-example gradients are the full model's."""
+    model, _ = model_and_config(str(tiny_models["bert"]), MLP_OUT)
+    prefix = frozen_prefix(model)
+    assert prefix is not None and (prefix.first, prefix.point) == (1, "mlp_out")
+    model.eval()
+    data = examples(9, seed=6)
+    batch = collate(data, 0)
+    with torch.no_grad():
+        torch.testing.assert_close(prefix.logits([e.input_ids for e in data], batch), forward_logits(model, batch),
+                                   atol=1e-5, rtol=1e-4)
+    assert prefix.store.computed == 9
+    params = [p for p in model.parameters() if p.requires_grad]
+    for example in data[:4]:
+        one = collate([example], 0)
+        grads = []
+        for logits in (lambda: forward_logits(model, one), lambda: prefix.logits([example.input_ids], one)):
+            loss = torch.nn.functional.cross_entropy(logits(), one["labels"])
+            grads.append(torch.autograd.grad(loss, params))
+        for a, b in zip(*grads):
+            torch.testing.assert_close(b, a, atol=1e-6, rtol=1e-5)
+    assert prefix.store.computed == 9
+
+
+def test_the_mlp_out_preset_on_the_default_encoder_keeps_all_but_the_top_projection():
+    """`lora.target_modules = "mlp_out"`, top 1 layer: LoRA on layer 5's output.dense alone
+    (not its attention's output.dense); the block above the kept point keeps the caller's
+    training mode (its dropout draws), as the layers above a kept layer do."""
+    model, _ = model_and_config("default", "mlp_out", **{"lora.top_layers": 1})
+    lora_modules = sorted({n.split(".lora_")[0].split("backbone.")[1] for n, _ in model.named_parameters() if "lora_" in n})
+    assert lora_modules == ["encoder.layer.5.output.dense"]
+    prefix = frozen_prefix(model)
+    assert (prefix.first, prefix.point) == (5, "mlp_out")
+    data = examples(6, seed=7)
+    batch = collate(data, 0)
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(prefix.logits([e.input_ids for e in data], batch), forward_logits(model, batch),
+                                   atol=1e-5, rtol=1e-4)
+    model.train()
+    with torch.no_grad():
+        first, second = (prefix.logits([e.input_ids for e in data], batch) for _ in range(2))
+    assert not torch.allclose(first, second)  # the output block's dropout (p = 0.1) is on
+    assert prefix.store.computed == 6
+
+
+@pytest.mark.parametrize("kind, expected", [("llama", ["1.mlp.down_proj"]), ("gpt2", ["1.mlp.c_proj"])])
+def test_the_mlp_out_preset_picks_the_feed_forward_output_projection(tiny_models, kind, expected):
+    """The decoders' "mlp_out": down_proj (llama) and the MLP's c_proj, not attention's (gpt2)."""
+    config = load_config(None, {"model.path": str(tiny_models[kind]), "model.task": "causal-lm",
+                                "lora.target_modules": "mlp_out", "lora.top_layers": 1})
+    model = build_peft_model(config.model, config.lora, num_labels=1, seed=0)
+    adapted = sorted({n.split(".lora_")[0].split(".layers.")[-1].split(".h.")[-1] for n, _ in model.named_parameters()
+                      if "lora_" in n})
+    assert adapted == expected

@@ -114,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     dp.add_argument("--batch", type=int, default=64, metavar="B", help="sequences per batch (default: 64)")
     dp.add_argument("--seq", type=int, default=64, metavar="T", help="tokens per sequence, at most for 'default' (default: 64)")
     dp.add_argument("--rank", type=int, default=8, metavar="R", help="LoRA rank (default: 8)")
-    dp.add_argument("--targets", default="qv", metavar="MODULES", help="LoRA targets: qv, auto or comma-separated names (default: qv)")
+    dp.add_argument("--targets", default="qv", metavar="MODULES", help="LoRA targets: qv, auto, mlp_out or comma-separated names (default: qv)")
     dp.add_argument("--task", default="auto", choices=("auto", "classification", "causal-lm"),
                     help="auto: classification for 'default', causal-lm otherwise")
     dp.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="(default: cpu)")
