@@ -194,8 +194,12 @@ def _check_model(model_path: str) -> None:
             raise SiteError(f"--model-path {path}: weights do not open ({exc})") from None
 
 
-def _check_state_dir(state_dir: Path) -> None:
+def _check_state_dir(state_dir: Path, key: Path | None) -> None:
+    """A writable state dir whose ledger, if any, is intact and (with `key`, already checked)
+    signed by this site's own key."""
+    from fedlora.client.peer_keys import PeerKeyError, load_node_key
     from fedlora.privacy.site_ledger import LedgerError, SiteLedger
+    from fedlora.privacy.trail_chain import TrailSigner
 
     try:
         state_dir.mkdir(parents=True, exist_ok=True)
@@ -206,7 +210,11 @@ def _check_state_dir(state_dir: Path) -> None:
         raise SiteError(f"--state-dir {state_dir}: not writable ({exc.strerror})") from None
     try:
         # An existing ledger must be readable, and its chain intact, before the site joins.
-        SiteLedger.load(state_dir).require_intact_trail()
+        ledger = SiteLedger.load(state_dir)
+        ledger.signer = TrailSigner(load_node_key(key), pinned=True) if key is not None else None
+        ledger.require_intact_trail()
+    except PeerKeyError as exc:
+        raise SiteError(f"--key: {exc}") from None
     except LedgerError as exc:
         raise SiteError(f"--state-dir: {exc}") from None
 
@@ -338,9 +346,9 @@ def validate_site(site: SiteSettings) -> None:
         raise SiteError(f"--give-up-after must be a positive duration, got {site.give_up_after} s")
     _check_data(site.data_path, site)
     _check_model(site.model_path)
-    _check_state_dir(site.state_dir)
     if site.key is not None:
         _check_key(site.key)
+    _check_state_dir(site.state_dir, site.key)
     if site.root_cert is not None:
         _check_root_cert(site.root_cert, site.superlink)
     if site.peer_keys is not None:

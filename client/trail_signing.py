@@ -40,5 +40,8 @@ def signed_trail(msg: Message, context: Context, call_next: ClientAppCallable) -
     except Exception:  # noqa: BLE001 - no config or no state dir: the handler itself says why
         return call_next(msg, context)
     key = trail_key(config, context.node_config)  # an unreadable node key is the site's error, not skipped
-    with signing_trail(state_dir, TrailSigner(key) if key is not None else None):
+    # A node key is the site's for good: its ledger must be signed by it (the budget guard
+    # pins it). A virtual site's key is derived per run, so nothing pins it.
+    signer = TrailSigner(key, pinned="node-key" in context.node_config) if key is not None else None
+    with signing_trail(state_dir, signer):
         return call_next(msg, context)

@@ -33,7 +33,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from fedlora.atomic_file import write_atomic
-from fedlora.privacy.trail_chain import TrailCheck, TrailSigner, check_heads, digest, make_heads, prefix_hash, trail_signer
+from fedlora.privacy.trail_chain import (TrailCheck, TrailSigner, check_heads, digest, fingerprint, make_heads, prefix_hash,
+                                         trail_signer)
 
 if TYPE_CHECKING:  # the accountant (Opacus, torch) loads when an epsilon is asked for, not to read a ledger
     from fedlora.privacy.accounting import History
@@ -285,13 +286,21 @@ class SiteLedger:
         return check_heads(self.path, self.heads, hashes, len(legacy), name, {"max_epsilon": limit})
 
     def require_intact_trail(self) -> None:
-        """Raise LedgerError, naming the entry, unless the chain holds (checked once per load:
-        this object only appends to it afterwards)."""
+        """Raise LedgerError, naming the entry, unless the chain holds and, where the site's
+        own key is at hand (a pinned signer), its signed head is by that key: anyone can
+        rewrite the entries and sign a fresh head with a key of their own (checked once per
+        load: this object only appends to it afterwards)."""
         if self.intact:
             return
         check = self.check_trail()
         if check.problem is not None:
             raise LedgerError(f"privacy ledger {check.problem}; the site uses no ledger whose chain is broken "
+                              "(restore it from a backup)")
+        signer = self.signer or trail_signer(self.path.parent)
+        own = signer.public_line() if signer is not None and signer.pinned else None
+        if own is not None and check.signer is not None and " ".join(check.signer.split()[:2]) != " ".join(own.split()[:2]):
+            raise LedgerError(f"privacy ledger {self.path}: its signed head is by key {fingerprint(check.signer)}, not this "
+                              f"site's node key {fingerprint(own)}; the site uses no ledger another key signed "
                               "(restore it from a backup)")
         self.intact = True
 

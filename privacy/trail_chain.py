@@ -63,12 +63,18 @@ def fingerprint(key_line: str) -> str:
 
 @dataclass(frozen=True)
 class TrailSigner:
-    """The site's node key, lent to the privacy floor to sign trail heads."""
+    """The site's node key, lent to the privacy floor to sign trail heads. `pinned`: the
+    key is the site's own for good (a deployed site's node key, not a virtual site's
+    per-run derived one), so a ledger signed by any other key is refused."""
 
     key: ec.EllipticCurvePrivateKey
+    pinned: bool = False
+
+    def public_line(self) -> str:
+        return public_key_line(self.key.public_key())
 
     def sign(self, head: dict[str, Any]) -> dict[str, Any]:
-        signed = {**head, "signer": public_key_line(self.key.public_key())}
+        signed = {**head, "signer": self.public_line()}
         signature = self.key.sign(canonical(signed), ec.ECDSA(hashes.SHA384()))
         return {**signed, "signature": base64.b64encode(signature).decode()}
 

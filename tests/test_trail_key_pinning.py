@@ -103,3 +103,55 @@ def test_a_never_rewritten_legacy_ledger_says_under_a_pinned_check_that_nothing_
     assert code == 0 and "0 entries chained after 1 legacy entries" in line, line
     code, line = verify(tmp_path, capsys, "--public-key", str(public))
     assert code == 1 and "no head signed by the given key" in line and "1 legacy entries" in line, line
+
+
+def test_the_budget_guard_refuses_a_ledger_rewritten_and_signed_by_another_key(tmp_path):
+    """The chain's hashes anyone can recompute: a ledger whose spends were cut out and whose
+    head was re-signed with some other key is intact by its own lights. The guard of a site
+    that holds its node key (pinned) refuses it, naming both keys; with the site's own key
+    it trains on; a virtual site's per-run key (not pinned) is not held to it."""
+    from fedlora.privacy.budget_guard import check_budget
+    from fedlora.privacy.site_ledger import LedgerError, SiteLedger
+    from fedlora.privacy.trail_chain import fingerprint
+
+    own = TrailSigner(load_node_key(create_site_key(tmp_path / "keys", "site-a")[0]), pinned=True)
+    other = TrailSigner(load_node_key(create_site_key(tmp_path / "keys", "intruder")[0]))
+    state = tmp_path / "state"
+    with open_ledger(state, own) as ledger:
+        ledger.record("run-1", "rdp", 1e-5, Mechanism(1, 1.1, 0.05, 4), 20.0)
+    planned = [(1.1, 0.05, 4)]
+    with open_ledger(state, own) as ledger:
+        assert check_budget(ledger, planned, 1e-5, "rdp", 20.0).allowed
+    spent = SiteLedger.load(state).epsilon(1e-5, "rdp")
+    # The intruder rewrites the history from nothing and signs it: a fresh, intact chain.
+    (state / LEDGER_FILE).unlink()
+    with open_ledger(state, other) as ledger:
+        ledger.record("run-0", "rdp", 1e-5, Mechanism(1, 50.0, 0.01, 1), 20.0)
+    assert SiteLedger.load(state).check_trail().problem is None
+    assert SiteLedger.load(state).epsilon(1e-5, "rdp") < spent
+    with open_ledger(state, own) as ledger, pytest.raises(LedgerError) as refused:
+        check_budget(ledger, planned, 1e-5, "rdp", 20.0)
+    assert f"signed head is by key {fingerprint(other.public_line())}, not this site's node key " \
+           f"{fingerprint(own.public_line())}" in str(refused.value)
+    with signing_trail(state, own), open_ledger(state) as ledger, pytest.raises(LedgerError):
+        check_budget(ledger, planned, 1e-5, "rdp", 20.0)  # the key lent for the message pins too
+    virtual = TrailSigner(own.key)  # the same key, lent unpinned (as a virtual site's is)
+    with open_ledger(state, virtual) as ledger:
+        assert check_budget(ledger, planned, 1e-5, "rdp", 20.0).allowed
+
+
+def test_fedlora_client_refuses_at_start_a_state_dir_whose_ledger_another_key_signed(tmp_path):
+    """The site's start check (before it joins) holds the ledger to the site's --key."""
+    from fedlora.client.site_agent import SiteError, _check_state_dir
+
+    private, _ = create_site_key(tmp_path / "keys", "site-a")
+    intruder = TrailSigner(load_node_key(create_site_key(tmp_path / "keys", "intruder")[0]))
+    state = tmp_path / "state"
+    with open_ledger(state, TrailSigner(load_node_key(private))) as ledger:
+        ledger.record("run-1", "rdp", 1e-5, Mechanism(1, 1.1, 0.05, 4), 20.0)
+    _check_state_dir(state, private)  # its own key: fine
+    with open_ledger(state, intruder) as ledger:
+        ledger.record("run-1", "rdp", 1e-5, Mechanism(2, 1.1, 0.05, 4), 20.0)
+    with pytest.raises(SiteError, match=r"^--state-dir: privacy ledger .*: its signed head is by key SHA256:"):
+        _check_state_dir(state, private)
+    _check_state_dir(state, None)  # no key given: nothing to pin (the chain itself holds)
