@@ -1,7 +1,9 @@
-"""Site-controlled privacy in real simulations (Flower's simulation engine, the
-default pretrained model): an audit of every message a client sends, error replies
-included, and a label column of names that never reaches the coordinator. Sites
-declining at their limits: tests/test_site_limits_in_a_federation.py."""
+"""Site-controlled privacy in federations of the real ClientApp: an audit of every
+message a client sends in a real simulation (Flower's simulation engine, the default
+pretrained model), error replies included, and a label column of names that never
+reaches the coordinator (the real coordinator and sites in process: what it tests is
+the sites' policy and reply guard, not the engine). Sites declining at their limits:
+tests/test_site_limits_in_a_federation.py."""
 
 from __future__ import annotations
 
@@ -14,8 +16,8 @@ import pytest
 from flwr.app import Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
+from tests.helpers.client_apps import run_in_process
 
-pytestmark = [pytest.mark.slow, pytest.mark.ray]
 ROOT = Path(__file__).resolve().parent.parent
 
 # --- The real ClientApp with a mod that records every reply it sends (Ray workers are
@@ -79,6 +81,8 @@ def run(tmp_path, monkeypatch, client_app, overrides: dict, clients: int):
 CANARY = "zebracanary"
 
 
+@pytest.mark.slow
+@pytest.mark.ray
 def test_every_message_a_client_sends_holds_only_adapter_tensors_and_whitelisted_scalars(tmp_path, monkeypatch):
     from fedlora.messages import DECLINED_METRICS, EVALUATE_METRICS, QUERY_METRICS, TRAIN_METRICS
     from fedlora.privacy.privacy_statement import check_statement
@@ -137,6 +141,7 @@ def test_every_message_a_client_sends_holds_only_adapter_tensors_and_whitelisted
 NAMES = ["Jane Doe", "John Roe", "Ada Lovelace"]
 
 
+@pytest.mark.slow
 def test_a_label_column_of_patient_names_never_reaches_the_coordinator(tmp_path, monkeypatch, capfd):
     """The coordinator points data.label_column at a column of patient names. Partition 0
     keeps to its own label column and declines; the others follow the run (a simulation
@@ -154,10 +159,10 @@ def test_a_label_column_of_patient_names_never_reaches_the_coordinator(tmp_path,
     # (simulations/label_check.py); what is tested here is the sites, so it stands aside.
     monkeypatch.setattr("fedlora.simulations.runner.check_labels", lambda *_args, **_kwargs: None)
     with pytest.raises(FederationError, match="fewer than federation.min_clients"):  # no site can train
-        run(tmp_path, monkeypatch, own_label_column_site, {
+        run_in_process(own_label_column_site, tmp_path / "run", monkeypatch, 3, {
             "simulation.dataset": str(data), "simulation.partition": "iid", "federation.rounds": 1,
             "federation.round_retries": 0, "data.label_column": "patient", "data.labels": ["x", "y", "z"],
-        }, clients=3)
+        })
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert rows[0]["failures"] == {"declined: site policy: label-column": 1, "error: data error": 2}
     replies = [pickle.loads(p.read_bytes()) for p in audit.iterdir()]
