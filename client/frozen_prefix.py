@@ -159,8 +159,9 @@ def lora_change(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     change = torch.zeros((), dtype=x.dtype, device=x.device)
     for name in module.active_adapters:
         if name in module.lora_A:
-            a = module.lora_A[name]
-            change = change + module.lora_B[name](a(module.lora_dropout[name](module._cast_input_dtype(x, a.weight.dtype)))) * module.scaling[name]
+            a, b = module.lora_A[name], module.lora_B[name]
+            inputs = module.lora_dropout[name](module._cast_input_dtype(x, a.weight.dtype))
+            change = change + b(a(inputs)) * module.scaling[name]
     return change
 
 
