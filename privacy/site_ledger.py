@@ -33,8 +33,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from fedlora.atomic_file import write_atomic
-from fedlora.privacy.trail_chain import (TrailCheck, TrailSigner, check_heads, digest, fingerprint, make_heads, prefix_hash,
-                                         trail_signer)
+from fedlora.privacy.trail_chain import (TrailCheck, TrailSigner, check_heads, digest, fingerprint, key_blob, make_heads,
+                                         prefix_hash, trail_signer)
 
 if TYPE_CHECKING:  # the accountant (Opacus, torch) loads when an epsilon is asked for, not to read a ledger
     from fedlora.privacy.accounting import History
@@ -298,7 +298,7 @@ class SiteLedger:
                               "(restore it from a backup)")
         signer = self.signer or trail_signer(self.path.parent)
         own = signer.public_line() if signer is not None and signer.pinned else None
-        if own is not None and check.signer is not None and " ".join(check.signer.split()[:2]) != " ".join(own.split()[:2]):
+        if own is not None and check.signer is not None and key_blob(check.signer) != key_blob(own):
             raise LedgerError(f"privacy ledger {self.path}: its signed head is by key {fingerprint(check.signer)}, not this "
                               f"site's node key {fingerprint(own)}; the site uses no ledger another key signed "
                               "(restore it from a backup)")

@@ -55,6 +55,11 @@ def public_key_line(key: ec.EllipticCurvePublicKey) -> str:
     return key.public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH).decode()
 
 
+def key_blob(key_line: str) -> str:
+    """An OpenSSH public-key line without its comment: what two lines of one key share."""
+    return " ".join(key_line.split()[:2])
+
+
 def fingerprint(key_line: str) -> str:
     """As `ssh-keygen -l` prints it: SHA256 of the key blob, base64 without padding."""
     blob = base64.b64decode(key_line.split()[1])

@@ -11,7 +11,7 @@ from cryptography.hazmat.primitives import serialization
 
 from fedlora.privacy.site_audit import AUDIT_FILE, AuditError, check_audit_trail
 from fedlora.privacy.site_ledger import LEDGER_FILE, LedgerError, SiteLedger
-from fedlora.privacy.trail_chain import TrailCheck, fingerprint
+from fedlora.privacy.trail_chain import TrailCheck, fingerprint, key_blob
 
 
 @dataclass(frozen=True)
@@ -29,7 +29,7 @@ def trusted_key(path: Path) -> str:
         raise LedgerError(f"public key {path}: not readable ({getattr(exc, 'strerror', None) or 'not text'})") from None
     except (IndexError, ValueError, TypeError):
         raise LedgerError(f"public key {path}: not an OpenSSH public key (a site's .pub file)") from None
-    return " ".join(lines[0].split()[:2])
+    return key_blob(lines[0])
 
 
 def _pinned(check: TrailCheck, key: str | None) -> str | None:
@@ -42,7 +42,7 @@ def _pinned(check: TrailCheck, key: str | None) -> str | None:
         unsigned = (f"its {check.legacy} legacy entries (written before the chain, or stripped of it) are signed by "
                     "no one" if not check.entries else "no signed head at all")
         return f"{check.file}: no head signed by the given key ({unsigned})"
-    if " ".join(check.signer.split()[:2]) != key:
+    if key_blob(check.signer) != key:
         return f"{check.file}: its signed head is by key {fingerprint(check.signer)}, not the given key {fingerprint(key)}"
     return None
 

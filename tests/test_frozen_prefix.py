@@ -40,6 +40,27 @@ def examples(count: int, seed: int = 0) -> list[Example]:
     return out
 
 
+def assert_logits_match(model, prefix, data: list[Example]) -> None:
+    """The prefix's logits for `data` are the full model's (no gradients)."""
+    batch = collate(data, 0)
+    with torch.no_grad():
+        torch.testing.assert_close(prefix.logits([e.input_ids for e in data], batch), forward_logits(model, batch),
+                                   atol=1e-5, rtol=1e-4)
+
+
+def assert_gradients_match(model, prefix, data: list[Example]) -> None:
+    """Each example's gradient of its loss through the prefix is the full model's."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    for example in data:
+        batch = collate([example], 0)
+        grads = []
+        for logits in (lambda: forward_logits(model, batch), lambda: prefix.logits([example.input_ids], batch)):
+            loss = torch.nn.functional.cross_entropy(logits(), batch["labels"])
+            grads.append(torch.autograd.grad(loss, params))
+        for a, b in zip(*grads):
+            torch.testing.assert_close(b, a, atol=1e-6, rtol=1e-5)
+
+
 def test_logits_equal_the_full_model_and_lower_layers_run_once(tiny_models):
     model, _ = model_and_config(str(tiny_models["bert"]), UPPER)
     prefix = frozen_prefix(model)
@@ -60,16 +81,8 @@ def test_logits_equal_the_full_model_and_lower_layers_run_once(tiny_models):
 def test_per_example_gradients_equal_the_full_model(tiny_models):
     model, _ = model_and_config(str(tiny_models["bert"]), UPPER)
     prefix = frozen_prefix(model)
-    params = [p for p in model.parameters() if p.requires_grad]
     model.eval()
-    for example in examples(5, seed=1):
-        batch = collate([example], 0)
-        grads = []
-        for logits in (lambda: forward_logits(model, batch), lambda: prefix.logits([example.input_ids], batch)):
-            loss = torch.nn.functional.cross_entropy(logits(), batch["labels"])
-            grads.append(torch.autograd.grad(loss, params))
-        for a, b in zip(*grads):
-            torch.testing.assert_close(b, a, atol=1e-6, rtol=1e-5)
+    assert_gradients_match(model, prefix, examples(5, seed=1))
 
 
 def test_no_prefix_where_the_lower_layers_can_change(tiny_models):
@@ -108,11 +121,7 @@ def test_the_default_encoder_keeps_its_lower_four_layers():
     prefix = frozen_prefix(model)
     assert prefix is not None and prefix.first == 4
     model.eval()
-    data = examples(6, seed=4)
-    batch = collate(data, 0)
-    with torch.no_grad():
-        torch.testing.assert_close(prefix.logits([e.input_ids for e in data], batch), forward_logits(model, batch),
-                                   atol=1e-5, rtol=1e-4)
+    assert_logits_match(model, prefix, examples(6, seed=4))
     assert prefix.store.computed == 6
 
 
@@ -178,20 +187,9 @@ def test_kept_inside_the_layer_when_lora_sits_on_its_output_projection(tiny_mode
     assert prefix is not None and (prefix.first, prefix.point) == (1, "mlp_out")
     model.eval()
     data = examples(9, seed=6)
-    batch = collate(data, 0)
-    with torch.no_grad():
-        torch.testing.assert_close(prefix.logits([e.input_ids for e in data], batch), forward_logits(model, batch),
-                                   atol=1e-5, rtol=1e-4)
+    assert_logits_match(model, prefix, data)
     assert prefix.store.computed == 9
-    params = [p for p in model.parameters() if p.requires_grad]
-    for example in data[:4]:
-        one = collate([example], 0)
-        grads = []
-        for logits in (lambda: forward_logits(model, one), lambda: prefix.logits([example.input_ids], one)):
-            loss = torch.nn.functional.cross_entropy(logits(), one["labels"])
-            grads.append(torch.autograd.grad(loss, params))
-        for a, b in zip(*grads):
-            torch.testing.assert_close(b, a, atol=1e-6, rtol=1e-5)
+    assert_gradients_match(model, prefix, data[:4])
     assert prefix.store.computed == 9
 
 
@@ -207,9 +205,7 @@ def test_the_mlp_out_preset_on_the_default_encoder_keeps_all_but_the_top_project
     data = examples(6, seed=7)
     batch = collate(data, 0)
     model.eval()
-    with torch.no_grad():
-        torch.testing.assert_close(prefix.logits([e.input_ids for e in data], batch), forward_logits(model, batch),
-                                   atol=1e-5, rtol=1e-4)
+    assert_logits_match(model, prefix, data)
     model.train()
     with torch.no_grad():
         first, second = (prefix.logits([e.input_ids for e in data], batch) for _ in range(2))
