@@ -133,6 +133,11 @@ def test_the_budget_guard_refuses_a_ledger_rewritten_and_signed_by_another_key(t
         check_budget(ledger, planned, 1e-5, "rdp", 20.0)
     assert f"signed head is by key {fingerprint(other.public_line())}, not this site's node key " \
            f"{fingerprint(own.public_line())}" in str(refused.value)
+    from fedlora.client.reply_guard import error_category
+
+    # The refusal comes from the ledger file alone, before any data is read; the coordinator
+    # gets only the fixed category, never the line with the keys.
+    assert error_category(refused.value) == "policy"
     with signing_trail(state, own), open_ledger(state) as ledger, pytest.raises(LedgerError):
         check_budget(ledger, planned, 1e-5, "rdp", 20.0)  # the key lent for the message pins too
     virtual = TrailSigner(own.key)  # the same key, lent unpinned (as a virtual site's is)
