@@ -5,9 +5,10 @@ process.
 `fedlora client` starts the SuperNode with `--isolation process` (the SuperNode then
 launches nothing itself) and a SuperExec auth secret, and starts this loop next to
 it. The loop asks the SuperNode's Runtime API for ClientApp tasks (signed with the
-secret, so no other local process can take them) and starts one
-`fedlora.client.pinned_clientapp` process per task, which checks the run's app bundle
-against the site's approved hashes before any of its code is imported.
+secret, so no other local process can take them) and hands each task's token to the
+site's task server (`fedlora.client.pinned_clientapp`), which forks a process per task
+that checks the run's app bundle against the site's approved hashes before any of its
+code is imported.
 
 Both run as `python -I` (isolated mode): neither the working directory nor
 PYTHONPATH is on sys.path, so the site's installed fedlora is what they import.
@@ -37,20 +38,39 @@ def pinned_clientapp_command(runtime_api_address: str, state_dir: Path, approved
     return command
 
 
-def launch_task(token: str, command: list[str]) -> subprocess.Popen:
-    """One ClientApp process per task; the task token goes over stdin, not argv."""
-    proc = subprocess.Popen(command, stdin=subprocess.PIPE)
-    assert proc.stdin is not None
-    try:
-        proc.stdin.write(token.encode() + b"\n")
-        proc.stdin.close()
-    except OSError:  # the process died at start; the SuperNode expires its task
-        log.error("site executor: a ClientApp process exited before it got its task")
-    return proc
+class TaskServer:
+    """The pinned ClientApp task server, fed task tokens over its stdin (never argv);
+    started again if it has exited."""
+
+    def __init__(self, command: list[str]):
+        self.command = command
+        self.proc = self._start()
+
+    def _start(self) -> subprocess.Popen:
+        return subprocess.Popen(self.command, stdin=subprocess.PIPE)
+
+    def hand_over(self, token: str) -> None:
+        for _ in range(2):
+            if self.proc.poll() is not None:
+                log.error("site executor: the ClientApp task server exited (code %s); starting it again",
+                          self.proc.returncode)
+                self.proc = self._start()
+            assert self.proc.stdin is not None
+            try:
+                self.proc.stdin.write(token.encode() + b"\n")
+                self.proc.stdin.flush()
+                return
+            except OSError:  # it died between the check and the write: once more with a new one
+                self.proc.wait()
+        log.error("site executor: no ClientApp task server took the task; the SuperNode expires it")
+
+    def close(self) -> None:
+        if self.proc.stdin is not None:
+            self.proc.stdin.close()  # the server exits at the end of its stdin
 
 
 def serve(runtime_api_address: str, secret: bytes, state_dir: Path, approved: list[str]) -> None:
-    """Acquire ClientApp tasks from the SuperNode and launch a pinned process for each, forever."""
+    """Acquire ClientApp tasks from the SuperNode and hand each to the task server, forever."""
     from fedlora.flower_internals import (
         AcquireTaskRequest, RuntimeHttpClient, RuntimeVersionHttpInterceptor, SuperExecAuthHttpInterceptor, TaskType,
         make_simple_http_retry_invoker,
@@ -62,12 +82,10 @@ def serve(runtime_api_address: str, secret: bytes, state_dir: Path, approved: li
                       SuperExecAuthHttpInterceptor(master_secret=secret, protected_methods={ACQUIRE_TASK})],
         retry_invoker=make_simple_http_retry_invoker(),
     )
-    command = pinned_clientapp_command(runtime_api_address, state_dir, approved)
-    running: list[subprocess.Popen] = []
+    tasks = TaskServer(pinned_clientapp_command(runtime_api_address, state_dir, approved))
     log.info("site executor: ClientApp tasks run only apps %s", ", ".join(approved))
     try:
         while True:
-            running = [p for p in running if p.poll() is None]  # reap finished tasks
             try:
                 res = client.AcquireTask(AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP]))
             except Exception as exc:  # the SuperNode is starting or restarting: try again
@@ -75,9 +93,10 @@ def serve(runtime_api_address: str, secret: bytes, state_dir: Path, approved: li
                 time.sleep(2 * POLL_SECONDS)
                 continue
             if res.HasField("task") and res.token:
-                running.append(launch_task(res.token, command))
+                tasks.hand_over(res.token)
             time.sleep(POLL_SECONDS)
     finally:
+        tasks.close()
         client.close()
 
 

@@ -4,11 +4,12 @@ and exchanges, not training, dominate), 3 rounds each of local DP, local DP + se
 aggregation, distributed DP, and distributed DP evaluating every 3rd round. Prints the
 seconds of rounds 1-3 from each run's metrics.jsonl (docs/performance.md).
 
-    python tests/bench_deployed_rounds.py OUT_DIR
+    python tests/bench_deployed_rounds.py OUT_DIR [--modes local,local+secagg]
 
 Uses tests/helpers/deployment.py's harness, so it runs from the checkout (not a test: pytest
 does not collect it).
 """
+import argparse
 import sys
 import time
 from pathlib import Path
@@ -17,7 +18,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from fedlora.simulations.tiny_models import build_tiny_model  # noqa: E402
 from tests.helpers.deployment import FEDLORA, Deployment, metrics_rows, start  # noqa: E402
 
-root = Path(sys.argv[1])
+parser = argparse.ArgumentParser(description="Seconds of a deployed round per privacy mode.")
+parser.add_argument("out", type=Path, help="a new folder for the deployment")
+parser.add_argument("--modes", help="comma-separated modes to run (default: all): local, local+secagg, distributed, "
+                                    "'distributed, evaluate_every 3'")
+args = parser.parse_args()
+root = args.out
 model = build_tiny_model("bert", root / "bert")
 d = Deployment(root / "dep", model)
 try:
@@ -33,7 +39,10 @@ try:
         "distributed, evaluate_every 3": {"federation.secure_aggregation": True, "privacy.mode": "distributed",
                                           "privacy.distributed_sample_rate": 0.2, "federation.evaluate_every": 3},
     }
-    for i, (name, overrides) in enumerate(modes.items()):
+    chosen = args.modes.split(",") if args.modes else list(modes)
+    if unknown := [m for m in chosen if m not in modes]:
+        sys.exit(f"--modes: unknown mode(s) {', '.join(unknown)}; known: {', '.join(modes)}")
+    for i, (name, overrides) in enumerate((m, modes[m]) for m in chosen):
         config = d.config(f"m{i}", **{"federation.rounds": 3, "privacy.target_epsilon": 8.0, **overrides})
         t = time.monotonic()
         proc = start([*FEDLORA, "run", "--config", str(config), "--coordinator-dir", str(d.state)], d.root / f"run{i}.log")
