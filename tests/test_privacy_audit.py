@@ -90,9 +90,12 @@ def test_the_audit_sees_memorization_without_noise_and_chance_under_dp(tmp_path,
     no_noise, dp = result["arms"]
     assert no_noise["noise_multiplier"] == [0.0, 0.0] and all(s > 1.0 for s in dp["noise_multiplier"])
     assert no_noise["interval"][0] > 0.5 and result["audit_sees"], no_noise  # the audit can see
-    assert dp["interval"][0] <= 0.5 <= dp["interval"][1], dp
+    # Under DP the audit must not tell members apart: the interval does not lie above 0.5. One lying
+    # below it is chance (the noise comes from the OS: about 1 run in 40 at 95%), not a leak.
+    assert dp["interval"][0] <= 0.5, dp
     assert len(no_noise["member_scores"]) == 40 and len(dp["non_member_scores"]) == 40
-    assert f"AUC {dp['auc']:.3f}" in printed and "consistent with chance" in printed
+    dp_line = next(line for line in printed.splitlines() if f"{dp['name']}: AUC {dp['auc']:.3f}" in line)
+    assert "above chance" not in dp_line and ("consistent with chance" in dp_line or "below chance" in dp_line)
     page = (out / "audit.html").read_text()
     assert page.count("<svg") == 2 and "http" not in page.replace("http://www.w3.org", "")
     # An audit is never overwritten.

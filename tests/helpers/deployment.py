@@ -55,6 +55,18 @@ def fedlora(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
     return subprocess.run([*FEDLORA, *args], cwd=ROOT, env=flower_env(), capture_output=True, text=True, timeout=timeout)
 
 
+# Each `flwr supernode list` is a process of about 1.5 s of CPU: polled at wait_for's 0.5 s it
+# would take a core from the sites it waits for.
+SITE_LIST_POLL_SECONDS = 5.0
+
+
+def online_sites(flwr_home: Path) -> list[dict]:
+    """The sites the coordinator holds online (Flower's `flwr supernode list`)."""
+    from fedlora.server.coordinator_service import list_sites
+
+    return [n for n in list_sites(flwr_home) if n["status"] == "online"]
+
+
 def metrics_rows(run_dir: Path) -> list[dict]:
     path = run_dir / "metrics.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
