@@ -28,8 +28,7 @@ from fedlora.client.app_pinning import REFUSED_APP
 from fedlora.client.coordinator_watch import coordinator_answers
 from tests.helpers.app_bundles import change_one_line, copy_app, flwr_run_folder
 from tests.helpers.dossier_checks import check_deployment_dossier
-from tests.helpers.deployment import (FEDLORA, SITE_LIST_POLL_SECONDS, Deployment, fedlora, kill, metrics_rows, online_sites,
-                                      start, wait_for)
+from tests.helpers.deployment import FEDLORA, Deployment, fedlora, kill, metrics_rows, start, wait_for, wait_for_sites
 
 pytestmark = pytest.mark.slow
 
@@ -64,7 +63,7 @@ def test_a_changed_bundle_refused_then_three_tls_sites_with_node_auth_refusals_a
     sites = [d.site("site-0"), d.site("site-1")]
     d.site("other-model", model=other_base_model(d.model, tmp_path / "other-model"))
     home = d.state / "flwr-home"
-    wait_for(lambda: len(online_sites(home)) == 3, 120, "three sites to connect", interval=SITE_LIST_POLL_SECONDS)
+    wait_for_sites(home, lambda online: len(online) == 3, 120, "three sites to connect")
     # The sites' coordinator watch asks what they connect to: HTTPS checked against the CA, both names in
     # its certificate; another CA, or plain HTTP to a TLS coordinator, does not answer.
     ca, address = d.root / "certs" / "ca.pem", f"127.0.0.1:{d.port}"

@@ -17,7 +17,7 @@ import pytest
 from fedlora.client.site_rejoin import (
     ALIVE_FILE, FLOWER_HOLD_SECONDS, HOLD_SECONDS, REFUSAL_LINE, STOPPED_FILE, AliveMarker, refused_by_coordinator,
 )
-from tests.helpers.deployment import SITE_LIST_POLL_SECONDS, Deployment, kill, online_sites, wait_for
+from tests.helpers.deployment import Deployment, kill, online_sites, wait_for, wait_for_sites
 
 
 def test_a_refusal_after_a_recent_stop_of_its_own_is_retried_until_the_hold_lapses(tmp_path):
@@ -117,8 +117,7 @@ def test_sites_stopped_together_rejoin_at_once_and_a_crashed_one_after_the_hold(
     try:
         sites = [d.site(name) for name in names]
         crashed = d.site("crashed")
-        first = wait_for(lambda: (sites_online := online_sites(home)) and len(sites_online) == 4 and sites_online, 120,
-                         "the four sites to connect", interval=SITE_LIST_POLL_SECONDS)
+        first = wait_for_sites(home, lambda online: len(online) == 4 and online, 120, "the four sites to connect")
         wait_for(crashed_marker.exists, 30, "the crashed site to mark itself alive")
         kill(crashed)  # SIGKILL to the whole site: its SuperNode cannot leave the coordinator
         assert crashed_marker.exists()
@@ -134,11 +133,11 @@ def test_sites_stopped_together_rejoin_at_once_and_a_crashed_one_after_the_hold(
         before = {n["online-at"] for n in first}
         crashed_log = tmp_path / "site-crashed-restart.log"
         wait_for(lambda: "waiting" in crashed_log.read_text(), 60, "the crashed site to say it waits")
-        wait_for(lambda: len([n for n in online_sites(home) if n["online-at"] not in before]) >= 3, 90,
-                 "the three stopped sites to rejoin", interval=SITE_LIST_POLL_SECONDS)
-        rejoined = wait_for(lambda: [n for n in online_sites(home)
-                                     if n["node-id"] == held["node-id"] and n["online-at"] != held["online-at"]],
-                            HOLD_SECONDS + 60, "the crashed site to rejoin after the hold", interval=SITE_LIST_POLL_SECONDS)
+        wait_for_sites(home, lambda online: len([n for n in online if n["online-at"] not in before]) >= 3, 90,
+                       "the three stopped sites to rejoin")
+        rejoined = wait_for_sites(home, lambda online: [n for n in online
+                                                        if n["node-id"] == held["node-id"] and n["online-at"] != held["online-at"]],
+                                  HOLD_SECONDS + 60, "the crashed site to rejoin after the hold")
         assert rejoined and crashed_again.poll() is None, crashed_log.read_text()[-3000:]
         assert "Failed to activate" not in crashed_log.read_text()
         for name, proc in zip(names, restarted):

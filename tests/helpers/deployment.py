@@ -67,6 +67,11 @@ def online_sites(flwr_home: Path) -> list[dict]:
     return [n for n in list_sites(flwr_home) if n["status"] == "online"]
 
 
+def wait_for_sites(flwr_home: Path, condition, timeout: float, what: str):
+    """wait_for on the online sites: `condition(sites)` polled every SITE_LIST_POLL_SECONDS."""
+    return wait_for(lambda: condition(online_sites(flwr_home)), timeout, what, interval=SITE_LIST_POLL_SECONDS)
+
+
 def metrics_rows(run_dir: Path) -> list[dict]:
     path = run_dir / "metrics.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
