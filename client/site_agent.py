@@ -169,29 +169,14 @@ def _check_data(path: Path, site: SiteSettings | None = None) -> None:
 
 
 def _check_model(model_path: str) -> None:
-    """The folder resolves, its config and tokenizer load, and its weight files open."""
-    from safetensors import safe_open
-    from transformers import AutoConfig
-
-    from fedlora.base_model import ModelError, load_tokenizer, resolve_model_dir
+    """The folder resolves and its config, tokenizer and weight files parse (without importing
+    torch: the site's task server loads the model itself, once per task)."""
+    from fedlora.model_folder import ModelError, check_model_files, resolve_model_dir
 
     try:
-        folder = resolve_model_dir(model_path)
-        AutoConfig.from_pretrained(str(folder))
-        load_tokenizer(folder)
+        check_model_files(resolve_model_dir(model_path))
     except ModelError as exc:
         raise SiteError(f"--model-path: {exc}") from None
-    except (OSError, ValueError) as exc:
-        raise SiteError(f"--model-path {model_path}: does not load ({str(exc).splitlines()[0]})") from None
-    weights = sorted(folder.glob("*.safetensors"))
-    if not weights and not list(folder.glob("*.bin")):
-        raise SiteError(f"--model-path {folder}: no weight files (*.safetensors or *.bin)")
-    for path in weights:
-        try:
-            with safe_open(str(path), framework="pt") as fh:
-                fh.keys()
-        except Exception as exc:  # safetensors raises its own error types
-            raise SiteError(f"--model-path {path}: weights do not open ({exc})") from None
 
 
 def _check_state_dir(state_dir: Path, key: Path | None) -> None:

@@ -55,3 +55,45 @@ def resolve_model_dir(path: str) -> Path:
     if not (folder / "config.json").is_file():
         raise ModelError(f"model.path {path!r}: not a local Hugging Face model folder (no config.json)")
     return folder
+
+
+# A tokenizer Hugging Face can load: its fast form (tokenizer.json), or one of the files a
+# slow tokenizer is built from (BERT's WordPiece, GPT-2's BPE, a sentencepiece model).
+TOKENIZER_FILES = (("tokenizer.json",), ("vocab.txt",), ("vocab.json", "merges.txt"), ("tokenizer.model",),
+                   ("spiece.model",), ("sentencepiece.bpe.model",))
+
+
+def check_model_files(folder: Path) -> None:
+    """The folder's config, tokenizer and weight files parse, read without torch or
+    transformers (a site's start-up check costs milliseconds, not seconds of imports).
+    Raises ModelError naming the file."""
+    import json
+
+    from safetensors import safe_open
+    from tokenizers import Tokenizer
+
+    config_file = folder / "config.json"
+    try:
+        config = json.loads(config_file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ModelError(f"{config_file}: does not load ({str(exc).splitlines()[0]})") from None
+    if not isinstance(config, dict) or not isinstance(config.get("model_type"), str):
+        raise ModelError(f"{config_file}: no 'model_type' (not a Hugging Face model config)")
+    present = [names for names in TOKENIZER_FILES if all((folder / n).is_file() for n in names)]
+    if not present:
+        listed = ", ".join(" + ".join(names) for names in TOKENIZER_FILES)
+        raise ModelError(f"{folder}: no tokenizer files (one of {listed})")
+    if ("tokenizer.json",) in present:
+        try:
+            Tokenizer.from_file(str(folder / "tokenizer.json"))
+        except Exception as exc:  # tokenizers raises its own error types
+            raise ModelError(f"{folder / 'tokenizer.json'}: does not load ({str(exc).splitlines()[0]})") from None
+    weights = sorted(folder.glob("*.safetensors"))
+    if not weights and not list(folder.glob("*.bin")):
+        raise ModelError(f"{folder}: no weight files (*.safetensors or *.bin)")
+    for path in weights:
+        try:
+            with safe_open(str(path), framework="numpy") as fh:
+                fh.keys()
+        except Exception as exc:  # safetensors raises its own error types
+            raise ModelError(f"{path}: weights do not open ({exc})") from None

@@ -48,6 +48,51 @@ def test_bad_site_settings_are_one_line_errors(site, change, message):
         validate_site(site)
 
 
+def _model_copy(tiny_bert: Path, folder: Path) -> Path:
+    import shutil
+
+    return Path(shutil.copytree(tiny_bert, folder))
+
+
+@pytest.mark.parametrize("break_it, message", [
+    (lambda m: (m / "config.json").write_text("{not json"), "config.json: does not load"),
+    (lambda m: (m / "config.json").write_text('{"hidden_size": 8}'), "config.json: no 'model_type'"),
+    (lambda m: (m / "tokenizer.json").unlink(), "no tokenizer files (one of tokenizer.json, vocab.txt"),
+    (lambda m: (m / "tokenizer.json").write_text('{"model": 3}'), "tokenizer.json: does not load"),
+    (lambda m: (m / "model.safetensors").unlink(), "no weight files"),
+    (lambda m: (m / "model.safetensors").write_bytes(b"\x10" * 64), "model.safetensors: weights do not open"),
+])
+def test_a_broken_model_folder_is_named_in_one_line_without_importing_torch(site, tmp_path, tiny_models, break_it, message):
+    """The site's model check parses each file a load reads, and names the one that is broken."""
+    model = _model_copy(tiny_models["bert"], tmp_path / "model")
+    break_it(model)
+    site.model_path = str(model)
+    with pytest.raises(SiteError, match=f"--model-path: .*{message.replace('(', '[(]').replace('.', '[.]')}"):
+        validate_site(site)
+
+
+def test_the_model_check_passes_what_transformers_loads_and_imports_no_torch(tiny_models, tmp_path):
+    import subprocess
+    import sys
+
+    from transformers import AutoConfig, AutoTokenizer
+
+    # The tiny models (fast tokenizers) and a folder with only a slow tokenizer's vocab.txt.
+    slow = _model_copy(tiny_models["bert"], tmp_path / "slow-tokenizer")
+    vocab = json.loads((slow / "tokenizer.json").read_text())["model"]["vocab"]
+    (slow / "vocab.txt").write_text("".join(f"{token}\n" for token in sorted(vocab, key=vocab.get)))
+    (slow / "tokenizer.json").unlink()
+    folders = [*map(str, tiny_models.values()), str(slow), "default"]
+    for folder in folders[:-1]:
+        AutoConfig.from_pretrained(folder)
+        AutoTokenizer.from_pretrained(folder)
+    script = ("import sys; from fedlora.model_folder import check_model_files, resolve_model_dir\n"
+              f"for f in {folders!r}: check_model_files(resolve_model_dir(f))\n"
+              "assert 'torch' not in sys.modules and 'transformers' not in sys.modules, 'imported'")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+
+
 def test_bad_key_data_format_and_state_dir(site, tmp_path):
     (tmp_path / "not-a-key").write_text("hello")
     site.key = tmp_path / "not-a-key"
