@@ -19,10 +19,10 @@ Any other failure replies with the fixed reason "internal error"; the details go
 the site's log only.
 
 The process is a task server: it imports what a task needs from outside fedlora
-(torch, transformers, peft, opacus, flwr: about 9 s of a 2-core CPU) once, then reads
-task tokens from stdin, one per line, and forks a child per token that runs steps 1-4.
-Each task still runs in a fresh process, copied from one that never ran a task, and
-starts in milliseconds instead of re-importing those for every message. fedlora's own
+(torch, transformers, peft, opacus, flwr: about 9 s of a 2-core CPU) once, after it has
+forked its first task, and reads task tokens from stdin, one per line, forking a child per
+token that runs steps 1-4. Each task still runs in a fresh process, copied from one that
+never ran a task, and starts in milliseconds instead of re-importing those for every message. fedlora's own
 modules are not warmed: a task loads them from the approved bundle.
 """
 
@@ -225,8 +225,10 @@ def reap_children(block: bool = False) -> None:
 
 def serve_tasks(runtime_api_address: str, state_dir: Path, approved: list[str], parent_pid: int | None) -> None:
     """Fork a task per token line on stdin, until stdin closes (the executor is gone) and
-    the running tasks have ended."""
-    pending = b""
+    the running tasks have ended. The server warms up (warm_imports) once it has forked its
+    first task: a site that is never sent a task (refused, or idle between runs) spends
+    nothing on it, and a run's first task, the rank query, needs none of those modules."""
+    pending, warm = b"", False
     while True:
         ready, _, _ = select.select([0], [], [], 1.0)
         reap_children()
@@ -237,9 +239,14 @@ def serve_tasks(runtime_api_address: str, state_dir: Path, approved: list[str], 
             reap_children(block=True)
             return
         *tokens, pending = (pending + chunk).split(b"\n")
+        forked = False
         for token in filter(None, (t.strip().decode() for t in tokens)):
             if os.fork() == 0:
                 run_forked_task(runtime_api_address, token, state_dir, approved, parent_pid)
+            forked = True
+        if forked and not warm:
+            warm_imports()
+            warm = True
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -253,7 +260,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--parent-pid", type=int, help="the site's executor: a task stops when it exits")
     args = parser.parse_args(argv)
     site_log_handler()
-    warm_imports()
     try:
         serve_tasks(args.runtime_api_address, args.state_dir, args.approved, args.parent_pid)
     except KeyboardInterrupt:

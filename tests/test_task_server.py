@@ -1,9 +1,12 @@
 """The site's ClientApp task server (client/pinned_clientapp.py, fed by client/site_executor.py).
 
-It imports torch, transformers, peft, opacus and flwr once and forks a process per task
-token, so a deployed message no longer pays about 9 s of imports. What must hold:
+It imports torch, transformers, peft, opacus and flwr once, after forking its first task,
+and forks a process per task token, so a deployed message no longer pays about 9 s of
+imports. What must hold:
 - every token read becomes exactly one task, in its own process, also when two tokens
   arrive in one write; the server exits when its stdin closes and leaves no zombie;
+- the server warms up only once it has forked a task (a site never sent one spends
+  nothing), and the tasks forked after that start warm;
 - a task starts from the server's state, never from an earlier task's (a module one task
   loaded, an environment variable it set, e.g. the running app's hash);
 - warming loads the third-party modules, no fedlora handler module, and starts no thread;
@@ -27,10 +30,12 @@ SERVER = textwrap.dedent("""
     import fedlora.client.pinned_clientapp as pinned
 
     out = sys.argv[1]
+    pinned.WARM_MODULES = ("wave",)  # a module nothing here imports: a warm task has it
+    assert "wave" not in sys.modules
 
     def record(runtime_api_address, token, state_dir, approved, parent_pid):
         seen = {"token": token, "pid": os.getpid(), "server": os.getppid(), "env": os.environ.get("TASK_MARK"),
-                "module": "json.tool" in sys.modules}
+                "module": "json.tool" in sys.modules, "warm": "wave" in sys.modules}
         os.environ["TASK_MARK"] = token  # what an earlier task leaves behind must not reach the next one
         import json.tool  # noqa: F401
         with open(os.path.join(out, token + ".json"), "w") as fh:
@@ -63,6 +68,8 @@ def test_each_token_is_one_task_in_a_fresh_fork_of_the_server(tmp_path):
     assert {s["server"] for s in seen.values()} == {server.pid}
     # Each task saw the server's state, not the earlier tasks' environment or modules.
     assert all(s["env"] is None and s["module"] is False for s in seen.values())
+    # Warmed once it had forked the first write's tasks: they started cold, the later one warm.
+    assert {token: s["warm"] for token, s in seen.items()} == {"first": False, "second": False, "third": True}
     # Its children were reaped: none is left as a zombie of the exited server (all gone).
     for s in seen.values():
         assert not Path(f"/proc/{s['pid']}").exists()
