@@ -21,7 +21,7 @@ from fedlora.config import load_config, write_config
 from fedlora.privacy.accounting import epsilon_of
 from fedlora.privacy.site_ledger import LEDGER_FILE, LedgerError, Mechanism, SiteLedger
 from tests.helpers.site_data import write_site_data
-from tests.helpers.site_process import train_once
+from tests.helpers.site_process import fresh_processes, train_once
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -43,10 +43,10 @@ def site(tmp_path, tiny_models):
 @pytest.mark.slow
 def test_ledger_written_across_process_restarts_matches_one_uninterrupted_run(site, tmp_path):
     config, path, node = site
-    for server_round in (1, 2, 3):  # a fresh Python process per message, like a SuperNode
-        out = subprocess.run([sys.executable, "-m", "tests.helpers.site_process", str(path), str(server_round), json.dumps(node)],
-                             cwd=ROOT, capture_output=True, text=True, timeout=300)
-        assert out.returncode == 0, out.stderr[-2000:]
+    # A fresh Python process per message, like a deployed site's task server.
+    script = "import runpy; runpy.run_module('tests.helpers.site_process', run_name='__main__')"
+    for code, output in fresh_processes([(script, [str(path), str(r), json.dumps(node)]) for r in (1, 2, 3)], ROOT, tmp_path):
+        assert code == 0, output[-2000:]
     restarted = SiteLedger.load(node["state-dir"])
 
     one_process = {**node, "state-dir": str(tmp_path / "state-one")}

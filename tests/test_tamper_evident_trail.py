@@ -7,8 +7,6 @@ written before the chain existed stays usable, its entries marked as a legacy pr
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -21,6 +19,7 @@ from fedlora.privacy.site_audit import AUDIT_FILE, AuditError, append_audit
 from fedlora.privacy.site_ledger import LEDGER_FILE, Declined, LedgerError, Mechanism, SiteLedger, open_ledger
 from fedlora.privacy.trail_chain import TrailSigner, signing_trail
 from tests.helpers.site_messages import site  # noqa: F401 - the fixture
+from tests.helpers.site_process import fresh_processes
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -210,10 +209,10 @@ def test_an_intact_ledger_written_across_process_restarts_verifies_signed_by_the
     script = ("import json, sys; from fedlora.config import load_config; from tests.helpers.site_messages import send; "
               "reply = send(load_config(sys.argv[1]), json.loads(sys.argv[3]), sys.argv[4], int(sys.argv[2])); "
               "assert not reply.has_error(), reply.error")
-    for server_round, kind in ((1, "train"), (1, "evaluate"), (2, "train")):
-        out = subprocess.run([sys.executable, "-c", script, str(path), str(server_round), json.dumps(node), kind],
-                             cwd=ROOT, capture_output=True, text=True, timeout=300)
-        assert out.returncode == 0, out.stderr[-2000:]
+    messages = [(script, [str(path), str(server_round), json.dumps(node), kind])
+                for server_round, kind in ((1, "train"), (1, "evaluate"), (2, "train"))]
+    for code, output in fresh_processes(messages, ROOT, tmp_path):
+        assert code == 0, output[-2000:]
     code, line = verify(Path(node["state-dir"]), capsys, "--public-key", str(public))
     assert code == 0, line
     assert "privacy-ledger.json: 3 entries chained, signed head covers all" in line, line
