@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import html
 import json
+import math
 import random
 import time
 from dataclasses import dataclass, replace
@@ -131,6 +132,15 @@ def roc_points(members: np.ndarray, others: np.ndarray) -> list[tuple[float, flo
     return points
 
 
+def dp_auc_bound(epsilon: float, delta: float) -> float:
+    """The largest AUC any membership test can reach against an (epsilon, delta)-DP
+    release: its best trade-off of errors is beta(alpha) = max(0, 1 - delta - e^eps alpha,
+    e^-eps (1 - delta - alpha)) (DP as hypothesis testing), whose area is
+    (1 - delta)^2 / (1 + e^eps). At delta = 0 the bound is the logistic sigmoid of epsilon:
+    0.731 at epsilon 1, 0.9997 at epsilon 8."""
+    return 1.0 - (1.0 - delta) ** 2 / (1.0 + math.exp(epsilon))
+
+
 def verdict(low: float, high: float) -> str:
     if low > 0.5:
         return "above chance: the scores tell members from non-members"
@@ -191,6 +201,10 @@ def run_audit(config: Config, output: Path, canary_count: int, progress: Callabl
         progress(f"[fedlora] audit: {name}: AUC {arm['auc']:.3f} [{arm['interval'][0]:.3f}, {arm['interval'][1]:.3f}] "
                  f"- {arm['verdict']} ({arm['seconds']:.0f} s)")
         arms.append(arm)
+    bound = dp_auc_bound(config.privacy.target_epsilon, config.privacy.delta)
+    progress(f"[fedlora] audit: (epsilon {config.privacy.target_epsilon:g}, delta {config.privacy.delta:g})-DP allows "
+             f"an AUC up to {bound:.4g}; the DP training's {arms[1]['auc']:.3f} is "
+             f"{'within' if arms[1]['auc'] <= bound else 'ABOVE'} it")
     result = {
         "written": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "task": config.simulation.dataset, "sites": len(sites), "rounds": config.federation.rounds,
@@ -200,6 +214,8 @@ def run_audit(config: Config, output: Path, canary_count: int, progress: Callabl
         "score": "the rise of the log-probability of the canary's random label from the initial adapter to the final "
                  "one, relative to its other labels, less that label's mean rise over all canaries",
         "arms": arms,
+        # What DP promises: no test beats this AUC. Above chance is allowed, above this is not.
+        "dp_auc_bound": bound,
         # The audit has power only if, without noise, the members stand out.
         "audit_sees": arms[0]["interval"][0] > 0.5,
     }
@@ -216,7 +232,7 @@ def summary_line(result: dict[str, Any]) -> str:
     no_noise, dp = result["arms"]
     return (f"audit: no noise AUC {no_noise['auc']:.3f} [{no_noise['interval'][0]:.3f}, {no_noise['interval'][1]:.3f}], "
             f"DP at epsilon {result['epsilon']:g} AUC {dp['auc']:.3f} [{dp['interval'][0]:.3f}, {dp['interval'][1]:.3f}] "
-            f"({dp['verdict'] if result['audit_sees'] else BLIND})")
+            f"({dp['verdict'] if result['audit_sees'] else BLIND}; the DP bound is {result['dp_auc_bound']:.4g})")
 
 
 def _histograms(result: dict[str, Any]) -> str:
@@ -268,7 +284,9 @@ per {e(result['unit'])}. Score: {e(result['score'])}.</p>
 <table><tr><th>training</th><th>AUC</th><th>95% interval (bootstrap)</th><th>reading</th><th>noise multiplier per site</th><th>seconds</th></tr>{rows}</table>
 {"" if result["audit_sees"] else f"<p><b>{e(BLIND[0].upper() + BLIND[1:])}.</b></p>"}
 <p>An AUC of 0.5 means the scores cannot tell the canaries a site trained on from those it never saw. The audit is a
-lower bound on leakage (one attack, one training); the accounted epsilon is the upper bound on every attack.</p>
+lower bound on leakage (one attack, one training); the accounted epsilon is the upper bound on every attack: under
+(epsilon {result['epsilon']:g}, delta {result['delta']:g})-DP no membership test reaches an AUC above
+{result['dp_auc_bound']:.4g}. Above chance is allowed; above that bound is not.</p>
 {figure_html("scores", "Membership scores of members and non-members", _histograms(result))}
 {figure_html("roc", "ROC of the loss-based membership test", _roc(result))}
 <p>Written {e(result['written'])}; figures in {JSON_FILE}.</p></body></html>
