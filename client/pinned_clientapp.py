@@ -22,8 +22,8 @@ The process is a task server: it imports what a task needs from outside fedlora
 (torch, transformers, peft, opacus, flwr: about 9 s of a 2-core CPU) once, after it has
 forked its first task, and reads task tokens from stdin, one per line, forking a child per
 token that runs steps 1-4. Each task still runs in a fresh process, copied from one that
-never ran a task, and starts in milliseconds instead of re-importing those for every message. fedlora's own
-modules are not warmed: a task loads them from the approved bundle.
+never ran a task, and starts in milliseconds instead of re-importing those for every
+message. fedlora's own modules are not warmed: a task loads them from the approved bundle.
 """
 
 from __future__ import annotations

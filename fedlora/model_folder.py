@@ -5,6 +5,7 @@ and fingerprints it without loading a model (fedlora/base_fingerprint.py)."""
 from __future__ import annotations
 
 import hashlib
+import json
 from functools import lru_cache
 from pathlib import Path
 
@@ -67,8 +68,6 @@ def check_model_files(folder: Path) -> None:
     """The folder's config, tokenizer and weight files parse, read without torch or
     transformers (a site's start-up check costs milliseconds, not seconds of imports).
     Raises ModelError naming the file."""
-    import json
-
     from safetensors import safe_open
     from tokenizers import Tokenizer
 
