@@ -19,6 +19,7 @@ from fedlora.client import model_cache
 from fedlora.client.model_cache import cached_model
 from fedlora.adapter_state import adapter_of
 from fedlora.config import Config, LoraSection, ModelSection, PrivacySection, StrategySection
+from fedlora.private_network import TEST_UNAVAILABLE_ENV
 from fedlora.server.federation import aggregate
 from fedlora.server.round_policy import RoundTraining
 from fedlora.strategies.central_dp import CentralDP
@@ -166,16 +167,26 @@ def test_a_worker_swaps_lora_rank_without_reloading_the_base(tiny_models):
 
 @pytest.mark.slow
 @pytest.mark.ray
-def test_simulation_with_sites_of_ranks_4_8_16(tmp_path):
+def test_simulation_with_sites_of_ranks_4_8_16_on_the_host_network_where_namespaces_are_unavailable(tmp_path):
+    """One engine run checks two things: sites of ranks 4, 8 and 16 in one federation, and
+    `--allow-network` where user namespaces are unavailable (the run goes on, on this machine's
+    network, and names the ports it opens; tests/test_private_network.py has the isolated runs)."""
     out, load_log = tmp_path / "run", tmp_path / "loads.txt"
     cmd = [sys.executable, "-m", "fedlora.cli", "simulate", "--clients", "3", "--rounds", "2", "--output", str(out),
+           "--allow-network",
            "--set", "strategy.name=exact", "--set", "simulation.client_ranks=[4, 8, 16]",
            "--set", "simulation.dataset_size=300", "--set", "train.local_steps=1", "--set", "train.batch_size=16",
            "--set", "simulation.cpus_per_client=1"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "FEDLORA_MODEL_LOAD_LOG": str(load_log)})
+    env = {**os.environ, "FEDLORA_MODEL_LOAD_LOG": str(load_log), TEST_UNAVAILABLE_ENV: "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["clients_ok"] for r in rows[1:]] == [3, 3] and all(r["updates_rejected"] == 0 for r in rows)
     final = load_file(str(out / "adapter" / "adapter_model.safetensors"))
     assert {t.shape[0] for k, t in final.items() if "lora_A" in k} == {16}  # the largest declared rank
     assert max(Counter(load_log.read_text().split()).values()) == 1  # rank swaps never reload the base
+
+    # Without namespaces, --allow-network runs on this machine's network and says so, naming the ports.
+    assert "network isolation unavailable" in proc.stderr and "(--allow-network)" in proc.stderr
+    assert "fedlora: listening on this machine's network: TCP " in proc.stderr
+    assert proc.stdout.strip().splitlines()[-1] == f"run directory: {out.resolve()}"

@@ -1,9 +1,10 @@
 """Site-controlled privacy in federations of the real ClientApp: an audit of every
-message a client sends in a real simulation (Flower's simulation engine, the default
-pretrained model), error replies included, and a label column of names that never
-reaches the coordinator (the real coordinator and sites in process: what it tests is
-the sites' policy and reply guard, not the engine). Sites declining at their limits:
-tests/test_site_limits_in_a_federation.py."""
+message a client sends (the default pretrained model, error replies included), and a
+label column of names that never reaches the coordinator. Both run the real coordinator
+and the real sites in process (tests/helpers/client_apps.run_in_process): what they test
+is what a site's handlers and reply guard let out, which is the same whichever engine
+carries it; the engine's own runs are in tests/test_simulation.py. Sites declining at
+their limits: tests/test_site_limits_in_a_federation.py."""
 
 from __future__ import annotations
 
@@ -16,12 +17,12 @@ import pytest
 from flwr.app import Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
+from fedlora.config import load_config
 from tests.helpers.client_apps import run_in_process
 
-ROOT = Path(__file__).resolve().parent.parent
 
-# --- The real ClientApp with a mod that records every reply it sends (Ray workers are
-# separate processes, so each reply is pickled into a folder the test reads).
+# --- The real ClientApp with a mod that records every reply it sends, each pickled into a
+# folder the test reads.
 def record_outgoing(msg: Message, context: Context, call_next) -> Message:
     reply = call_next(msg, context)
     content = reply.content if reply.has_content() else RecordDict()
@@ -56,33 +57,10 @@ def audited_app() -> ClientApp:
 audited = audited_app()
 
 
-def run(tmp_path, monkeypatch, client_app, overrides: dict, clients: int):
-    from flwr.simulation import run_simulation
-
-    from fedlora.config import load_config
-    from fedlora.flower_env import FLOWER_OFFLINE_ENV
-    from fedlora.server.server_app import make_server_app
-    from fedlora.simulations.runner import prepare
-
-    for k, v in FLOWER_OFFLINE_ENV.items():
-        monkeypatch.setenv(k, v)
-    monkeypatch.setenv("PYTHONPATH", str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    config = prepare(load_config(None, {
-        "run.output_dir": str(tmp_path / "run"), "simulation.clients": clients, "simulation.cpus_per_client": 1,
-        "simulation.dataset_size": 600, "train.batch_size": 16, "train.local_steps": 2,
-        "federation.evaluate_every": 1, **overrides,
-    }))
-    run_simulation(make_server_app(config), client_app, num_supernodes=clients,
-                   backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}, "init_args": {"num_cpus": 2}})
-    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    return config, rows
-
-
 CANARY = "zebracanary"
 
 
 @pytest.mark.slow
-@pytest.mark.ray
 def test_every_message_a_client_sends_holds_only_adapter_tensors_and_whitelisted_scalars(tmp_path, monkeypatch):
     from fedlora.messages import DECLINED_METRICS, EVALUATE_METRICS, QUERY_METRICS, TRAIN_METRICS
     from fedlora.privacy.privacy_statement import check_statement
@@ -96,9 +74,11 @@ def test_every_message_a_client_sends_holds_only_adapter_tensors_and_whitelisted
     audit = tmp_path / "audit"
     audit.mkdir()
     monkeypatch.setenv("FEDLORA_AUDIT_DIR", str(audit))
-    config, rows = run(tmp_path, monkeypatch, audited, {
-        "simulation.dataset": str(data), "simulation.partition": "iid", "federation.rounds": 2, "privacy.unit": "user",
-    }, clients=3)
+    overrides = {"simulation.dataset": str(data), "simulation.partition": "iid", "federation.rounds": 2,
+                 "privacy.unit": "user", "simulation.dataset_size": 600, "train.batch_size": 16, "train.local_steps": 2,
+                 "federation.evaluate_every": 1}
+    rows = run_in_process(audited, tmp_path / "run", monkeypatch, 3, overrides)
+    config = load_config(None, {**overrides, "run.output_dir": str(tmp_path / "run")})
     assert rows[-1]["round"] == 2 and rows[-1]["clients_ok"] == 3
 
     from fedlora.base_model import build_peft_model

@@ -1,7 +1,7 @@
 """Sites declining at the round their limits say, or calibrating their noise to them, in a
 federation of the real coordinator and the real site ClientApp at four virtual sites, in
 process (tests/helpers/client_apps.py: run_in_process); their ledgers and central DP's
-accounting. The simulation engine itself is tested in tests/test_privacy_in_simulation.py."""
+accounting. The simulation engine itself is tested in tests/test_simulation.py."""
 
 from __future__ import annotations
 
