@@ -2,7 +2,9 @@
 
 One real `fedlora simulate` per (epsilon, seed), everything else the run's config
 (the default recipe, non-IID sites, `simulation.test_notes` fresh notes scored exactly
-after each run). "inf" is the same recipe without DP. Each epsilon keeps evaluation's
+after each run). "inf" is the same steps without DP: no clipping and no noise, at its own SGD rate
+(`--no-dp-lr`, default NO_DP_LR), because the recipe's rate is for clipped gradients
+(each step's norm at most lr x clip) and diverges unclipped. Each epsilon keeps evaluation's
 share of the default budget (1 of 8): `privacy.eval_epsilon = epsilon / 8`, so every
 point spends the same fraction on its federated evaluations.
 
@@ -27,6 +29,9 @@ from fedlora.simulations.compare_strategies import run_cell
 
 # Evaluation's share of each epsilon, as in the default config (1 of 8).
 EVAL_SHARE = 1 / 8
+# The no-DP point's SGD rate: the best of 0.5, 1.5 and 4 on the default task without clipping
+# (docs/strategies.md); the default recipe's lr 4 diverges there (held-out 0.19).
+NO_DP_LR = 0.5
 DEFAULT_TEST_NOTES = 1000
 CURVE_FILE = "curve.html"
 
@@ -47,10 +52,11 @@ def parse_epsilons(text: str) -> list[float]:
     return sorted(set(values))
 
 
-def epsilon_settings(epsilon: float) -> list[str]:
-    """The --set items that give one point of the curve its budget."""
+def epsilon_settings(epsilon: float, no_dp_lr: float = NO_DP_LR) -> list[str]:
+    """The --set items that give one point of the curve its budget (the no-DP point: its rate;
+    privacy.enabled = false is set by the cell)."""
     if math.isinf(epsilon):
-        return []
+        return [f"train.lr={no_dp_lr:g}"]
     return [f"privacy.target_epsilon={epsilon:g}", f"privacy.eval_epsilon={epsilon * EVAL_SHARE:g}"]
 
 
@@ -58,7 +64,8 @@ def label(epsilon: float) -> str:
     return "no DP" if math.isinf(epsilon) else f"{epsilon:g}"
 
 
-def curve(output: Path, epsilons: list[float], extra: list[str], seeds: int = 1, partition: str = "non-IID") -> str:
+def curve(output: Path, epsilons: list[float], extra: list[str], seeds: int = 1, partition: str = "non-IID",
+          no_dp_lr: float = NO_DP_LR) -> str:
     """Run every (epsilon, seed) and write the table and the page; returns the table."""
     output.mkdir(parents=True, exist_ok=True)
     if not any(item.startswith("simulation.test_notes=") for item in extra):
@@ -69,7 +76,7 @@ def curve(output: Path, epsilons: list[float], extra: list[str], seeds: int = 1,
         name = f"epsilon-{label(epsilon).replace(' ', '-')}-seed{seed}"
         print(f"[compare] {i}/{len(cells)} {name}", file=sys.stderr, flush=True)
         # fedavg unless the settings name a strategy (a later --set wins).
-        cell = run_cell(output / name, "fedavg", not math.isinf(epsilon), partition, seed, [*extra, *epsilon_settings(epsilon)])
+        cell = run_cell(output / name, "fedavg", not math.isinf(epsilon), partition, seed, [*extra, *epsilon_settings(epsilon, no_dp_lr)])
         # The cell's own "epsilon" is what the sites spent; the point's label goes last so it wins.
         results.append({**cell, "epsilon_spent": cell.get("epsilon"), "epsilon": label(epsilon), "seed": seed})
         (output / "results.json").write_text(json.dumps(results, indent=2) + "\n")  # progress survives a crash
@@ -79,7 +86,7 @@ def curve(output: Path, epsilons: list[float], extra: list[str], seeds: int = 1,
     points = summarize(epsilons, results)
     text = curve_table(points)
     (output / "curve.md").write_text(text + "\n")
-    (output / CURVE_FILE).write_text(curve_page(points, text, extra, seeds, partition))
+    (output / CURVE_FILE).write_text(curve_page(points, text, extra, seeds, partition, no_dp_lr))
     return text
 
 
@@ -136,7 +143,8 @@ def curve_plot(points: list[dict]) -> str:
     return svg_figure(draw, integer_x=False)
 
 
-def curve_page(points: list[dict], table: str, extra: list[str], seeds: int, partition: str) -> str:
+def curve_page(points: list[dict], table: str, extra: list[str], seeds: int, partition: str,
+               no_dp_lr: float = NO_DP_LR) -> str:
     rows = "".join(
         "<tr>" + "".join(f"<td>{html.escape(cell.strip())}</td>" for cell in line.strip("|").split("|")) + "</tr>"
         for line in table.splitlines()[2:])
@@ -151,7 +159,9 @@ table {{ border-collapse: collapse; }} td, th {{ border: 1px solid #bbb; padding
 <h1>Privacy against utility on the default task</h1>
 <p>Each point: {seeds} run(s) of <code>fedlora simulate</code> ({html.escape(partition)} sites), every site at the
 epsilon shown (evaluation's share {EVAL_SHARE:g} of it included), the final adapter scored exactly on fresh notes
-that no site holds. Settings applied to every run: {settings}.
+that no site holds. The no-DP point trains the same steps without clipping or noise, at SGD rate
+{no_dp_lr:g} (<code>--no-dp-lr</code>): the DP points' rate is for clipped gradients. Settings applied to every
+run: {settings}.
 Written {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC.</p>
 {figure_html("curve", "Held-out test accuracy against epsilon per site", curve_plot(points))}
 <table><tr><th>epsilon per site</th><th>runs</th><th>held-out test accuracy</th><th>per seed</th><th>wall s / run</th></tr>

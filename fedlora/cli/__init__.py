@@ -10,6 +10,7 @@ fast."""
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
@@ -62,6 +63,10 @@ def build_parser() -> argparse.ArgumentParser:
                           "fedavg on non-IID sites unless --set says otherwise, each scored on fresh held-out notes; "
                           "writes OUTPUT/curve.md and OUTPUT/curve.html (table and plot, with the no-DP line). "
                           "Example: --epsilons 1,2,4,8,inf")
+    cmp.add_argument("--no-dp-lr", type=float, default=None, metavar="LR",
+                     help="with --epsilons: the SGD rate of the 'inf' point, which trains without clipping (the DP "
+                          "points' train.lr is for clipped gradients and diverges unclipped; default 0.5, the best "
+                          "measured on the default task)")
     aud = commands.add_parser(
         "audit", help="empirical privacy audit: canaries inserted once each, membership AUC with and without noise",
         description="Insert canaries (random words with a random label) once each into the simulation's sites, train "
@@ -256,8 +261,10 @@ def run_compare(args: argparse.Namespace) -> int:
         parse_override(item)  # fail now, not in every run
     if args.seeds < 1:
         raise ConfigError(f"--seeds: must be at least 1, got {args.seeds}")
+    if args.no_dp_lr is not None and not args.epsilons:
+        raise ConfigError("--no-dp-lr: only with --epsilons (it sets the curve's no-DP point)")
     if args.epsilons:
-        from fedlora.simulations.privacy_utility import CURVE_FILE, curve, parse_epsilons
+        from fedlora.simulations.privacy_utility import CURVE_FILE, NO_DP_LR, curve, parse_epsilons
 
         try:
             epsilons, partitions = parse_epsilons(args.epsilons), known_partitions(args.partitions or "non-IID")
@@ -265,8 +272,11 @@ def run_compare(args: argparse.Namespace) -> int:
             raise ConfigError(str(exc)) from None
         if len(partitions) != 1:
             raise ConfigError("--epsilons: choose one of --partitions non-IID or IID for the curve")
+        no_dp_lr = NO_DP_LR if args.no_dp_lr is None else args.no_dp_lr
+        if not (no_dp_lr > 0 and math.isfinite(no_dp_lr)):
+            raise ConfigError(f"--no-dp-lr: must be a finite number > 0, got {args.no_dp_lr}")
         plan_network(args)
-        print(curve(Path(args.output), epsilons, args.set, args.seeds, partitions[0]))
+        print(curve(Path(args.output), epsilons, args.set, args.seeds, partitions[0], no_dp_lr))
         print(f"curve: {Path(args.output) / CURVE_FILE}")
         return 0
     try:
