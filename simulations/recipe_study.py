@@ -9,6 +9,8 @@ notes from another seed (as `simulation.test_notes` does). The federated evaluat
 are not run (their epsilon is still reserved in each site's plan), which is why a
 cell takes seconds to a few minutes instead of a `fedlora simulate` run's minutes.
 The few best cells are then confirmed with `fedlora simulate` (docs/strategies.md).
+Distributed DP cells (`--set privacy.mode=distributed`) run each site's noisy integer sum
+and the coordinator's step as the real ones do, summed in the clear (`distributed_round`).
 
     python -m fedlora.simulations.recipe_study --set train.lr=4 --seeds 3
 """
@@ -66,14 +68,18 @@ def federate(config: Config, model, sites: list[Site], plans: list, pad: int, pr
     tail_sum: dict[str, torch.Tensor] = {}  # the global adapters of the last rounds, summed
     tail_from = config.federation.rounds // 2 + 1 if tail_from is None else tail_from
     for server_round in range(1, config.federation.rounds + 1):
-        updates = []
-        for number, (site, plan) in enumerate(zip(sites, plans)):
-            put_adapter(model, global_adapter)
-            with frozen(model, strategy.frozen_factors + frozen_in_round(config.train, server_round)):
-                train_locally(model, site.train, with_round_lr(config, server_round), plan, pad, seed=server_round * 1000 + number)
-            sent = trained_part(adapter_of(model), strategy.frozen_factors)
-            updates.append(ClientUpdate(node_id=number, adapter=sent, num_examples=len(site.train)))
-        global_adapter = strategy.aggregate(global_adapter, updates)
+        if config.privacy.enabled and config.privacy.mode == "distributed":
+            global_adapter = distributed_round(config, model, sites, strategy, global_adapter, server_round, pad)
+            updates = []
+        else:
+            updates = []
+            for number, (site, plan) in enumerate(zip(sites, plans)):
+                put_adapter(model, global_adapter)
+                with frozen(model, strategy.frozen_factors + frozen_in_round(config.train, server_round)):
+                    train_locally(model, site.train, with_round_lr(config, server_round), plan, pad, seed=server_round * 1000 + number)
+                sent = trained_part(adapter_of(model), strategy.frozen_factors)
+                updates.append(ClientUpdate(node_id=number, adapter=sent, num_examples=len(site.train)))
+            global_adapter = strategy.aggregate(global_adapter, updates)
         if server_round >= tail_from:
             for key, value in global_adapter.items():
                 tail_sum[key] = tail_sum.get(key, 0) + value
@@ -81,6 +87,50 @@ def federate(config: Config, model, sites: list[Site], plans: list, pad: int, pr
             progress(f"  round {server_round}/{config.federation.rounds}: {time.perf_counter() - start:.0f} s")
     tail = {key: value / (config.federation.rounds - tail_from + 1) for key, value in tail_sum.items()}
     return global_adapter, tail
+
+
+def distributed_round(config: Config, model, sites: list[Site], strategy, global_adapter: dict[str, torch.Tensor],
+                      server_round: int, pad: int) -> dict[str, torch.Tensor]:
+    """One round of distributed DP (`privacy.mode = "distributed"`, privacy/distributed_dp.py):
+    every site's noisy integer sum of clipped gradients at the global adapter, with its Skellam
+    share, exactly as a site computes it (client/local_training.distributed_gradient_sum,
+    noisy_input), summed modulo 2^bits, and the coordinator's SGD step on the sum. Secure
+    aggregation reveals exactly that modular sum (tests/test_secure_rounds.py), so the
+    study adds the inputs in the clear, without the masking exchanges."""
+    import numpy as np
+
+    from fedlora.client.local_training import distributed_gradient_sum
+    from fedlora.client.site_privacy import distributed_plan
+    from fedlora.privacy import secure_aggregation_records as records
+    from fedlora.privacy.distributed_dp import coordinator_step, noisy_input
+    from fedlora.round_schedule import round_lr
+    from fedlora.server.secure_round import SecureSum
+
+    values = sum(t.numel() for t in trained_part(global_adapter, strategy.frozen_factors).values())
+    plan = distributed_plan(config, values)
+    spec = records.quantization(True, records.run_clip(config), len(sites))
+    modulus, rng, total = np.uint64((1 << spec.modulus_bits) - 1), np.random.default_rng(), None
+    put_adapter(model, global_adapter)
+    with frozen(model, strategy.frozen_factors):
+        for site in sites:
+            sums, _ = distributed_gradient_sum(model, site.train, config, plan.sample_rate, records.LEVELS, pad)
+            integer_sum = np.concatenate([sums[k].flatten().numpy() for k in sorted(sums)])
+            noisy = noisy_input(integer_sum, len(site.train), plan.share(len(sites)), spec, rng)
+            total = noisy if total is None else (total + noisy) & modulus
+    change, _ = coordinator_step(total, spec, plan.sample_rate, round_lr(config.train, server_round, config.federation.rounds))
+    step = SecureSum()
+    step.add(change, 1)
+    return strategy.aggregate(global_adapter, [step.update(global_adapter, strategy.frozen_factors)])
+
+
+def distributed_sigma(config: Config, model) -> list[float]:
+    """Distributed DP's noise multiplier (the same at every site), or [] for other cells."""
+    if not (config.privacy.enabled and config.privacy.mode == "distributed"):
+        return []
+    from fedlora.client.site_privacy import distributed_plan
+
+    trained = trained_part(adapter_of(model), get_strategy(config.strategy).frozen_factors)
+    return [round(distributed_plan(config, sum(t.numel() for t in trained.values())).noise_multiplier, 3)]
 
 
 def run_cell(config: Config, progress=print) -> dict:
@@ -91,7 +141,8 @@ def run_cell(config: Config, progress=print) -> dict:
     tokenizer = load_tokenizer(resolve_model_dir(config.model.path))
     sites = study_sites(config, labels, tokenizer)
     model = build_peft_model(config.model, config.lora, len(labels), seed=config.run.seed)
-    plans = [calibrated_plan(config, site.train) if config.privacy.enabled else None for site in sites]
+    local_dp = config.privacy.enabled and config.privacy.mode != "distributed"
+    plans = [calibrated_plan(config, site.train) if local_dp else None for site in sites]
     pad = tokenizer.pad_token_id
     global_adapter, tail_average = federate(config, model, sites, plans, pad, progress)
     test = encode(generate_notes(config.simulation.test_notes or 1000, config.run.seed + TEST_SEED_OFFSET),
@@ -103,7 +154,7 @@ def run_cell(config: Config, progress=print) -> dict:
     return {
         "seed": config.run.seed, "accuracy": sums.correct / sums.units, "loss": sums.loss / sums.units,
         "tail_average_accuracy": tail.correct / tail.units,
-        "noise_multiplier": [round(p.noise_multiplier, 3) for p in plans if p],
+        "noise_multiplier": [round(p.noise_multiplier, 3) for p in plans if p] or distributed_sigma(config, model),
         "seconds": time.perf_counter() - start,
     }
 
