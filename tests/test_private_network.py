@@ -247,20 +247,28 @@ def free_port() -> int:
 
 @pytest.mark.slow
 @pytest.mark.ray
-def test_a_ray_address_joins_that_cluster_with_isolation_off(tmp_path):
+def test_a_ray_address_joins_that_cluster_with_isolation_off_and_aggregates_securely(tmp_path):
+    """One engine run checks two things: `simulation.ray_address` joins a running cluster (no
+    namespace of fedlora's), and secure aggregation on the engine's path (virtual sites with
+    derived node keys, one round; its exchanges in process: tests/test_secure_rounds.py)."""
+    import json
+
+    from safetensors.torch import load_file
+
     ray = Path(sys.executable).parent / "ray"
     temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short: Ray's socket paths have a length limit
     port = free_port()
+    out = tmp_path / "run"
     try:
         subprocess.run([str(ray), "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(port), "--num-cpus", "2",
                         "--include-dashboard", "false", "--disable-usage-stats", "--temp-dir", temp_dir],
                        check=True, capture_output=True, timeout=120)
-        proc = subprocess.run(fedlora("simulate", "--rounds", "1", "--output", str(tmp_path / "run"), *SMALL,
+        proc = subprocess.run(fedlora("simulate", "--clients", "3", "--rounds", "1", "--output", str(out),
+                                      "--set", "simulation.dataset_size=300", "--set", "train.local_steps=1",
+                                      "--set", "train.batch_size=16", "--set", "simulation.cpus_per_client=1",
+                                      "--set", "federation.secure_aggregation=true",
                                       "--set", f"simulation.ray_address=127.0.0.1:{port}"),
                               capture_output=True, text=True, timeout=600)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        assert f"fedlora: network isolation off: joining the Ray cluster at 127.0.0.1:{port}" in proc.stderr
-        assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").is_file()
     finally:
         # Stop only this head's processes (`ray stop` would stop every Ray on the machine).
         for process in psutil.process_iter(["cmdline"]):
@@ -270,3 +278,15 @@ def test_a_ray_address_joins_that_cluster_with_isolation_off(tmp_path):
                 except psutil.Error:
                     pass
         shutil.rmtree(temp_dir, ignore_errors=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"fedlora: network isolation off: joining the Ray cluster at 127.0.0.1:{port}" in proc.stderr
+    assert "WARNING" not in proc.stdout + proc.stderr
+
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert rows[1]["clients_ok"] == 3 and rows[1]["failures"] == {}
+    assert rows[1]["secure_aggregation"] is True and "Every trained round was aggregated under secure aggregation" in \
+        (out / "report.html").read_text()
+    # Each site sent one uint64 per trained value, plus its weight (and a small .npy header).
+    values = sum(t.numel() for t in load_file(str(out / "adapter" / "adapter_model.safetensors")).values())
+    per_site = rows[1]["bytes_up"] / 3
+    assert 8 * (values + 1) <= per_site <= 8 * (values + 1) + 256, (per_site, values)
