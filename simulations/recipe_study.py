@@ -24,15 +24,19 @@ import sys
 import time
 from dataclasses import dataclass, replace
 
+import numpy as np
 import torch
 
 from fedlora.adapter_state import adapter_of, put_adapter
 from fedlora.base_model import build_peft_model, load_tokenizer, resolve_model_dir
 from fedlora.client.local_evaluation import evaluate_locally
-from fedlora.client.local_training import frozen, train_locally
-from fedlora.client.site_privacy import calibrated_plan
+from fedlora.client.local_training import distributed_gradient_sum, frozen, train_locally
+from fedlora.client.site_privacy import calibrated_plan, distributed_plan
 from fedlora.config import Config, load_config, parse_override
-from fedlora.round_schedule import frozen_in_round, with_round_lr
+from fedlora.privacy import secure_aggregation_records as records
+from fedlora.privacy.distributed_dp import DistributedPlan, coordinator_step, noisy_input
+from fedlora.round_schedule import frozen_in_round, round_lr, with_round_lr
+from fedlora.server.secure_round import SecureSum
 from fedlora.simulations.held_out_test import TEST_SEED_OFFSET
 from fedlora.simulations.triage_notes import DEPARTMENTS, generate_notes
 from fedlora.simulations.virtual_sites import partition_rows
@@ -58,19 +62,20 @@ def study_sites(config: Config, labels: list[str], tokenizer) -> list[Site]:
 
 
 def federate(config: Config, model, sites: list[Site], plans: list, pad: int, progress=print,
-             tail_from: int | None = None) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+             tail_from: int | None = None, distributed: DistributedPlan | None = None,
+             ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """The federation's rounds in this process: every site trains from the global adapter with
-    its own plan (None: no DP), the project's strategy aggregates. Returns the final global
-    adapter and the mean of the global adapters from round `tail_from` on (default: the last half)."""
+    its own plan (None: no DP), the project's strategy aggregates; or, with a `distributed`
+    plan, each round is one distributed DP step. Returns the final global adapter and the
+    mean of the global adapters from round `tail_from` on (default: the last half)."""
     start = time.perf_counter()
     strategy = get_strategy(config.strategy)
     global_adapter = adapter_of(model)
     tail_sum: dict[str, torch.Tensor] = {}  # the global adapters of the last rounds, summed
     tail_from = config.federation.rounds // 2 + 1 if tail_from is None else tail_from
     for server_round in range(1, config.federation.rounds + 1):
-        if config.privacy.enabled and config.privacy.mode == "distributed":
-            global_adapter = distributed_round(config, model, sites, strategy, global_adapter, server_round, pad)
-            updates = []
+        if distributed is not None:
+            global_adapter = distributed_round(config, model, sites, distributed, strategy, global_adapter, server_round, pad)
         else:
             updates = []
             for number, (site, plan) in enumerate(zip(sites, plans)):
@@ -89,25 +94,14 @@ def federate(config: Config, model, sites: list[Site], plans: list, pad: int, pr
     return global_adapter, tail
 
 
-def distributed_round(config: Config, model, sites: list[Site], strategy, global_adapter: dict[str, torch.Tensor],
-                      server_round: int, pad: int) -> dict[str, torch.Tensor]:
+def distributed_round(config: Config, model, sites: list[Site], plan: DistributedPlan, strategy,
+                      global_adapter: dict[str, torch.Tensor], server_round: int, pad: int) -> dict[str, torch.Tensor]:
     """One round of distributed DP (`privacy.mode = "distributed"`, privacy/distributed_dp.py):
     every site's noisy integer sum of clipped gradients at the global adapter, with its Skellam
     share, exactly as a site computes it (client/local_training.distributed_gradient_sum,
     noisy_input), summed modulo 2^bits, and the coordinator's SGD step on the sum. Secure
     aggregation reveals exactly that modular sum (tests/test_secure_rounds.py), so the
     study adds the inputs in the clear, without the masking exchanges."""
-    import numpy as np
-
-    from fedlora.client.local_training import distributed_gradient_sum
-    from fedlora.client.site_privacy import distributed_plan
-    from fedlora.privacy import secure_aggregation_records as records
-    from fedlora.privacy.distributed_dp import coordinator_step, noisy_input
-    from fedlora.round_schedule import round_lr
-    from fedlora.server.secure_round import SecureSum
-
-    values = sum(t.numel() for t in trained_part(global_adapter, strategy.frozen_factors).values())
-    plan = distributed_plan(config, values)
     spec = records.quantization(True, records.run_clip(config), len(sites))
     modulus, rng, total = np.uint64((1 << spec.modulus_bits) - 1), np.random.default_rng(), None
     put_adapter(model, global_adapter)
@@ -123,14 +117,12 @@ def distributed_round(config: Config, model, sites: list[Site], strategy, global
     return strategy.aggregate(global_adapter, [step.update(global_adapter, strategy.frozen_factors)])
 
 
-def distributed_sigma(config: Config, model) -> list[float]:
-    """Distributed DP's noise multiplier (the same at every site), or [] for other cells."""
+def run_distributed_plan(config: Config, model) -> DistributedPlan | None:
+    """Distributed DP's plan (the same at every site) for a distributed cell, else None."""
     if not (config.privacy.enabled and config.privacy.mode == "distributed"):
-        return []
-    from fedlora.client.site_privacy import distributed_plan
-
+        return None
     trained = trained_part(adapter_of(model), get_strategy(config.strategy).frozen_factors)
-    return [round(distributed_plan(config, sum(t.numel() for t in trained.values())).noise_multiplier, 3)]
+    return distributed_plan(config, sum(t.numel() for t in trained.values()))
 
 
 def run_cell(config: Config, progress=print) -> dict:
@@ -141,10 +133,10 @@ def run_cell(config: Config, progress=print) -> dict:
     tokenizer = load_tokenizer(resolve_model_dir(config.model.path))
     sites = study_sites(config, labels, tokenizer)
     model = build_peft_model(config.model, config.lora, len(labels), seed=config.run.seed)
-    local_dp = config.privacy.enabled and config.privacy.mode != "distributed"
-    plans = [calibrated_plan(config, site.train) if local_dp else None for site in sites]
+    distributed = run_distributed_plan(config, model)
+    plans = [calibrated_plan(config, site.train) if config.privacy.enabled and not distributed else None for site in sites]
     pad = tokenizer.pad_token_id
-    global_adapter, tail_average = federate(config, model, sites, plans, pad, progress)
+    global_adapter, tail_average = federate(config, model, sites, plans, pad, progress, distributed=distributed)
     test = encode(generate_notes(config.simulation.test_notes or 1000, config.run.seed + TEST_SEED_OFFSET),
                   tokenizer, replace(config, privacy=replace(config.privacy, enabled=False)), labels, "test notes")
     put_adapter(model, global_adapter)
@@ -154,7 +146,7 @@ def run_cell(config: Config, progress=print) -> dict:
     return {
         "seed": config.run.seed, "accuracy": sums.correct / sums.units, "loss": sums.loss / sums.units,
         "tail_average_accuracy": tail.correct / tail.units,
-        "noise_multiplier": [round(p.noise_multiplier, 3) for p in plans if p] or distributed_sigma(config, model),
+        "noise_multiplier": [round(p.noise_multiplier, 3) for p in plans if p] or ([round(distributed.noise_multiplier, 3)] if distributed else []),
         "seconds": time.perf_counter() - start,
     }
 

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from fedlora.adapter_state import adapter_of
 from fedlora.base_model import build_peft_model
 from fedlora.config import load_config
-from fedlora.simulations.recipe_study import Site, distributed_round
+from fedlora.simulations.recipe_study import Site, distributed_round, run_distributed_plan
 from fedlora.strategies import get_strategy
 from fedlora.text_data import Example
 
@@ -31,7 +31,8 @@ def test_a_noise_free_distributed_round_steps_by_the_mean_clipped_gradient(tiny_
     sites = [Site(records[:4], []), Site(records[4:], [])]
     start = {k: v.clone() for k, v in adapter_of(model).items()}
 
-    got = distributed_round(config, model, sites, get_strategy(config.strategy), start, 1, pad=0)
+    plan = run_distributed_plan(config, model)
+    got = distributed_round(config, model, sites, plan, get_strategy(config.strategy), start, 1, pad=0)
 
     # The reference: each record alone, its gradient over every trainable tensor clipped to `clip`.
     params = [p for p in model.parameters() if p.requires_grad]
