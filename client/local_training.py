@@ -96,9 +96,12 @@ def sequence_losses(logits: torch.Tensor, labels: torch.Tensor, task: str) -> to
     if task == "classification":
         return F.cross_entropy(logits.float(), labels, reduction="none")
     targets = labels[:, 1:]
+    # Over [tokens, vocabulary] rows, not [B, vocabulary, T]: the softmax over a middle
+    # dimension ran as a strided kernel that took a third of a 1.1B model's step on a GPU.
+    shifted = logits[:, :-1].float()
     token_loss = F.cross_entropy(
-        logits[:, :-1].float().transpose(1, 2), targets, ignore_index=IGNORE_INDEX, reduction="none"
-    )
+        shifted.reshape(-1, shifted.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="none"
+    ).view(targets.shape)
     counts = (targets != IGNORE_INDEX).sum(dim=1).clamp(min=1)
     return token_loss.sum(dim=1) / counts
 

@@ -8,8 +8,11 @@ Two ways to get per-sample gradients into `p.grad_sample`, chosen by `impl`:
 "opacus" (Opacus's GradSampleModule, any layer type) and "fast" (privacy/
 lora_grad_sample.py: tensor hooks on trainable nn.Linear layers only, i.e. LoRA
 factors and a classifier head). "auto" takes "fast" when it covers every trainable
-parameter, else Opacus for the whole model. Either way Opacus's DPOptimizer clips,
-sums, noises and scales at `step()`, so the mathematics and the noise are Opacus's.
+parameter, else Opacus for the whole model. Either way Opacus's DPOptimizer runs
+`step()`: clip, sum, noise, scale, in its order and with its formulas. Its per-parameter
+loops (about ten kernels per trainable tensor) are replaced by the same arithmetic on one
+flat [units, parameters] buffer (`CheckedDPOptimizer.clip_and_accumulate`), because on a GPU
+those launches made the DP step launch-bound (docs/performance.md).
 
 Clipping bounds one privacy unit's influence only if each row of `p.grad_sample` is one
 unit's gradient. Both paths take the leading dimension of a layer's own input as the
@@ -19,7 +22,8 @@ returned here therefore refuses to step (`PerExampleError`) unless every trainab
 parameter's `grad_sample` has one row per sampled unit: exactly the count the training
 loop declares each step, or, where none is declared, one count for all parameters that
 is no larger than the rows fed to forward. A unit whose gradient rows hold any NaN or
-inf is then zeroed (clip factor 0, privacy/finite.py) before Opacus clips.
+inf gets clip factor 0: it adds nothing, where it would otherwise make the whole noised
+step NaN exactly when it was sampled.
 """
 
 from __future__ import annotations
@@ -33,8 +37,8 @@ from typing import Any
 import torch
 from opacus import GradSampleModule
 from opacus.optimizers import DPOptimizer
+from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
 
-from fedlora.privacy.finite import zero_non_finite_rows
 from fedlora.privacy.lora_grad_sample import lora_grad_sample_hooks, uncovered_parameters
 
 # The frozen base's inputs never require grad, so torch warns on every backward
@@ -114,8 +118,22 @@ class CheckedDPOptimizer(DPOptimizer):
 
     def __init__(self, optimizer: torch.optim.Optimizer, names: dict[int, str], **kwargs: Any) -> None:
         super().__init__(optimizer, **kwargs)
-        # The trainable parameters never change, so the named list is built once.
+        if self.secure_mode:
+            raise ValueError("secure_mode is not supported: fedlora seeds its noise generator from the OS (client/local_training.py secret_generator)")
+        # The trainable parameters never change, so the named list and each one's span
+        # in the flat buffer are built once.
         self._named = [(names.get(id(p), "<unnamed>"), p) for p in self.params]
+        kinds = {(p.dtype, p.device) for p in self.params}
+        if len(kinds) > 1:
+            raise ValueError(f"trainable parameters of several dtypes or devices {sorted(map(str, kinds))}: "
+                             "DP-SGD needs one (adapters are kept fp32 on one device)")
+        self._spans: list[tuple[int, int]] = []
+        end = 0
+        for p in self.params:
+            self._spans.append((end, end + p.numel()))
+            end += p.numel()
+        self._summed_flat: torch.Tensor | None = None
+        self._grad_flat: torch.Tensor | None = None
         self._reset_count()
 
     def _reset_count(self) -> None:
@@ -137,15 +155,52 @@ class CheckedDPOptimizer(DPOptimizer):
                 raise PerExampleError("the number of sampled units of this step is unknown: call expect_units() before step()")
             check_at_most(self._named, self._forward_rows)
         self._reset_count()
-        # Both paths (Opacus's GradSampleModule and the fast hooks) meet here, before
-        # Opacus clips: a NaN row would get a NaN clip factor and make the whole noised
-        # step NaN exactly when that unit was sampled. Its rows become zero instead.
-        if self._named:
-            zero_non_finite_rows([p.grad_sample for p in self.params])
         return super().pre_step(closure)
+
+    # Opacus's clip_and_accumulate, add_noise and scale_grad, on one flat buffer. Same
+    # formulas, in the same order (tests/test_fast_dp.py compares the step with stock
+    # Opacus's); each parameter's summed_grad and grad are views into the buffer.
+
+    def clip_and_accumulate(self) -> None:
+        rows = []
+        for p in self.params:
+            _check_processed_flag(p.grad_sample)
+            sample = self._get_flat_grad_sample(p)  # Opacus's: a list of passes is concatenated
+            rows.append(sample.reshape(sample.shape[0], p.numel()).to(p.dtype))
+            _mark_as_processed(p.grad_sample)
+        flat = torch.cat(rows, dim=1)  # [units, all trainable values], a copy of its own
+        norms = torch.linalg.vector_norm(flat, dim=1)
+        # Opacus's clip factor; a unit with a NaN or inf in any row (its norm is not finite)
+        # gets 0, and its values are zeroed in the copy so that 0 times them is 0.
+        factor = torch.where(norms.isfinite(), (self.max_grad_norm / (norms + 1e-6)).clamp(max=1.0), 0.0)
+        summed = factor @ flat.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
+        for p, (start, end) in zip(self.params, self._spans):
+            if p.summed_grad is not None:  # kept from a skipped step, as Opacus keeps it
+                summed[start:end] += p.summed_grad.reshape(-1)
+            p.summed_grad = summed[start:end].view_as(p)
+        self._summed_flat = summed
+
+    def add_noise(self) -> None:
+        for p in self.params:
+            _check_processed_flag(p.summed_grad)
+        summed = self._summed_flat
+        std = self.noise_multiplier * self.max_grad_norm
+        # Opacus's _generate_noise without secure_mode (refused above): N(0, std^2) per value.
+        noise = torch.normal(0.0, std, size=summed.shape, device=summed.device, generator=self.generator) if std else 0.0
+        self._grad_flat = summed + noise
+        for p, (start, end) in zip(self.params, self._spans):
+            p.grad = self._grad_flat[start:end].view_as(p)
+            _mark_as_processed(p.summed_grad)
+
+    def scale_grad(self) -> None:
+        if self.loss_reduction == "mean":
+            self._grad_flat.div_(self.expected_batch_size * self.accumulated_iterations)
 
     def zero_grad(self, set_to_none: bool = False) -> None:
         super().zero_grad(set_to_none)
+        self._grad_flat = None  # each p.grad, if kept, still holds its view
+        if not self._is_last_step_skipped:
+            self._summed_flat = None
         self._reset_count()
 
 

@@ -12,8 +12,9 @@ bound is applied:
 
 - a non-finite loss counts as the clip (and, in evaluation, as incorrect): it is one
   of the values the sensitivity already allows;
-- a per-example gradient row with any non-finite value is zeroed before clipping
-  (clip factor 0): a unit that contributes nothing is within any bound;
+- a unit whose per-example gradient rows hold any non-finite value gets clip factor 0
+  (privacy/dp_sgd.py's DP step; distributed DP's sum uses `finite_rows`): a unit that
+  contributes nothing is within any bound;
 - and, as the last line, a release that still holds a non-finite value is replaced by
   a fixed refusal after its ledger entry. Whether a noisy release is finite is a
   function of that release, i.e. post-processing, so refusing costs no privacy.
@@ -54,28 +55,6 @@ def finite_rows(grad_samples: Iterable[torch.Tensor]) -> torch.Tensor:
     if finite is None:
         raise ValueError("no per-example gradients to check")
     return finite
-
-
-def zero_non_finite_rows(grad_samples: list[torch.Tensor | list[torch.Tensor]]) -> int:
-    """Zero, in place, every example's gradient rows (in all tensors) where any of them holds
-    a non-finite value, so that its clip factor is 0 in effect; returns how many examples.
-    An entry may be a list of tensors (Opacus keeps one per backward pass; rows add up)."""
-    parts = [g if isinstance(g, list) else [g] for g in grad_samples]
-    if not parts or not parts[0] or sum(t.shape[0] for t in parts[0]) == 0:
-        return 0
-    import torch
-
-    flat = [torch.cat([t.reshape(t.shape[0], -1) for t in p]) if len(p) > 1 else p[0] for p in parts]
-    bad = ~finite_rows(flat)
-    count = int(bad.sum())
-    if count:
-        for p in parts:
-            offset = 0
-            for t in p:
-                rows = bad[offset:offset + t.shape[0]].to(t.device)
-                t[rows] = 0  # in place: Opacus reads the same tensor objects at step()
-                offset += t.shape[0]
-    return count
 
 
 def check_finite_values(values: Mapping[str, float | None]) -> None:

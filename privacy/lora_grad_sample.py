@@ -7,7 +7,7 @@ are small in the low-rank dimension (lora_A: [r, in], lora_B: [out, r]), so this
 about as cheap as the ordinary weight gradient. A forward hook keeps the input (autograd
 keeps it anyway for the weight gradient, so no extra memory) and puts a tensor hook on
 the output; when backward reaches the output, the hook forms the per-example gradient
-with one einsum over tokens and stores it in `p.grad_sample`, exactly where Opacus
+with one batched matmul over tokens and stores it in `p.grad_sample`, exactly where Opacus
 would. Clipping and noise stay with Opacus's DPOptimizer at `step()` time, so the
 mathematics is Opacus's by construction, and whatever rewrites `p.grad_sample` between
 backward and step (user-level DP merges rows per user) is honoured.
@@ -75,9 +75,12 @@ def _per_example_grads(layer: nn.Linear, x: torch.Tensor, grad_out: torch.Tensor
     grad_out = grad_out.detach()
     weight, bias = layer.weight, layer.bias
     if weight.requires_grad:
-        # [B, ..., out] x [B, ..., in] -> [B, out, in]: a batched matmul over the tokens,
-        # in the activations' dtype, then the parameter's (fp32 adapters on a bf16 base).
-        g = torch.einsum("n...i,n...j->nij", grad_out, x.to(grad_out.dtype))
+        # [B, tokens, out]^T x [B, tokens, in] -> [B, out, in]: one batched matmul over the
+        # tokens, in the activations' dtype, then the parameter's (fp32 adapters on a bf16
+        # base). bmm itself, not einsum: einsum's planning costs host time on every layer.
+        n = grad_out.shape[0]
+        g = torch.bmm(grad_out.reshape(n, -1, grad_out.shape[-1]).transpose(1, 2),
+                      x.to(grad_out.dtype).reshape(n, -1, x.shape[-1]))
         _store(weight, g.to(weight.dtype).mul_(batch_size), pass_number)
     if bias is not None and bias.requires_grad:
         g = grad_out.reshape(grad_out.shape[0], -1, grad_out.shape[-1]).sum(dim=1)
