@@ -158,8 +158,9 @@ class CheckedDPOptimizer(DPOptimizer):
         return super().pre_step(closure)
 
     # Opacus's clip_and_accumulate, add_noise and scale_grad, on one flat buffer. Same
-    # formulas, in the same order (tests/test_fast_dp.py compares the step with stock
-    # Opacus's); each parameter's summed_grad and grad are views into the buffer.
+    # formulas, in the same order; each parameter's summed_grad and grad are views into
+    # the buffer. tests/test_dp_step_against_opacus.py compares the step with stock
+    # Opacus's DPOptimizer, so an Opacus upgrade that changes it fails there first.
 
     def clip_and_accumulate(self) -> None:
         rows = []
