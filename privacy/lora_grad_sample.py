@@ -8,9 +8,10 @@ about as cheap as the ordinary weight gradient. A forward hook keeps the input (
 keeps it anyway for the weight gradient, so no extra memory) and puts a tensor hook on
 the output; when backward reaches the output, the hook forms the per-example gradient
 with one batched matmul over tokens and stores it in `p.grad_sample`, exactly where Opacus
-would. Clipping and noise stay with Opacus's DPOptimizer at `step()` time, so the
-mathematics is Opacus's by construction, and whatever rewrites `p.grad_sample` between
-backward and step (user-level DP merges rows per user) is honoured.
+would. Clipping and noise happen at `step()` in privacy/dp_sgd.py's DPOptimizer (Opacus's
+formulas on one flat buffer, compared with stock Opacus in the tests), and whatever
+rewrites `p.grad_sample` between backward and step (user-level DP merges rows per user)
+is honoured.
 
 Compared with GradSampleModule this avoids full module backward hooks (which wrap every
 hooked layer's inputs and outputs in extra autograd nodes), scales the small
