@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from fedlora.privacy import skellam
-from fedlora.privacy.finite import finite_rows
+from fedlora.privacy.finite import clip_factors
 from fedlora.privacy.secure_aggregation import QuantizationSpec, SecureAggregationError, dequantize
 from fedlora.privacy.secure_aggregation_records import MAX_DISTRIBUTED_RECORDS
 
@@ -65,17 +65,17 @@ def rounded_clipped_sum(grad_samples: list, max_grad_norm: float, levels: int, g
     over records of those integer vectors, per tensor (int64)."""
     import torch
 
+    if not grad_samples:
+        raise ValueError("no per-example gradients to sum")
     rows = grad_samples[0].shape[0]
-    # A record whose gradient holds NaN or inf contributes nothing (clip factor 0,
-    # privacy/finite.py): a NaN factor would make the sum, and the released integers, garbage.
-    finite = finite_rows(grad_samples)
-    grad_samples = [torch.where(finite.view(-1, *([1] * (g.dim() - 1))).to(g.device), g, 0) for g in grad_samples]
     norms = torch.stack([g.reshape(rows, -1).to(torch.float64).norm(dim=1) for g in grad_samples], dim=1).norm(dim=1)
-    # Opacus's clipping factor, then the scale: every record's vector has norm <= levels.
-    factor = (max_grad_norm / (norms + 1e-6)).clamp(max=1.0) * (levels / max_grad_norm) * finite.to(norms.device)
+    # Opacus's clipping factor, then the scale: every record's vector has norm <= levels. A
+    # record whose gradient holds NaN or inf contributes nothing (factor 0, privacy/finite.py):
+    # a NaN factor would make the sum, and the released integers, garbage.
+    factor = clip_factors(norms, max_grad_norm) * (levels / max_grad_norm)
     sums = []
     for g in grad_samples:
-        scaled = g.to(torch.float64) * factor.view(-1, *([1] * (g.dim() - 1)))
+        scaled = g.to(torch.float64).nan_to_num(nan=0.0, posinf=0.0, neginf=0.0) * factor.view(-1, *([1] * (g.dim() - 1)))
         low = scaled.floor()
         up = torch.rand(scaled.shape, generator=generator, dtype=torch.float64, device=scaled.device) < (scaled - low)
         sums.append((low + up).to(torch.int64).sum(dim=0))

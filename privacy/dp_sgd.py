@@ -39,6 +39,7 @@ from opacus import GradSampleModule
 from opacus.optimizers import DPOptimizer
 from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
 
+from fedlora.privacy.finite import clip_factors
 from fedlora.privacy.lora_grad_sample import lora_grad_sample_hooks, uncovered_parameters
 
 # The frozen base's inputs never require grad, so torch warns on every backward
@@ -170,10 +171,9 @@ class CheckedDPOptimizer(DPOptimizer):
             rows.append(sample.reshape(sample.shape[0], p.numel()).to(p.dtype))
             _mark_as_processed(p.grad_sample)
         flat = torch.cat(rows, dim=1)  # [units, all trainable values], a copy of its own
-        norms = torch.linalg.vector_norm(flat, dim=1)
-        # Opacus's clip factor; a unit with a NaN or inf in any row (its norm is not finite)
-        # gets 0, and its values are zeroed in the copy so that 0 times them is 0.
-        factor = torch.where(norms.isfinite(), (self.max_grad_norm / (norms + 1e-6)).clamp(max=1.0), 0.0)
+        # A unit with a NaN or inf in any row gets factor 0; its values are zeroed in the
+        # copy so that 0 times them is 0.
+        factor = clip_factors(torch.linalg.vector_norm(flat, dim=1), self.max_grad_norm)
         summed = factor @ flat.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
         for p, (start, end) in zip(self.params, self._spans):
             if p.summed_grad is not None:  # kept from a skipped step, as Opacus keeps it

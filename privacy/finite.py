@@ -13,7 +13,7 @@ bound is applied:
 - a non-finite loss counts as the clip (and, in evaluation, as incorrect): it is one
   of the values the sensitivity already allows;
 - a unit whose per-example gradient rows hold any non-finite value gets clip factor 0
-  (privacy/dp_sgd.py's DP step; distributed DP's sum uses `finite_rows`): a unit that
+  (`clip_factors`, in DP-SGD's step and in distributed DP's sum): a unit that
   contributes nothing is within any bound;
 - and, as the last line, a release that still holds a non-finite value is replaced by
   a fixed refusal after its ledger entry. Whether a noisy release is finite is a
@@ -44,17 +44,13 @@ def sanitized_losses(losses: torch.Tensor, clip: float | None) -> tuple[torch.Te
     return torch.where(finite, losses.nan_to_num(0.0).clamp(0.0, clip), torch.full_like(losses, clip)), finite
 
 
-def finite_rows(grad_samples: Iterable[torch.Tensor]) -> torch.Tensor:
-    """Per example (leading dimension): True when its gradient rows in every tensor are finite."""
+def clip_factors(norms: torch.Tensor, max_grad_norm: float) -> torch.Tensor:
+    """Opacus's per-unit clip factor min(1, C / (norm + 1e-6)), and 0 for a unit whose norm
+    is not finite (a NaN or inf anywhere in its gradient). The caller zeroes the non-finite
+    values it multiplies (0 x NaN is NaN)."""
     import torch
 
-    finite = None
-    for g in grad_samples:
-        ok = torch.isfinite(g.reshape(g.shape[0], -1)).all(dim=1)
-        finite = ok if finite is None else finite & ok.to(finite.device)
-    if finite is None:
-        raise ValueError("no per-example gradients to check")
-    return finite
+    return torch.where(norms.isfinite(), (max_grad_norm / (norms + 1e-6)).clamp(max=1.0), 0.0)
 
 
 def check_finite_values(values: Mapping[str, float | None]) -> None:

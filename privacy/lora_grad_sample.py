@@ -73,19 +73,17 @@ def _store(p: nn.Parameter, grad_sample: torch.Tensor, pass_number: int) -> None
 def _per_example_grads(layer: nn.Linear, x: torch.Tensor, grad_out: torch.Tensor, batch_size: int, pass_number: int) -> None:
     """Example i's gradient of the batch-mean loss, times the batch size (Opacus's
     `loss_reduction="mean"`), for the layer's weight and bias."""
-    grad_out = grad_out.detach()
+    n = grad_out.shape[0]
+    grad_out = grad_out.detach().reshape(n, -1, grad_out.shape[-1])  # [B, tokens, out]
     weight, bias = layer.weight, layer.bias
     if weight.requires_grad:
         # [B, tokens, out]^T x [B, tokens, in] -> [B, out, in]: one batched matmul over the
         # tokens, in the activations' dtype, then the parameter's (fp32 adapters on a bf16
         # base). bmm itself, not einsum: einsum's planning costs host time on every layer.
-        n = grad_out.shape[0]
-        g = torch.bmm(grad_out.reshape(n, -1, grad_out.shape[-1]).transpose(1, 2),
-                      x.to(grad_out.dtype).reshape(n, -1, x.shape[-1]))
+        g = torch.bmm(grad_out.transpose(1, 2), x.to(grad_out.dtype).reshape(n, -1, x.shape[-1]))
         _store(weight, g.to(weight.dtype).mul_(batch_size), pass_number)
     if bias is not None and bias.requires_grad:
-        g = grad_out.reshape(grad_out.shape[0], -1, grad_out.shape[-1]).sum(dim=1)
-        _store(bias, g.to(bias.dtype).mul_(batch_size), pass_number)
+        _store(bias, grad_out.sum(dim=1).to(bias.dtype).mul_(batch_size), pass_number)
 
 
 @contextmanager
