@@ -17,7 +17,7 @@ import pytest
 from fedlora.client.site_rejoin import (
     ALIVE_FILE, FLOWER_HOLD_SECONDS, HOLD_SECONDS, REFUSAL_LINE, STOPPED_FILE, AliveMarker, refused_by_coordinator,
 )
-from tests.helpers.deployment import Deployment, kill, online_sites, wait_for, wait_for_sites
+from tests.helpers.deployment import Deployment, kill, online_sites, wait_for, wait_for_site_logs
 
 
 def test_a_refusal_after_a_recent_stop_of_its_own_is_retried_until_the_hold_lapses(tmp_path):
@@ -117,7 +117,10 @@ def test_sites_stopped_together_rejoin_at_once_and_a_crashed_one_after_the_hold(
     try:
         sites = [d.site(name) for name in names]
         crashed = d.site("crashed")
-        first = wait_for_sites(home, lambda online: len(online) == 4 and online, 120, "the four sites to connect")
+        # The sites' logs say when each is in; the coordinator's list (a process each time) is asked once.
+        wait_for_site_logs([tmp_path / f"site-{name}.log" for name in [*names, "crashed"]], 120, "the four sites to connect")
+        first = online_sites(home)
+        assert len(first) == 4, first
         wait_for(crashed_marker.exists, 30, "the crashed site to mark itself alive")
         kill(crashed)  # SIGKILL to the whole site: its SuperNode cannot leave the coordinator
         assert crashed_marker.exists()
@@ -133,11 +136,12 @@ def test_sites_stopped_together_rejoin_at_once_and_a_crashed_one_after_the_hold(
         before = {n["online-at"] for n in first}
         crashed_log = tmp_path / "site-crashed-restart.log"
         wait_for(lambda: "waiting" in crashed_log.read_text(), 60, "the crashed site to say it waits")
-        wait_for_sites(home, lambda online: len([n for n in online if n["online-at"] not in before]) >= 3, 90,
-                       "the three stopped sites to rejoin")
-        rejoined = wait_for_sites(home, lambda online: [n for n in online
-                                                        if n["node-id"] == held["node-id"] and n["online-at"] != held["online-at"]],
-                                  HOLD_SECONDS + 60, "the crashed site to rejoin after the hold")
+        wait_for_site_logs([tmp_path / f"site-{name}-restart.log" for name in names], 90, "the three stopped sites to rejoin")
+        wait_for_site_logs([crashed_log], HOLD_SECONDS + 60, "the crashed site to rejoin after the hold",
+                           needle=f"SuperNode ID: {held['node-id']}")
+        online = online_sites(home)
+        assert len([n for n in online if n["online-at"] not in before]) == 4, online  # the three and the crashed one
+        rejoined = [n for n in online if n["node-id"] == held["node-id"] and n["online-at"] != held["online-at"]]
         assert rejoined and crashed_again.poll() is None, crashed_log.read_text()[-3000:]
         assert "Failed to activate" not in crashed_log.read_text()
         for name, proc in zip(names, restarted):

@@ -72,6 +72,12 @@ def wait_for_sites(flwr_home: Path, condition, timeout: float, what: str):
     return wait_for(lambda: condition(online_sites(flwr_home)), timeout, what, interval=SITE_LIST_POLL_SECONDS)
 
 
+def wait_for_site_logs(logs: list[Path], timeout: float, what: str, needle: str = "SuperNode ID:") -> None:
+    """Wait until every site log says its SuperNode was activated (Flower prints its node id then):
+    reading a file costs nothing, where each `flwr supernode list` is a process."""
+    wait_for(lambda: all(log.exists() and needle in log.read_text() for log in logs), timeout, what)
+
+
 def metrics_rows(run_dir: Path) -> list[dict]:
     path = run_dir / "metrics.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
