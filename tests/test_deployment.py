@@ -12,6 +12,11 @@ through fedlora's own commands, on a tiny test model.
    the others. (One deployment for both stories: a coordinator and its sites cost
    about 150 CPU-seconds to start and keep polling, the most of this suite's time.)
 2. Distributed DP over three TLS sites, one stopped after its masked input arrived.
+
+Both run on one coordinator with two long-lived sites (`shared`, a module fixture; the
+module is one xdist group, so its tests run in this order on one worker): the distributed
+run first, whose stopped site is a third one of its own; then the three-site story, which
+kills site 1 and the coordinator.
 """
 
 from __future__ import annotations
@@ -19,7 +24,9 @@ from __future__ import annotations
 import json
 import re
 import signal
+import subprocess
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -30,22 +37,49 @@ from fedlora.client.app_pinning import REFUSED_APP
 from fedlora.client.coordinator_watch import coordinator_answers
 from tests.helpers.app_bundles import change_one_line, copy_app, flwr_run_folder
 from tests.helpers.dossier_checks import check_deployment_dossier
-from tests.helpers.deployment import FEDLORA, Deployment, fedlora, kill, metrics_rows, start, wait_for, wait_for_sites
+from tests.helpers.deployment import (FEDLORA, Deployment, fedlora, kill, metrics_rows, start, wait_for, wait_for_site_logs,
+                                      wait_for_sites)
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("deployment")]
+
+LONG_LIVED = ("site-0", "site-1")  # started once for the module
+MASKING = (*LONG_LIVED, "masking-2")  # the distributed run's sites: their keys are each other's peers
 
 
-def trained_rounds(state_dir: Path) -> list[int]:
-    """The rounds of the DP-SGD mechanisms in a site's ledger (its accounted evaluations left out)."""
+def ledger_run(state_dir: Path, run_dir: Path) -> dict:
+    """A site's ledger entry for one run (a long-lived site's ledger holds every run it joined)."""
     ledger = json.loads((state_dir / "privacy-ledger.json").read_text())
-    return [m["round"] for m in ledger["runs"][0]["mechanisms"] if m.get("kind", "train") == "train"]
+    (entry,) = [r for r in ledger["runs"] if r["run"] == str(run_dir)]
+    return entry
 
 
-@pytest.fixture
-def deployment(tmp_path, tiny_models):
-    d = Deployment(tmp_path, tiny_models["bert"])
-    yield d
-    d.close()
+def trained_rounds(state_dir: Path, run_dir: Path) -> list[int]:
+    """The rounds of the DP-SGD mechanisms in a site's ledger for one run (its accounted evaluations left out)."""
+    return [m["round"] for m in ledger_run(state_dir, run_dir)["mechanisms"] if m.get("kind", "train") == "train"]
+
+
+@dataclass
+class Shared:
+    d: Deployment
+    keys: dict[str, Path]  # the masking sites' keys, registered
+    peer_args: tuple[str, ...]  # what a masking site adds to `fedlora client`
+    sites: dict[str, subprocess.Popen]  # the long-lived sites
+
+
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory, tiny_models):
+    """A coordinator (TLS, node authentication) and two long-lived sites that also hold the
+    distributed run's peer keys; each test adds the sites it stops or kills."""
+    d = Deployment(tmp_path_factory.mktemp("deployment"), tiny_models["bert"])
+    try:
+        keys = {name: d.site_key(name) for name in MASKING}
+        consortium = d.root / "consortium.pub"
+        consortium.write_text("".join(Path(f"{keys[name]}.pub").read_text() for name in MASKING))
+        peer_args = ("--peer-keys", str(consortium), "--allow-distributed-dp")
+        sites = {name: d.site(name, key=keys[name], extra_args=peer_args) for name in LONG_LIVED}
+        yield Shared(d, keys, peer_args, sites)
+    finally:
+        d.close()
 
 
 def other_base_model(tiny_bert: Path, folder: Path) -> Path:
@@ -60,12 +94,53 @@ def other_base_model(tiny_bert: Path, folder: Path) -> Path:
     return folder
 
 
-def test_a_changed_bundle_refused_then_three_tls_sites_with_refusals_a_coordinator_restart_and_a_site_killed_mid_run(deployment, tmp_path):
-    d = deployment
-    sites = [d.site("site-0"), d.site("site-1")]
+def test_distributed_dp_over_three_tls_sites_with_one_stopped_after_masking(shared):
+    """Secure aggregation and distributed DP deployed: the sites' peer keys and policy,
+    five exchanges a round, and a site stopped after its masked noisy sum arrived: the round
+    unmasks without it (its self-mask is rebuilt from the others' shares; its noise share
+    is in the sum). Local DP under secure aggregation runs the same exchanges (tests/test_secure_rounds.py)."""
+    d = shared.d
+    stopped = d.site("masking-2", key=shared.keys["masking-2"], extra_args=shared.peer_args)
+    wait_for_site_logs([d.root / f"site-{name}.log" for name in MASKING], 120, "the three masking sites to connect")
+    run_dir = d.root / "runs" / "secure"
+    config = d.config("secure", **{"federation.secure_aggregation": True, "federation.rounds": 1,
+                                   "privacy.mode": "distributed", "privacy.distributed_sample_rate": 0.2})
+    submit = start([*FEDLORA, "run", "--config", str(config), "--coordinator-dir", str(d.state)], d.root / "secure-run.log")
+    d.processes.append(submit)
+
+    # The third site trains round 1 and sends its masked input (its log line comes just before the
+    # reply); it is stopped before it can sign the survivor set or reveal anything. SIGTERM, not
+    # SIGKILL: its node leaves the coordinator at once, so the round does not wait out Flower's
+    # minute-long heartbeat hold (the three-site test covers a crash).
+    site_log = d.root / "site-masking-2.log"
+    wait_for(lambda: re.search(r"round 1: .* epsilon", site_log.read_text()), 400, "the third site to train round 1")
+    time.sleep(3)
+    kill(stopped, signal.SIGTERM)
+    assert submit.wait(timeout=900) == 0, (d.root / "secure-run.log").read_text()[-3000:]
+
+    rows = metrics_rows(run_dir)
+    assert [r["round"] for r in rows] == [0, 1]
+    # All three inputs are in the sum; the stopped site failed only a later step.
+    assert rows[1]["clients_ok"] == 3
+    assert rows[1]["failures"].get("node unavailable", 0) + rows[1]["failures"].get("timeout", 0) == 1, rows[1]
+    assert rows[1]["bytes_up"] > 0
+    for name in MASKING:
+        (step,) = [m for m in ledger_run(d.root / "sites" / name, run_dir)["mechanisms"] if m["kind"] == "distributed"]
+        assert step["round"] == 1 and "at most 1 of the 3 masking sites" in step["trust"]
+    for name in LONG_LIVED:
+        log = (d.root / f"site-{name}.log").read_text()
+        assert "Traceback" not in log, log[-3000:]
+    assert (run_dir / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_a_changed_bundle_refused_then_three_tls_sites_with_refusals_a_coordinator_restart_and_a_site_killed_mid_run(shared, tmp_path):
+    d = shared.d
+    sites = [shared.sites[name] for name in LONG_LIVED]
     d.site("other-model", model=other_base_model(d.model, tmp_path / "other-model"))
     home = d.state / "flwr-home"
     wait_for_sites(home, lambda online: len(online) == 3, 120, "three sites to connect")
+    apps_before = {name: sorted(p.name for p in (d.root / "sites" / name / "flwr-home" / "apps").glob("*"))
+                   for name in ("site-0", "site-1", "other-model")}
     # The sites' coordinator watch asks what they connect to: HTTPS checked against the CA, both names in
     # its certificate; another CA, or plain HTTP to a TLS coordinator, does not answer.
     ca, address = d.root / "certs" / "ca.pem", f"127.0.0.1:{d.port}"
@@ -89,11 +164,12 @@ def test_a_changed_bundle_refused_then_three_tls_sites_with_refusals_a_coordinat
     assert "run ended after round 0" in coordinator_view and "Traceback" not in coordinator_view
     assert not marker.exists()  # no line of the bundle ran, at any site
     for name in ("site-0", "site-1", "other-model"):
-        log = (tmp_path / f"site-{name}.log").read_text()
+        log = (d.root / f"site-{name}.log").read_text()
         assert shipped in log and installed in log  # the site logs both hashes
-        assert not (tmp_path / "sites" / name / "flwr-home" / "apps").exists()  # never even extracted
-        decisions = [e for e in map(json.loads, (tmp_path / "sites" / name / "audit-log.jsonl").read_text().splitlines())
-                     if e["event"] == "app"]
+        apps = sorted(p.name for p in (d.root / "sites" / name / "flwr-home" / "apps").glob("*"))
+        assert apps == apps_before[name]  # never even extracted
+        decisions = [e for e in map(json.loads, (d.root / "sites" / name / "audit-log.jsonl").read_text().splitlines())
+                     if e["event"] == "app" and e["run"] == str(refused_dir)]
         assert decisions == [{**decisions[0], "run": str(refused_dir), "app_hash": shipped, "approved": False,
                               "approved_hashes": [installed]}]
 
@@ -140,8 +216,8 @@ def test_a_changed_bundle_refused_then_three_tls_sites_with_refusals_a_coordinat
     assert f"app hash (sites run it only if they approved it): {installed}" in run_log
     assert not marker.exists()
     for name in ("site-0", "site-1"):  # each pinning site approved the release, once, for this run (resumed or not)
-        entries = [json.loads(line) for line in (tmp_path / "sites" / name / "audit-log.jsonl").read_text().splitlines()]
-        approved = [e for e in entries if e["event"] == "app" and e["approved"]]
+        entries = [json.loads(line) for line in (d.root / "sites" / name / "audit-log.jsonl").read_text().splitlines()]
+        approved = [e for e in entries if e["event"] == "app" and e["approved"] and e["run"] != str(d.root / "runs" / "secure")]
         assert [(e["run"], e["app_hash"]) for e in approved] == [(str(run_dir), installed)]
     assert rows[1]["clients_ok"] == 3 and rows[1]["failures"] == {"refused: different base model": 1}
     assert rows[2]["clients_ok"] == 2
@@ -174,7 +250,7 @@ def test_a_changed_bundle_refused_then_three_tls_sites_with_refusals_a_coordinat
     # answered the killed coordinator's round 2: that release left the site, so its ledger rightly keeps
     # it). The refusing site trained nothing.
     for name in ("site-0", "site-2"):
-        rounds = trained_rounds(d.root / "sites" / name)
+        rounds = trained_rounds(d.root / "sites" / name, run_dir)
         assert rounds.count(1) == 1 and rounds.count(2) in (1, 2) and set(rounds) == {1, 2}, rounds
     assert not (d.root / "sites" / "other-model" / "privacy-ledger.json").exists()
     assert "is not the coordinator's" in (d.root / "site-other-model.log").read_text()
@@ -194,47 +270,3 @@ def test_a_changed_bundle_refused_then_three_tls_sites_with_refusals_a_coordinat
     with torch.no_grad():
         assert torch.allclose(merged(input_ids=ids).logits, peft_model(input_ids=ids).logits, atol=1e-5)
     assert merged.config.id2label == {0: "a", 1: "b", 2: "c"}
-
-
-def test_distributed_dp_over_three_tls_sites_with_one_stopped_after_masking(deployment):
-    """Secure aggregation and distributed DP deployed: the sites' peer keys and policy,
-    five exchanges a round, and a site stopped after its masked noisy sum arrived: the round
-    unmasks without it (its self-mask is rebuilt from the others' shares; its noise share
-    is in the sum). One round: five exchanges with a process per message take about 150 s
-    here. Local DP under secure aggregation runs the same exchanges (tests/test_secure_rounds.py)."""
-    d = deployment
-    keys = [d.site_key(f"site-{i}") for i in range(3)]
-    consortium = d.root / "consortium.pub"
-    consortium.write_text("".join(Path(f"{k}.pub").read_text() for k in keys))
-    sites = [d.site(f"site-{i}", key=keys[i], extra_args=("--peer-keys", str(consortium), "--allow-distributed-dp"))
-             for i in range(3)]
-    run_dir = d.root / "runs" / "secure"
-    config = d.config("secure", **{"federation.secure_aggregation": True, "federation.rounds": 1,
-                                   "privacy.mode": "distributed", "privacy.distributed_sample_rate": 0.2})
-    submit = start([*FEDLORA, "run", "--config", str(config), "--coordinator-dir", str(d.state)], d.root / "run.log")
-    d.processes.append(submit)
-
-    # Site 1 trains round 1 and sends its masked input (its log line comes just before the reply);
-    # it is stopped before it can sign the survivor set or reveal anything. SIGTERM, not SIGKILL:
-    # its node leaves the coordinator at once, so the round does not wait out Flower's
-    # minute-long heartbeat hold (the three-site test covers a crash).
-    site_log = d.root / "site-site-1.log"
-    wait_for(lambda: re.search(r"round 1: .* epsilon", site_log.read_text()), 400, "site 1 to train round 1")
-    time.sleep(3)
-    kill(sites[1], signal.SIGTERM)
-    assert submit.wait(timeout=900) == 0, (d.root / "run.log").read_text()[-3000:]
-
-    rows = metrics_rows(run_dir)
-    assert [r["round"] for r in rows] == [0, 1]
-    # All three inputs are in the sum; site 1 failed only a later step.
-    assert rows[1]["clients_ok"] == 3
-    assert rows[1]["failures"].get("node unavailable", 0) + rows[1]["failures"].get("timeout", 0) == 1, rows[1]
-    assert rows[1]["bytes_up"] > 0
-    for i in (0, 1, 2):
-        ledger = json.loads((d.root / "sites" / f"site-{i}" / "privacy-ledger.json").read_text())
-        (step,) = [m for m in ledger["runs"][0]["mechanisms"] if m["kind"] == "distributed"]
-        assert step["round"] == 1 and "at most 1 of the 3 masking sites" in step["trust"]
-    for i in (0, 2):
-        log = (d.root / f"site-site-{i}.log").read_text()
-        assert "Traceback" not in log, log[-3000:]
-    assert (run_dir / "adapter" / "adapter_model.safetensors").is_file()
