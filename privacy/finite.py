@@ -22,7 +22,7 @@ bound is applied:
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # the key steps of secure aggregation import privacy/ without torch
