@@ -7,14 +7,14 @@ such as a classifier head. It always travels as fp32 (ArrayRecord refuses bf16).
 
 from __future__ import annotations
 
-import hashlib
-import json
 from pathlib import Path
 
 import torch
 from flwr.app import ArrayRecord
 from peft import PeftModel, get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
+
+from fedlora.adapter_digest import digest_of
 
 Adapter = dict[str, torch.Tensor]
 
@@ -78,15 +78,8 @@ def load_adapter_file(path: Path) -> Adapter:
 
 
 def adapter_digest(adapter: Adapter) -> str:
-    """"sha256:..." of an adapter's values, whatever file or message holds them: each tensor
-    by its key (sorted), shape and fp32 little-endian bytes. A site's privacy statement names
-    the global adapter it received by it, and the dossier the model file's (server/dossier.py)."""
-    digest = hashlib.sha256(b"fedlora adapter/1\n")
-    for key in sorted(adapter):
-        value = adapter[key].detach().to("cpu", torch.float32).contiguous()
-        digest.update(json.dumps([key, list(value.shape)]).encode() + b"\n")
-        digest.update(value.numpy().astype("<f4", copy=False).tobytes())
-    return "sha256:" + digest.hexdigest()
+    """The adapter digest (fedlora/adapter_digest.py) of tensors in memory."""
+    return digest_of({key: value.detach().to("cpu", torch.float32).numpy() for key, value in adapter.items()})
 
 
 def write_peft_dir(model: PeftModel, adapter: Adapter, folder: Path, model_path: str | Path) -> None:

@@ -14,7 +14,7 @@ metrics already carry (public to the accounting); none is a value of the site's 
   app-hash            the app hash the site checked before running (fedlora/app_hash.py); "" if
                       it ran unpinned code (a simulation, `flwr run`, a bare ClientApp)
   adapter             the digest of the global adapter the request carried, as the site loaded it
-                      (fedlora/adapter_state.py: adapter_digest): the coordinator's own tensors. The
+                      (fedlora/adapter_digest.py): the coordinator's own tensors. The
                       last round's evaluation names the final model, which binds the model files
                       of a dossier to the sites' statements
   run-epsilon         what this run has spent at the site so far, at run-delta

@@ -9,7 +9,7 @@ RUN_DIR/dossier.html; `fedlora export` writes them beside the exported model. Th
   and `config` (config.toml as the run resolved it);
 - `model_files`: the SHA-256 of each file of the model beside the dossier (adapter/ in a
   run directory, the exported files in an export), so the dossier names the model it is about;
-- `final_adapter`: the adapter digest of those weights (fedlora/adapter_state.py; null for a
+- `final_adapter`: the adapter digest of those weights (fedlora/adapter_digest.py; null for a
   merged export): every site that evaluated the last round signed a statement naming it, so
   the model files are bound to the sites' own statements, not only to the coordinator's hashes;
 - `registered_keys` (RUN_DIR/site-keys.json: the coordinator's registered site keys, or a

@@ -8,6 +8,7 @@ import hashlib
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from fedlora.adapter_digest import file_digest
 from fedlora.privacy.node_keys import key_fingerprint
 
 FORMAT = "fedlora-dossier/2"
@@ -38,14 +39,12 @@ def file_beside(folder: Path, name: str) -> Path | None:
 
 
 def model_adapter_digest(folder: Path, files: dict[str, str]) -> str | None:
-    """The adapter digest (fedlora/adapter_state.py) of the adapter weights among `files` (names
+    """The adapter digest (fedlora/adapter_digest.py) of the adapter weights among `files` (names
     relative to `folder`), or None where the model beside the dossier holds none (a merged export)."""
     paths = [file_beside(folder, name) for name in files if PurePosixPath(name).name == ADAPTER_FILE]
     if len(paths) != 1 or paths[0] is None or not paths[0].is_file():
         return None
-    from fedlora.adapter_state import adapter_digest, load_adapter_file  # torch: only where there are weights to read
-
-    return adapter_digest(load_adapter_file(paths[0]))
+    return file_digest(paths[0])
 
 
 def _largest(statements: list[dict[str, Any]], epsilon: str, delta: str) -> dict[str, Any] | None:

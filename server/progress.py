@@ -10,6 +10,15 @@ from typing import Any, TextIO
 from fedlora.server.site_names import SiteNamer
 
 
+def raised_noise_line(site: dict[str, Any]) -> str:
+    """"site 1 calibrated to its limit: noise 8.0, 14x the plan (0.57)": the round's line, and
+    the report's (server/run_report.py, which stays free of torch: `fedlora run` writes it)."""
+    increase = site["increase"]
+    times = f"{increase:.0f}x" if increase >= 10 else f"{increase:.1f}x"
+    return (f"{site['site']} calibrated to its limit: noise {site['noise_multiplier']:.3g}, {times} the plan "
+            f"({site['planned_noise_multiplier']:.3g})")
+
+
 def _fmt(value: Any, spec: str = ".4f") -> str:
     return "-" if value is None else format(value, spec)
 

@@ -11,7 +11,7 @@ from flwr.app import Message
 from fedlora.config import Config
 from fedlora.server import site_replies
 from fedlora.server.message_exchange import REFUSED_APP, REFUSED_BASE_MODEL, RoundReplies, declined_reason
-from fedlora.server.progress import Progress
+from fedlora.server.progress import Progress, raised_noise_line
 from fedlora.server.round_policy import RoundTraining
 from fedlora.server.site_names import called
 from fedlora.server.site_replies import metrics_or_empty, number
@@ -87,14 +87,6 @@ def raised_noise(replies: list[Message], labels: dict[int, str]) -> list[dict[st
             out.append({"node": node, "site": called(node, labels), "noise_multiplier": noise,
                         "planned_noise_multiplier": planned, "increase": noise / planned})
     return sorted(out, key=lambda site: site["node"])
-
-
-def raised_noise_line(site: dict[str, Any]) -> str:
-    """"site 1 calibrated to its limit: noise 8.0, 14x the plan (0.57)"."""
-    increase = site["increase"]
-    times = f"{increase:.0f}x" if increase >= 10 else f"{increase:.1f}x"
-    return (f"{site['site']} calibrated to its limit: noise {site['noise_multiplier']:.3g}, {times} the plan "
-            f"({site['planned_noise_multiplier']:.3g})")
 
 
 def note_raised_noise(progress: Progress, row: dict[str, Any]) -> None:

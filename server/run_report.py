@@ -25,7 +25,7 @@ from fedlora.atomic_file import write_atomic
 from fedlora.config import ConfigError
 from fedlora.run_outcome import metrics_rows
 from fedlora.server import site_names
-from fedlora.server.round_rows import raised_noise_line
+from fedlora.server.progress import raised_noise_line
 
 REPORT_FILE = "report.html"
 COLORS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf"]

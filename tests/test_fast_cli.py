@@ -65,3 +65,21 @@ def test_a_reader_that_goes_away_ends_a_command_quietly(tmp_path):
     finally:
         os.close(write)
     assert proc.returncode == 141 and proc.stderr == "", proc.stderr[-2000:]
+
+
+def test_what_fedlora_run_shows_after_a_run_imports_no_model_libraries(tmp_path):
+    """`fedlora run` waits on `flwr run`, then prints the summary, names the sites that did not
+    deliver and writes report.html: none of that needs torch (it cost each run about 8
+    CPU-seconds when the report's module reached the coordinator's reply parsing)."""
+    from pathlib import Path
+
+    from tests.helpers.run_dirs import write_run
+
+    run_dir = write_run(tmp_path / "run")
+    probe = ("import json, sys\nfrom fedlora.config import load_config\nfrom fedlora.cli.deployment import _show_finished_run\n"
+             f"code = _show_finished_run(load_config(sys.argv[1], {{'run.output_dir': sys.argv[2]}}), None)\n"
+             f"print(json.dumps({{'code': code, 'heavy': sorted(m for m in {HEAVY!r} if m in sys.modules)}}))")
+    proc = subprocess.run([sys.executable, "-c", probe, str(run_dir / "config.toml"), str(run_dir)], capture_output=True,
+                          text=True, cwd=Path(__file__).resolve().parents[1], timeout=120)
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == {"code": 0, "heavy": []}, proc.stdout + proc.stderr
+    assert "[fedlora] run finished" in proc.stdout and (run_dir / "report.html").is_file()

@@ -175,8 +175,7 @@ def test_simulation_with_sites_of_ranks_4_8_16_on_the_host_network_where_namespa
     cmd = [sys.executable, "-m", "fedlora.cli", "simulate", "--clients", "3", "--rounds", "2", "--output", str(out),
            "--allow-network",
            "--set", "strategy.name=exact", "--set", "simulation.client_ranks=[4, 8, 16]",
-           "--set", "simulation.dataset_size=300", "--set", "train.local_steps=1", "--set", "train.batch_size=16",
-           "--set", "simulation.cpus_per_client=1"]
+           "--set", "simulation.dataset_size=300", "--set", "train.local_steps=1", "--set", "train.batch_size=16"]
     env = {**os.environ, "FEDLORA_MODEL_LOAD_LOG": str(load_log), TEST_UNAVAILABLE_ENV: "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -22,8 +22,10 @@ import pytest
 from fedlora.config import load_config
 from fedlora.private_network import TEST_UNAVAILABLE_ENV
 
+# The default simulation.cpus_per_client (2) on this 2-core machine: one Ray worker, one import of
+# torch and the model (tests/test_simulation.py's contract run keeps two workers).
 SMALL = ["--clients", "2", "--set", "simulation.dataset_size=200", "--set", "train.local_steps=1",
-         "--set", "train.batch_size=16", "--set", "simulation.cpus_per_client=1"]
+         "--set", "train.batch_size=16"]
 TCP_LISTEN, UDP_UNCONNECTED = "0A", "07"
 LOOPBACK = ("0100007F:", "0000000000000000FFFF00000100007F:")
 
@@ -265,7 +267,7 @@ def test_a_ray_address_joins_that_cluster_with_isolation_off_and_aggregates_secu
                        check=True, capture_output=True, timeout=120)
         proc = subprocess.run(fedlora("simulate", "--clients", "3", "--rounds", "1", "--output", str(out),
                                       "--set", "simulation.dataset_size=300", "--set", "train.local_steps=1",
-                                      "--set", "train.batch_size=16", "--set", "simulation.cpus_per_client=1",
+                                      "--set", "train.batch_size=16",
                                       "--set", "federation.secure_aggregation=true",
                                       "--set", f"simulation.ray_address=127.0.0.1:{port}"),
                               capture_output=True, text=True, timeout=600)
