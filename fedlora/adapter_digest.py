@@ -29,13 +29,18 @@ def digest_of(arrays: Mapping[str, np.ndarray]) -> str:
 
 
 def file_digest(path: Path) -> str:
-    """The digest of the adapter weights in the safetensors file `path`."""
+    """The digest of the adapter weights in the safetensors file `path` (ValueError if the
+    file is not one: a dossier's reader is told, not shown a traceback)."""
+    from safetensors import SafetensorError
     from safetensors.numpy import load_file
 
     try:
-        arrays = load_file(str(path))
-    except TypeError:  # "data type 'bfloat16' not understood"
-        from safetensors.torch import load_file as load_tensors
+        try:
+            arrays = load_file(str(path))
+        except TypeError:  # "data type 'bfloat16' not understood"
+            from safetensors.torch import load_file as load_tensors
 
-        arrays = {key: value.float().numpy() for key, value in load_tensors(str(path)).items()}
+            arrays = {key: value.float().numpy() for key, value in load_tensors(str(path)).items()}
+    except SafetensorError as exc:
+        raise ValueError(f"not a safetensors file ({exc})") from None
     return digest_of(arrays)

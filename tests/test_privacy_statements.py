@@ -379,3 +379,18 @@ def test_verify_dossier_reads_the_weights_without_torch_to_the_same_digest(run, 
     halved = {k: v.to(torch.bfloat16) for k, v in weights.items()}
     save_file(halved, str(tmp_path / "bf16.safetensors"))
     assert file_digest(tmp_path / "bf16.safetensors") == adapter_digest(halved) != adapter_digest(weights)
+    (tmp_path / "garbage.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(ValueError, match="not a safetensors file"):
+        file_digest(tmp_path / "garbage.safetensors")
+
+
+def test_a_dossier_whose_weights_are_not_safetensors_fails_in_one_line(run, capsys, tmp_path):
+    run_dir, _ = run
+    folder = copy_dossier(run_dir, tmp_path / "garbled")
+    (folder / "adapter" / "adapter_model.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00garbage!")
+    from fedlora.server.dossier_check import verify_dossier
+
+    result = verify_dossier(folder)  # a problem to report, not an exception
+    assert not result.valid and any("not readable adapter weights (not a safetensors file" in p for p in result.problems)
+    code, out = verify(folder, capsys)
+    assert code == 1 and out.startswith("invalid: ") and "\n" not in out, out
