@@ -35,6 +35,7 @@ import torch
 from fedlora.app_hash import app_dir_hash, installed_app_dir
 from fedlora.client.app_pinning import REFUSED_APP
 from fedlora.client.coordinator_watch import coordinator_answers
+from fedlora.privacy.site_audit import read_audit
 from tests.helpers.app_bundles import change_one_line, copy_app, flwr_run_folder
 from tests.helpers.dossier_checks import check_deployment_dossier
 from tests.helpers.deployment import (FEDLORA, Deployment, fedlora, kill, metrics_rows, start, wait_for, wait_for_site_logs,
@@ -171,8 +172,7 @@ def test_a_changed_bundle_refused_then_three_tls_sites_with_refusals_a_coordinat
         log = (d.root / f"site-{name}.log").read_text()
         assert shipped in log and installed in log  # the site logs both hashes
         assert app_folders(d.root / "sites" / name) == apps_before[name]  # never even extracted
-        decisions = [e for e in map(json.loads, (d.root / "sites" / name / "audit-log.jsonl").read_text().splitlines())
-                     if e["event"] == "app" and e["run"] == str(refused_dir)]
+        decisions = [e for e in read_audit(d.root / "sites" / name) if e["event"] == "app" and e["run"] == str(refused_dir)]
         assert decisions == [{**decisions[0], "run": str(refused_dir), "app_hash": shipped, "approved": False,
                               "approved_hashes": [installed]}]
 
@@ -219,8 +219,8 @@ def test_a_changed_bundle_refused_then_three_tls_sites_with_refusals_a_coordinat
     assert f"app hash (sites run it only if they approved it): {installed}" in run_log
     assert not marker.exists()
     for name in ("site-0", "site-1"):  # each pinning site approved the release, once, for this run (resumed or not)
-        entries = [json.loads(line) for line in (d.root / "sites" / name / "audit-log.jsonl").read_text().splitlines()]
-        approved = [e["app_hash"] for e in entries if e["event"] == "app" and e["approved"] and e["run"] == str(run_dir)]
+        approved = [e["app_hash"] for e in read_audit(d.root / "sites" / name)
+                    if e["event"] == "app" and e["approved"] and e["run"] == str(run_dir)]
         assert approved == [installed]
     assert rows[1]["clients_ok"] == 3 and rows[1]["failures"] == {"refused: different base model": 1}
     assert rows[2]["clients_ok"] == 2

@@ -4,28 +4,10 @@ measured by `python -m fedlora.simulations.bench_cli`, not here)."""
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 
-
-HEAVY = ("torch", "transformers", "peft", "opacus")
-PROBE = """
-import json, sys
-from fedlora.cli import main
-try:
-    code = main(sys.argv[1:])
-except SystemExit as exc:  # argparse's --help
-    code = exc.code
-print(json.dumps({"code": code, "heavy": sorted(m for m in %r if m in sys.modules)}))
-""" % (HEAVY,)
-
-
-def run_quietly(*args: str, cwd) -> dict:
-    """The exit code of `fedlora ARGS` run in a fresh interpreter, and the heavy modules it imported."""
-    proc = subprocess.run([sys.executable, "-c", PROBE, *args], capture_output=True, text=True, cwd=cwd, timeout=120)
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
+from tests.helpers.fresh_process import fedlora_in_fresh_process, in_fresh_process
 
 QUICK = [
     (["--help"], 0),
@@ -42,8 +24,8 @@ QUICK = [
 
 def test_quick_commands_import_no_model_libraries(tmp_path):
     for args, code in QUICK:
-        result = run_quietly(*args, cwd=tmp_path)
-        assert result == {"code": code, "heavy": []}, (args, result)
+        result = fedlora_in_fresh_process(*args, cwd=tmp_path)
+        assert (result.code, result.heavy) == (code, []), (args, result)
     assert (tmp_path / "certs" / "ca.pem").is_file() and (tmp_path / "keys" / "site-a.pub").is_file()
     assert len(list((tmp_path / "data").glob("*.jsonl"))) == 2
 
@@ -76,10 +58,8 @@ def test_what_fedlora_run_shows_after_a_run_imports_no_model_libraries(tmp_path)
     from tests.helpers.run_dirs import write_run
 
     run_dir = write_run(tmp_path / "run")
-    probe = ("import json, sys\nfrom fedlora.config import load_config\nfrom fedlora.cli.deployment import _show_finished_run\n"
-             f"code = _show_finished_run(load_config(sys.argv[1], {{'run.output_dir': sys.argv[2]}}), None)\n"
-             f"print(json.dumps({{'code': code, 'heavy': sorted(m for m in {HEAVY!r} if m in sys.modules)}}))")
-    proc = subprocess.run([sys.executable, "-c", probe, str(run_dir / "config.toml"), str(run_dir)], capture_output=True,
-                          text=True, cwd=Path(__file__).resolve().parents[1], timeout=120)
-    assert json.loads(proc.stdout.strip().splitlines()[-1]) == {"code": 0, "heavy": []}, proc.stdout + proc.stderr
-    assert "[fedlora] run finished" in proc.stdout and (run_dir / "report.html").is_file()
+    probe = ("import sys\nfrom fedlora.config import load_config\nfrom fedlora.cli.deployment import _show_finished_run\n"
+             "code = _show_finished_run(load_config(sys.argv[1], {'run.output_dir': sys.argv[2]}), None)\n")
+    result = in_fresh_process(probe, str(run_dir / "config.toml"), str(run_dir), cwd=Path(__file__).resolve().parents[1])
+    assert (result.code, result.heavy) == (0, []), result
+    assert "[fedlora] run finished" in result.output and (run_dir / "report.html").is_file()

@@ -178,11 +178,8 @@ def test_a_site_process_loads_no_torch_until_it_trains():
     """Every ClientApp message may run in a fresh process that imports the app's component
     module: the rank query and the secure-aggregation steps must not pay for torch,
     transformers, PEFT or Opacus (seconds each); train and evaluate import them on first use."""
-    import subprocess
-    import sys
+    from tests.helpers.fresh_process import in_fresh_process
 
-    heavy = ("torch", "transformers", "peft", "opacus")
-    probe = ("import sys, fedlora.cli.flower_app as m; m.client_app; import fedlora.client.client_app; "
-             f"print(sorted(k for k in {heavy!r} if k in sys.modules))")
-    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True, cwd=ROOT)
-    assert out.stdout.strip() == "[]", out.stdout + out.stderr
+    probe = "import fedlora.cli.flower_app as m; m.client_app; import fedlora.client.client_app; code = 0"
+    result = in_fresh_process(probe, cwd=ROOT)
+    assert result.heavy == [], result

@@ -358,21 +358,17 @@ def test_verify_dossier_reads_the_weights_without_torch_to_the_same_digest(run, 
     """A governance reader's check answers without torch, transformers or PEFT (seconds of
     imports): the weights file is read with numpy, to the digest the sites computed from
     tensors; a file of bfloat16 tensors (numpy has none) gives the digest of their values too."""
-    import subprocess
-    import sys
-
     import torch
     from safetensors.torch import load_file, save_file
 
     from fedlora.adapter_digest import file_digest
     from fedlora.adapter_state import adapter_digest
+    from tests.helpers.fresh_process import fedlora_in_fresh_process
 
     run_dir, _ = run
     folder = copy_dossier(run_dir, tmp_path / "received")
-    probe = ("import json, sys\nfrom fedlora.cli import main\ncode = main(['verify-dossier', sys.argv[1]])\n"
-             "print(json.dumps([code, sorted(m for m in ('torch', 'transformers', 'peft', 'opacus') if m in sys.modules)]))")
-    proc = subprocess.run([sys.executable, "-c", probe, str(folder)], capture_output=True, text=True, timeout=120)
-    assert json.loads(proc.stdout.strip().splitlines()[-1]) == [0, []], proc.stdout + proc.stderr
+    checked = fedlora_in_fresh_process("verify-dossier", str(folder))
+    assert (checked.code, checked.heavy) == (0, []), checked
 
     weights = load_file(str(run_dir / "adapter" / "adapter_model.safetensors"))
     assert file_digest(run_dir / "adapter" / "adapter_model.safetensors") == adapter_digest(weights)
