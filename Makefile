@@ -29,10 +29,10 @@ demo: install
 # Two workers (one per core); the tests that start a Ray cluster run one at a time
 # on one of them (tests/conftest.py). test-fast leaves out the slow end-to-end tests.
 test: install-dev
-	$(PY) -m pytest -q -ra --durations=20 -n 2 --dist loadgroup
+	$(PY) -m pytest -q -ra --durations=20 -n 3 --dist loadgroup
 
 test-fast: install-dev
-	$(PY) -m pytest -q -ra --durations=10 -n 2 --dist loadgroup -m "not slow"
+	$(PY) -m pytest -q -ra --durations=10 -n 3 --dist loadgroup -m "not slow"
 
 clean:
 	rm -rf runs .pytest_cache

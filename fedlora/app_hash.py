@@ -178,3 +178,26 @@ def build_app_fab(app_dir: Path) -> bytes:
 def app_dir_hash(app_dir: Path) -> str:
     """The app hash of the bundle `flwr run` would submit from `app_dir`."""
     return fab_code_hash(build_app_fab(app_dir))
+
+
+def stage_app(app_dir: Path, dest: Path) -> str:
+    """Write into `dest` the files `flwr run` bundles from `app_dir`, with its
+    pyproject.toml, and return their app hash. `flwr run FOLDER` reads every file under
+    FOLDER before it applies its rules (a checkout holding its virtual environment: about
+    51,000 files, 5.4 CPU-seconds a submission); run on the staged copy it bundles the
+    same files, so the same app hash. The files are written from the bundle that was
+    hashed, so a file edited meanwhile cannot slip in unhashed."""
+    app_dir = Path(app_dir).expanduser()
+    fab = build_app_fab(app_dir)
+    app_hash = fab_code_hash(fab)  # also refuses entry names outside the folder
+    dest.mkdir(parents=True, exist_ok=True)
+    with zipfile.ZipFile(io.BytesIO(fab)) as zf:
+        for name in zf.namelist():
+            if name == FAB_CONFIG_FILE or name.startswith(".info/"):
+                continue
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            (dest / name).write_bytes(zf.read(name))
+    # The folder's own pyproject.toml, not the bundle's rewritten one: `flwr run` reads its
+    # app table and run-config defaults as it would from the folder.
+    (dest / FAB_CONFIG_FILE).write_bytes((app_dir / FAB_CONFIG_FILE).read_bytes())
+    return app_hash

@@ -17,7 +17,7 @@ from typing import Any
 
 import tomli_w
 
-from fedlora.app_hash import AppHashError, app_dir_hash, installed_app_dir
+from fedlora.app_hash import AppHashError, installed_app_dir, stage_app
 from fedlora.config import Config, ConfigError, load_config
 from fedlora.flower_env import flower_env, flower_executable
 from fedlora.server.coordinator_service import CONNECTION, wait_until_listening
@@ -53,22 +53,21 @@ def resolved_config(config_path: str | None, overrides: dict[str, Any], resume: 
 
 def submit(config: Config, flwr_home: Path, stream: bool = True, app: Path | None = None) -> int:
     """`flwr run APP fedlora --run-config FILE [--stream]`; returns flwr's exit code.
-    APP is the installed fedlora's app folder unless `app` names another one."""
+    APP is the installed fedlora's app folder unless `app` names another one; what is
+    submitted is a staged copy of the files Flower bundles from it (fedlora.app_hash.stage_app)."""
     app = app or app_dir()
-    try:
-        app_hash = app_dir_hash(app)  # what each site checks against the hashes it approved
-    except AppHashError as exc:
-        raise ConfigError(str(exc)) from None
-    with tempfile.NamedTemporaryFile("w", suffix=".toml", prefix="fedlora-run-config-", delete=False) as fh:
-        fh.write(tomli_w.dumps(run_config_values(config)))
-        run_config_file = fh.name
-    command = [flower_executable("flwr"), "run", str(app), CONNECTION, "--run-config", run_config_file]
-    if stream:
-        command.append("--stream")
-    wait_until_listening(flwr_home)
-    print(f"[fedlora] submitting run: {config.run.output_dir}", flush=True)
-    print(f"[fedlora] app hash (sites run it only if they approved it): {app_hash}", flush=True)
-    try:
+    with tempfile.TemporaryDirectory(prefix="fedlora-app-") as staged:
+        bundle = Path(staged) / "app"
+        try:
+            app_hash = stage_app(app, bundle)  # what each site checks against the hashes it approved
+        except AppHashError as exc:
+            raise ConfigError(str(exc)) from None
+        run_config_file = Path(staged) / "fedlora-run-config.toml"  # beside the app, not in it: written after staging
+        run_config_file.write_text(tomli_w.dumps(run_config_values(config)))
+        command = [flower_executable("flwr"), "run", str(bundle), CONNECTION, "--run-config", str(run_config_file)]
+        if stream:
+            command.append("--stream")
+        wait_until_listening(flwr_home)
+        print(f"[fedlora] submitting run: {config.run.output_dir}", flush=True)
+        print(f"[fedlora] app hash (sites run it only if they approved it): {app_hash}", flush=True)
         return subprocess.run(command, env=flower_env(flwr_home), cwd=app).returncode
-    finally:
-        Path(run_config_file).unlink(missing_ok=True)

@@ -30,7 +30,7 @@ import tomli_w
 
 from fedlora.client.app_pinning import AppPinningError, approved_hashes, decide, parse_app_hash, read_allowed_apps
 from fedlora.client.site_agent import SiteError, SiteSettings, validate_site
-from fedlora.app_hash import AppHashError, app_dir_hash, build_app_fab, fab_code_hash, installed_app_dir
+from fedlora.app_hash import AppHashError, app_dir_hash, build_app_fab, fab_code_hash, installed_app_dir, stage_app
 from fedlora.cli import main
 from fedlora.flower_env import flower_env
 from tests.helpers.app_bundles import copy_app
@@ -76,12 +76,32 @@ def test_a_changed_byte_an_added_file_or_another_clientapp_change_the_hash(app_c
 
     # Run-config defaults in pyproject.toml are data, not code: the hash ignores them...
     pyproject = (app / "pyproject.toml").read_text()
-    (app / "pyproject.toml").write_text(pyproject.replace('"train.lr" = 2.0', '"train.lr" = 3.0'))
+    defaults = pyproject.replace('"train.lr" = 4.0', '"train.lr" = 3.0')
+    assert defaults != pyproject
+    (app / "pyproject.toml").write_text(defaults)
     assert app_dir_hash(app) == base
     # ... but not which ClientApp Flower loads.
     (app / "pyproject.toml").write_text(pyproject.replace('clientapp = "fedlora.cli.flower_app:client_app"',
                                                           'clientapp = "fedlora.cli.flower_app:other"'))
     assert app_dir_hash(app) != base
+
+
+def test_the_staged_submission_holds_the_bundles_files_only_and_hashes_the_same(app_copy, tmp_path):
+    """`fedlora run` submits a staged copy (`flwr run` reads every file under its folder before
+    filtering): the copy holds exactly the bundle's files and pyproject.toml, so the same hash."""
+    app = shutil.copytree(app_copy, tmp_path / "fedlora")
+    (app / ".gitignore").write_text(".venv/\nruns/\n")
+    (app / ".venv" / "lib").mkdir(parents=True)
+    (app / ".venv" / "lib" / "big.py").write_text("x = 1\n")  # ignored, as a virtual environment is
+    (app / "notes.md").write_text("not in fab-include\n")
+
+    staged = tmp_path / "staged"
+    app_hash = stage_app(app, staged)
+    assert app_hash == app_dir_hash(app) == app_dir_hash(staged) == app_dir_hash(app_copy)
+    with zipfile.ZipFile(io.BytesIO(build_app_fab(app))) as zf:
+        bundled = {n for n in zf.namelist() if not n.startswith(".info/")}
+    assert {p.relative_to(staged).as_posix() for p in staged.rglob("*") if p.is_file()} == bundled
+    assert (staged / "pyproject.toml").read_bytes() == (app / "pyproject.toml").read_bytes()
 
 
 def test_the_hash_of_a_bundle_counts_every_entry_and_refuses_forged_names(app_copy):

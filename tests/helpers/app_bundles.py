@@ -3,26 +3,19 @@ attacker would make to it, and a `flwr run` of such a folder against a deploymen
 
 from __future__ import annotations
 
-import io
-import shutil
 import subprocess
-import zipfile
 from pathlib import Path
 
 import tomli_w
 
-from fedlora.app_hash import build_app_fab, installed_app_dir
+from fedlora.app_hash import installed_app_dir, stage_app
 from fedlora.flower_env import flower_env, flower_executable
 
 
 def copy_app(dest: Path) -> Path:
     """The installed app folder as an operator would copy it: pyproject.toml and the
     files `fab-include` selects (the ones Flower puts in the bundle)."""
-    with zipfile.ZipFile(io.BytesIO(build_app_fab(installed_app_dir()))) as zf:
-        names = [n for n in zf.namelist() if n != "pyproject.toml" and not n.startswith(".info/")]
-    for name in [*names, "pyproject.toml"]:
-        (dest / name).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(installed_app_dir() / name, dest / name)
+    stage_app(installed_app_dir(), dest)
     return dest
 
 
