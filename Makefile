@@ -26,8 +26,10 @@ install-dev: $(PY)
 demo: install
 	$(VENV)/bin/fedlora simulate --set simulation.test_notes=1000
 
-# Two workers (one per core); the tests that start a Ray cluster run one at a time
-# on one of them (tests/conftest.py). test-fast leaves out the slow end-to-end tests.
+# Three workers on the two cores: the end-to-end tests wait on Flower's heartbeat holds
+# and on their processes, and a third worker fills those waits. The tests that start a
+# Ray cluster run one at a time on one of them (tests/conftest.py). test-fast leaves
+# out the slow end-to-end tests.
 test: install-dev
 	$(PY) -m pytest -q -ra --durations=20 -n 3 --dist loadgroup
 

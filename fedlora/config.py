@@ -285,6 +285,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "privacy.dp_impl": ("auto", "fast", "opacus"),
     "privacy.mode": ("local", "distributed"),
     "simulation.partition": ("iid", "dirichlet"),
+    # fedlora.strategies.STRATEGIES, by name (tests/test_strategies.py keeps them the same)
+    "strategy.name": ("fedavg", "ffa", "fedsvd", "exact", "fedavgm", "fedadam", "fedyogi", "median", "trimmed-mean"),
 }
 
 POSITIVE: tuple[str, ...] = (

@@ -16,8 +16,7 @@ import time
 from itertools import product
 from pathlib import Path
 
-from fedlora.simulations.held_out_test import RESULT_FILE
-from fedlora.strategies import STRATEGIES
+from fedlora.config import CHOICES
 
 PARTITIONS = {"non-IID": ("dirichlet", 0.5), "IID": ("iid", 0.5)}
 DP_CHOICES = {"both": (True, False), "yes": (True,), "no": (False,)}
@@ -54,6 +53,8 @@ def run_cell(out: Path, strategy: str, dp: bool, partition: str, seed: int, extr
 
 def held_out(run_dir: Path) -> dict:
     """The exact held-out test accuracy, when the run drew test notes (simulation.test_notes)."""
+    from fedlora.simulations.held_out_test import RESULT_FILE  # here: it imports torch, which a refusal need not wait for
+
     path = run_dir / RESULT_FILE
     return {"test_accuracy": json.loads(path.read_text())["accuracy"]} if path.is_file() else {}
 
@@ -117,7 +118,7 @@ def chosen(names: str, known: list[str], option: str) -> list[str]:
 
 
 def known_strategies(names: str) -> list[str]:
-    return chosen(names, sorted(STRATEGIES), "--strategies")
+    return chosen(names, sorted(CHOICES["strategy.name"]), "--strategies")
 
 
 def known_partitions(names: str) -> list[str]:

@@ -1,7 +1,7 @@
 """Shared fixtures: tiny models built from configs and saved to a temp dir, so the
 real loading path (from a local folder) is exercised without any download.
 
-`make test` runs two pytest-xdist workers (--dist loadgroup): tests marked `ray` start
+`make test` runs three pytest-xdist workers (--dist loadgroup): tests marked `ray` start
 a Ray cluster, and they all go to one group, so two clusters never share the two cores."""
 
 from __future__ import annotations

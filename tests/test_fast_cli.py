@@ -19,6 +19,7 @@ QUICK = [
     (["sites", "--coordinator-dir", "no-coordinator-here"], 2),
     (["register-site", "keys/site-a.pub", "--coordinator-dir", "no-coordinator-here"], 2),
     (["sample-data", "--out", "data", "--sites", "2", "--notes", "12"], 0),
+    (["compare", "--strategies", "fedprox", "--output", "cmp"], 2),  # refused before any run
 ]
 
 

@@ -106,6 +106,15 @@ def test_fedavgm_without_momentum_and_unit_lr_is_fedavg():
             np.testing.assert_allclose(a[k], b[k], rtol=0, atol=1e-6)
 
 
+def test_the_configs_strategy_names_are_the_strategies():
+    """fedlora.config checks strategy.name (and `fedlora compare --strategies`) without importing torch."""
+    from fedlora.config import CHOICES, ConfigError, load_config
+
+    assert sorted(CHOICES["strategy.name"]) == sorted(STRATEGIES)
+    with pytest.raises(ConfigError, match="key 'strategy.name' must be one of"):
+        load_config(None, {"strategy.name": "fedprox"})
+
+
 @pytest.mark.parametrize("name", sorted(STRATEGIES))
 def test_state_round_trips_through_safetensors(name, tmp_path):
     section = replace(SECTION, name=name)
