@@ -184,7 +184,7 @@ def stage_app(app_dir: Path, dest: Path) -> str:
     """Write into `dest` the files `flwr run` bundles from `app_dir`, with its
     pyproject.toml, and return their app hash. `flwr run FOLDER` reads every file under
     FOLDER before it applies its rules (a checkout holding its virtual environment: about
-    51,000 files, 5.4 CPU-seconds a submission); run on the staged copy it bundles the
+    51,000 files, 6.5-7 CPU-seconds a submission); run on the staged copy it bundles the
     same files, so the same app hash. The files are written from the bundle that was
     hashed, so a file edited meanwhile cannot slip in unhashed."""
     app_dir = Path(app_dir).expanduser()
