@@ -80,8 +80,9 @@ class LoraSection:
 @dataclass
 class TrainSection:
     # DP-SGD needs large batches (noise per coordinate is sigma * C / B) and many steps:
-    # the default spends its compute on many rounds of few steps (docs/strategies.md).
-    local_steps: int = 3
+    # the default spends its compute on many rounds of one step each, so that the sites'
+    # steps are averaged before label skew pulls them apart (docs/strategies.md).
+    local_steps: int = 1
     batch_size: int = 64
     lr: float = 4.0  # plain SGD on the clipped, noised mean gradient (norm <= max_grad_norm)
     # The rate over the rounds (fedlora/lr_schedule.py): "constant", or "cosine" from lr in
@@ -150,14 +151,14 @@ class PrivacySection:
 
 @dataclass
 class FederationSection:
-    rounds: int = 32
+    rounds: int = 96
     min_clients: int = 2
     round_timeout: float = 600.0  # seconds to wait for replies in one round
     round_retries: int = 2  # more attempts for a round that gathers fewer than min_clients updates
     # Evaluate the global adapter after every k-th round (and after the last; round 0 always).
     # Under DP the planned evaluations share privacy.eval_epsilon, so fewer are less noisy;
     # many one-step rounds (privacy.mode = "distributed") also save the evaluations' time.
-    evaluate_every: int = 8
+    evaluate_every: int = 24
     # Sites asked to train (and evaluate) each round, sampled from the run seed; 0 = every connected site.
     clients_per_round: int = 0
     # Secure aggregation (privacy/secure_aggregation.py): the coordinator learns only the sum
