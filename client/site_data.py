@@ -96,7 +96,8 @@ def load_site_data(config: Config, labels: list[str], node_config: dict, tokeniz
 
 
 # Encoded splits kept in this process, by exactly what they are a function of. A simulated
-# site reads the same rows in every round: tokenizing them again cost about 50 ms a message.
+# site reads the same rows in every round: tokenizing them again cost up to 0.22 s a message
+# (the default's largest site; 4 ms with this).
 KEPT_ENCODINGS = 16
 _encodings: OrderedDict[tuple[int, str], tuple[object, list[Example], list[Example]]] = OrderedDict()
 

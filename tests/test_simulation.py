@@ -44,7 +44,11 @@ def test_three_clients_two_rounds_write_a_complete_run_directory(tmp_path):
     # Round 0 trains nothing; its evaluation is a release too, accounted at each site.
     assert rows[0]["train_loss"] is None and 0.0 < rows[0]["epsilon_max"] < config.privacy.eval_epsilon
     assert all(r["clients_ok"] == 3 and r["clients_failed"] == 0 for r in rows[1:])
-    assert all(0.0 <= r["eval_accuracy"] <= 1.0 for r in rows)
+    # Every round is evaluated by every site. The accuracy is a ratio of noisy sums: clamped to
+    # [0, 1], or None when the noise leaves no positive unit count (about 20 validation notes a
+    # site here, so that happens in a few percent of runs).
+    assert all(r["eval_sites"] == 3 for r in rows)
+    assert all(0.0 <= r["eval_accuracy"] <= 1.0 if r["eval_units"] > 0 else r["eval_accuracy"] is None for r in rows)
     assert rows[1]["bytes_up"] > 0 and rows[1]["bytes_down"] >= rows[1]["bytes_up"]
     # DP on by default: noise calibrated so the last planned round spends the target epsilon.
     assert 0 < rows[1]["epsilon_max"] < rows[2]["epsilon_max"] <= config.privacy.target_epsilon + 1e-6
