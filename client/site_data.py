@@ -107,8 +107,9 @@ def encoded_splits(rows: list[dict], config: Config, labels: list[str], source: 
     """The site's (train, validation) examples: split and encoded, or, for the same rows,
     settings and tokenizer as a recent message, what that message encoded (fresh lists of
     the same examples, which nothing changes)."""
-    settings = [asdict(config.data), config.model.max_length, config.model.task, list(labels), source, site_number,
-                config.run.seed, config.privacy.enabled, config.privacy.unit, config.privacy.user_column]
+    # The whole config, not a list of the fields encode and the split read today: a field
+    # they read tomorrow cannot be missed. A run's config is the same in every round.
+    settings = [asdict(config), list(labels), source, site_number]
     digest = hashlib.sha256(json.dumps([settings, rows], sort_keys=True, default=repr).encode()).hexdigest()
     key = (id(tokenizer), digest)  # the tokenizer is kept in the entry, so its id is not reused meanwhile
     if key not in _encodings:

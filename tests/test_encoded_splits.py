@@ -92,3 +92,17 @@ def test_a_bounded_number_of_encodings_is_kept(tokenizer):
     for number in range(site_data.KEPT_ENCODINGS + 5):
         encoded_splits(rows(6), config, LABELS, "site.jsonl", number, tokenizer)
     assert len(site_data._encodings) == site_data.KEPT_ENCODINGS
+
+
+def test_every_round_of_a_run_reads_the_encoding_of_its_first(tokenizer):
+    """The key is the whole config a message carries; it is the same in every round (the
+    round travels apart from it), so a run's site tokenizes its rows once."""
+    from fedlora.messages import config_record, read_config_record
+
+    site_data._encodings.clear()
+    counting, data = CountingTokenizer(tokenizer), rows()
+    for server_round in (1, 2, 57):
+        config, got_round = read_config_record(config_record(Config(), server_round, "fingerprint"))
+        assert got_round == server_round
+        encoded_splits(data, config, LABELS, "site.jsonl", 0, counting)
+    assert counting.texts == len(data)
