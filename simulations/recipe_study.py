@@ -154,12 +154,14 @@ def run_cell(config: Config, progress=print) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fedlora.simulations.recipe_study", description=__doc__.split("\n\n")[0])
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a config key, as in fedlora simulate")
-    parser.add_argument("--seeds", type=int, default=3, help="run.seed 0..N-1 (data, split and initial adapter)")
+    parser.add_argument("--seeds", type=int, default=3, help="how many seeds: run.seed FIRST..FIRST+N-1 (data, split and initial adapter)")
+    parser.add_argument("--first-seed", type=int, default=0, metavar="FIRST",
+                        help="the first run.seed (default 0): two processes can run one cell's seeds side by side")
     parser.add_argument("--name", default="", help="the cell's name in the printed JSON line")
     args = parser.parse_args(argv)
     overrides = dict(parse_override(item) for item in args.set)
     results = []
-    for seed in range(args.seeds):
+    for seed in range(args.first_seed, args.first_seed + args.seeds):
         config = load_config(None, {**overrides, "run.seed": seed})
         result = run_cell(config, progress=lambda line: print(line, file=sys.stderr, flush=True))
         print(f"seed {seed}: accuracy {result['accuracy']:.3f} (tail average {result['tail_average_accuracy']:.3f}), "

@@ -1,9 +1,11 @@
 """The recipe study's distributed DP round (simulations/recipe_study.distributed_round)
 takes the coordinator's step: with the Skellam noise set to zero and every record
 sampled, the new global adapter is the old one minus lr times the mean of the records'
-clipped gradients, computed here one record at a time."""
+clipped gradients, computed here one record at a time. And `--first-seed` starts a cell's seeds where asked."""
 
 from __future__ import annotations
+
+import json
 
 import numpy as np
 import torch
@@ -57,3 +59,20 @@ def test_a_noise_free_distributed_round_steps_by_the_mean_clipped_gradient(tiny_
     for key in want:
         assert torch.allclose(got[key], want[key], atol=1e-6), key
     assert any(not torch.equal(got[k], start[k]) for k in start)  # the step moved the adapter
+
+
+def test_first_seed_runs_the_seeds_from_there(monkeypatch, capsys):
+    """`--first-seed 3 --seeds 2` runs run.seed 3 and 4 (two processes share a cell's seeds)."""
+    from fedlora.simulations import recipe_study
+
+    seen = []
+
+    def cell(config, progress):
+        seen.append(config.run.seed)
+        return {"accuracy": 0.5 + config.run.seed / 100, "tail_average_accuracy": 0.5, "seconds": 1.0, "noise_multiplier": [1.0]}
+
+    monkeypatch.setattr(recipe_study, "run_cell", cell)
+    assert recipe_study.main(["--seeds", "2", "--first-seed", "3", "--name", "c"]) == 0
+    assert seen == [3, 4]
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["per_seed"] == [0.53, 0.54]
